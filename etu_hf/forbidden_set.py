@@ -1,0 +1,351 @@
+r"""The forbidden token set V_S: construction by frequency or PMI, span masking, and V_S.ids.json.
+
+See ETU_SPEC.md, section 1. Counts are taken over *scored* positions (see
+:func:`etu_hf.data.scored_positions`): the tokens the model is trained to predict, padding and
+``-100`` labels excluded. Counting is vectorised (``torch.bincount``); nothing loops over tokens in
+Python.
+
+- frequency: drop tokens with count :math:`c_f > \max(1, \min(r N, \mathrm{cap}))` (very frequent,
+  function-like tokens), keep the ``vocab_top_k`` most frequent of the rest.
+- PMI: :math:`\mathrm{score}(t) = \log\frac{c_f + a}{N_f + a|V|} - \log\frac{c_r + a}{N_r + a|V|}`
+  (background :math:`1/|V|` without retain data); keep :math:`c_f \ge` ``pmi_min_count`` and
+  score > 0, then the ``pmi_top_k`` best.
+- Both drop special tokens and pieces with no letter at all (whitespace-, punctuation- or digit-only
+  pieces, for byte-level BPE ``Ġ`` and SentencePiece ``▁`` tokenizers alike).
+- Span masking: for every word of the forget data that the tokenizer splits into 2 to
+  ``span_ngram_max`` pieces and whose leading piece is in V_S, the other pieces are added, so the
+  word is suppressed whole.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from etu_hf.data import scored_positions
+
+logger = logging.getLogger(__name__)
+
+FORBIDDEN_SET_FILE = "V_S.ids.json"
+FORMAT_NAME = "etu-hf/forbidden-set"
+FORMAT_VERSION = 1
+_WORD_START_MARKERS = ("Ġ", "▁", "Ċ")
+
+
+@dataclass
+class ForbiddenSet:
+    """A forbidden token set V_S with the evidence it was built from.
+
+    ``ids`` are sorted token ids. The parallel lists ``tokens`` (tokenizer pieces), ``forget_counts``,
+    ``retain_counts`` and ``scores`` (the PMI score, or the forget count for the frequency method) are
+    kept for audit when known. ``span_added`` lists ids added by span masking.
+    """
+
+    ids: list[int]
+    vocab_size: int | None = None
+    method: str = "custom"
+    parameters: dict[str, Any] = field(default_factory=dict)
+    tokens: list[str | None] | None = None
+    forget_counts: list[int] | None = None
+    retain_counts: list[int] | None = None
+    scores: list[float] | None = None
+    span_added: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.ids = [int(i) for i in self.ids]
+        if len(set(self.ids)) != len(self.ids):
+            raise ValueError("forbidden ids contain duplicates")
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def fraction(self) -> float | None:
+        """|V_S| / |V| (``None`` when the vocabulary size is unknown)."""
+        return len(self.ids) / self.vocab_size if self.vocab_size else None
+
+    def tensor(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """The ids as a long tensor (for ``logits[..., ids]``)."""
+        return torch.tensor(self.ids, dtype=torch.long, device=device)
+
+    def check_vocab(self, vocab_size: int, source: str = "forbidden_ids_path") -> None:
+        """Raise ``ValueError`` naming ``source`` if an id is outside ``[0, vocab_size)`` or V_S is empty."""
+        if not self.ids:
+            raise ValueError(f"{source}: the forbidden set V_S is empty.")
+        bad = [i for i in self.ids if i < 0 or i >= vocab_size]
+        if bad:
+            raise ValueError(
+                f"{source}: {len(bad)} forbidden token id(s) are outside the model's vocabulary [0, {vocab_size}), "
+                f"e.g. {bad[:5]}. The file was probably built for another tokenizer; rebuild V_S for this model."
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        return {"format": FORMAT_NAME, "version": FORMAT_VERSION, "size": len(self.ids),
+                "fraction_of_vocab": self.fraction, **d}
+
+    def save(self, path: str) -> str:
+        """Write ``V_S.ids.json`` (``path`` may be a folder). Returns the file written."""
+        if os.path.isdir(path):
+            path = os.path.join(path, FORBIDDEN_SET_FILE)
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, indent=2, ensure_ascii=False)
+        return path
+
+    @classmethod
+    def load(cls, path: str) -> ForbiddenSet:
+        """Read ``V_S.ids.json`` (or a folder holding it). A flat JSON list of ids (the original tool's
+        format) is accepted too."""
+        if os.path.isdir(path):
+            path = os.path.join(path, FORBIDDEN_SET_FILE)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"forbidden set file {path!r} does not exist")
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        if isinstance(data, list):
+            return cls(ids=sorted(int(i) for i in data), method="list")
+        if not isinstance(data, dict) or "ids" not in data:
+            raise ValueError(f"{path}: not a V_S.ids.json file (expected a list of ids or an object with 'ids')")
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+# ---------------------------------------------------------------------------------------------
+# Counting
+# ---------------------------------------------------------------------------------------------
+def _as_batch(item: Any) -> Mapping[str, torch.Tensor]:
+    if isinstance(item, Mapping):
+        return {k: torch.as_tensor(v) for k, v in item.items() if k in ("input_ids", "attention_mask", "labels")}
+    ids = torch.as_tensor(item, dtype=torch.long)
+    return {"input_ids": ids.reshape(1, -1)}
+
+
+@dataclass
+class _Counts:
+    counts: np.ndarray
+    total: int
+    span_pairs: np.ndarray | None  # unique first_id * V + continuation_id
+
+
+class _PieceInfo:
+    """Per-token string facts, computed lazily for the ids that occur."""
+
+    def __init__(self, tokenizer: Any, vocab_size: int):
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.known = np.zeros(vocab_size, dtype=bool)
+        self.has_letter = np.zeros(vocab_size, dtype=bool)
+        self.starts_word = np.zeros(vocab_size, dtype=bool)
+        self.raw: dict[int, str | None] = {}
+        special = getattr(tokenizer, "all_special_ids", None) or []
+        self.special = np.zeros(vocab_size, dtype=bool)
+        self.special[[i for i in special if 0 <= i < vocab_size]] = True
+
+    def ensure(self, ids: np.ndarray) -> None:
+        todo = np.unique(ids[~self.known[ids]])
+        if len(todo) == 0:
+            return
+        pieces = self.tokenizer.convert_ids_to_tokens(todo.tolist())
+        for i, raw in zip(todo.tolist(), pieces, strict=True):
+            self.raw[i] = raw
+            text = self.tokenizer.convert_tokens_to_string([raw]) if raw is not None else ""
+            self.has_letter[i] = any(c.isalpha() for c in text)
+            self.starts_word[i] = raw is not None and (raw.startswith(_WORD_START_MARKERS) or text[:1].isspace())
+        self.known[todo] = True
+
+    def allowed(self) -> np.ndarray:
+        """Tokens that may enter V_S: not special, and with at least one letter."""
+        return self.has_letter & ~self.special
+
+
+def _span_pairs(stream: np.ndarray, info: _PieceInfo, n_max: int) -> np.ndarray:
+    """Unique ``first * V + piece`` keys for continuation pieces of words of 2..n_max pieces.
+
+    ``stream`` holds token ids with -1 separators. A word is a maximal run of lettered pieces whose
+    pieces after the first do not start a new word (no ``Ġ``/``▁`` marker, no leading space).
+    """
+    valid = stream >= 0
+    safe = np.where(valid, stream, 0)
+    word = valid & info.has_letter[safe]
+    prev_word = np.concatenate([[False], word[:-1]])
+    cont = word & prev_word & ~info.starts_word[safe]
+    start = word & ~cont
+    run = np.cumsum(start) - 1  # run index of every token (meaningful where word)
+    n_runs = int(start.sum())
+    if n_runs == 0:
+        return np.zeros(0, dtype=np.int64)
+    length = np.bincount(run[word], minlength=n_runs)
+    first = safe[start]
+    sel = cont & (length[run] >= 2) & (length[run] <= n_max)
+    keys = first[run[sel]].astype(np.int64) * info.vocab_size + safe[sel].astype(np.int64)
+    return np.unique(keys)
+
+
+def count_scored_tokens(
+    batches: Iterable[Any], vocab_size: int, piece_info: _PieceInfo | None = None, span_ngram_max: int = 0,
+    source: str = "forget data",
+) -> _Counts:
+    """Count target tokens over scored positions (``torch.bincount``), and collect span pairs."""
+    counts = torch.zeros(vocab_size, dtype=torch.long)
+    pairs: list[np.ndarray] = []
+    for item in batches:
+        batch = _as_batch(item)
+        mask, targets = scored_positions(batch["input_ids"], batch.get("attention_mask"), batch.get("labels"))
+        ids = targets[mask].long()
+        if ids.numel() and (int(ids.max()) >= vocab_size or int(ids.min()) < 0):
+            raise ValueError(
+                f"{source} holds token id {int(ids.max())} outside the model's vocabulary of {vocab_size}: "
+                "the tokenizer does not match the model."
+            )
+        counts += torch.bincount(ids, minlength=vocab_size)
+        if piece_info is not None and span_ngram_max >= 2:
+            rows = torch.where(mask, targets, torch.full_like(targets, -1))
+            rows = torch.cat([rows, torch.full((rows.shape[0], 1), -1, dtype=rows.dtype)], dim=1)
+            stream = rows.reshape(-1).numpy()
+            piece_info.ensure(stream[stream >= 0])
+            pairs.append(_span_pairs(stream, piece_info, span_ngram_max))
+    c = counts.numpy()
+    return _Counts(c, int(c.sum()), np.unique(np.concatenate(pairs)) if pairs else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Selection rules (pure numpy, exposed for tests)
+# ---------------------------------------------------------------------------------------------
+def frequency_selection(
+    counts: np.ndarray, allowed: np.ndarray, vs_freq_rate: float, vs_abs_cap: int, vocab_top_k: int | None
+) -> np.ndarray:
+    r"""Ids kept by the frequency rule: :math:`0 < c \le \max(1, \min(r N, \mathrm{cap}))`, best ``vocab_top_k`` by count."""
+    threshold = max(1.0, min(vs_freq_rate * counts.sum(), float(vs_abs_cap)))
+    keep = np.flatnonzero((counts > 0) & (counts <= threshold) & allowed)
+    order = np.lexsort((keep, -counts[keep]))  # count descending, then id
+    keep = keep[order]
+    return np.sort(keep[:vocab_top_k] if vocab_top_k else keep)
+
+
+def pmi_scores(forget_counts: np.ndarray, retain_counts: np.ndarray | None, smoothing: float) -> np.ndarray:
+    r""":math:`\log\frac{c_f + a}{N_f + a|V|} - \log\frac{c_r + a}{N_r + a|V|}` (or :math:`- \log(1/|V|)` without retain)."""
+    v = len(forget_counts)
+    cf = forget_counts.astype(np.float64)
+    fg = np.log(cf + smoothing) - math.log(cf.sum() + smoothing * v)
+    if retain_counts is None:
+        return fg + math.log(v)
+    cr = retain_counts.astype(np.float64)
+    return fg - (np.log(cr + smoothing) - math.log(cr.sum() + smoothing * v))
+
+
+def pmi_selection(
+    scores: np.ndarray, forget_counts: np.ndarray, allowed: np.ndarray, pmi_min_count: int, pmi_top_k: int
+) -> np.ndarray:
+    """Ids with ``c_f >= pmi_min_count`` and score > 0, the ``pmi_top_k`` highest scores (ties: count, id)."""
+    keep = np.flatnonzero((forget_counts >= max(pmi_min_count, 1)) & (scores > 0) & allowed)
+    order = np.lexsort((keep, -forget_counts[keep], -scores[keep]))
+    return np.sort(keep[order][:pmi_top_k])
+
+
+# ---------------------------------------------------------------------------------------------
+# Public builder
+# ---------------------------------------------------------------------------------------------
+def build_forbidden_set(
+    forget: Iterable[Any],
+    retain: Iterable[Any] | None = None,
+    *,
+    vocab_size: int,
+    tokenizer: Any = None,
+    method: str = "pmi",
+    vs_freq_rate: float = 0.01,
+    vs_abs_cap: int = 20000,
+    vocab_top_k: int | None = None,
+    pmi_top_k: int = 2000,
+    pmi_min_count: int = 20,
+    pmi_smoothing: float = 1.0,
+    span_masking: bool = False,
+    span_ngram_max: int = 3,
+) -> ForbiddenSet:
+    """Build V_S from forget data (and retain data for PMI).
+
+    ``forget``/``retain`` are iterables of collated batches (mappings with ``input_ids`` and optional
+    ``attention_mask``/``labels``, counted over scored positions) or of plain token-id sequences
+    (every token after the first is counted). ``vocab_size`` is the model's output vocabulary |V|.
+    With a ``tokenizer``, special tokens and letterless pieces are excluded and span masking is
+    available. Raises ``ValueError`` naming the flags to change when V_S comes out empty; warns when
+    |V_S|/|V| > 0.5.
+    """
+    if method not in ("pmi", "frequency"):
+        raise ValueError(f"vs_method must be 'pmi' or 'frequency', got {method!r}")
+    if span_masking and tokenizer is None:
+        raise ValueError("span_masking needs the tokenizer (to find word boundaries)")
+    info = _PieceInfo(tokenizer, vocab_size) if tokenizer is not None else None
+    fc = count_scored_tokens(forget, vocab_size, info, span_ngram_max if span_masking else 0, "forget data")
+    if fc.total == 0:
+        raise ValueError("the forget data has no scored token (empty, or every label is -100): nothing to forget.")
+    rc = count_scored_tokens(retain, vocab_size, source="retain data") if retain is not None else None
+    if rc is not None and rc.total == 0:
+        rc = None
+    if info is not None:
+        info.ensure(np.flatnonzero(fc.counts > 0))
+        allowed = info.allowed()
+    else:
+        allowed = np.ones(vocab_size, dtype=bool)
+
+    retain_counts = rc.counts if rc is not None else None
+    if method == "frequency":
+        ids = frequency_selection(fc.counts, allowed, vs_freq_rate, vs_abs_cap, vocab_top_k)
+        scores = fc.counts.astype(np.float64)
+        hint = ("raise --vs_freq_rate or --vs_abs_cap (the frequency cap drops common tokens), raise --vocab_top_k, "
+                "or use --vs_method pmi")
+        params = {"vs_freq_rate": vs_freq_rate, "vs_abs_cap": vs_abs_cap, "vocab_top_k": vocab_top_k}
+    else:
+        scores = pmi_scores(fc.counts, retain_counts, pmi_smoothing)
+        ids = pmi_selection(scores, fc.counts, allowed, pmi_min_count, pmi_top_k)
+        hint = ("lower --pmi_min_count (tokens must occur that often in the forget data), raise --pmi_top_k, "
+                "give more forget data or retain data that differs from it, or use --vs_method frequency")
+        params = {"pmi_top_k": pmi_top_k, "pmi_min_count": pmi_min_count, "pmi_smoothing": pmi_smoothing,
+                  "background": "retain" if rc is not None else "uniform"}
+    if len(ids) == 0:
+        raise ValueError(f"V_S is empty: no token of the forget data passed the {method} rule. To loosen it, {hint}.")
+
+    span_added: list[int] = []
+    if span_masking and fc.span_pairs is not None and len(fc.span_pairs):
+        first, piece = np.divmod(fc.span_pairs, vocab_size)
+        extra = np.unique(piece[np.isin(first, ids)])
+        extra = extra[allowed[extra] & ~np.isin(extra, ids)]
+        span_added = extra.tolist()
+        ids = np.union1d(ids, extra)
+    params.update(span_masking=span_masking, span_ngram_max=span_ngram_max if span_masking else None,
+                  forget_tokens=fc.total, retain_tokens=rc.total if rc is not None else 0)
+
+    fs = ForbiddenSet(
+        ids=ids.tolist(),
+        vocab_size=vocab_size,
+        method=method,
+        parameters=params,
+        tokens=[info.raw.get(i) for i in ids.tolist()] if info is not None else None,
+        forget_counts=fc.counts[ids].tolist(),
+        retain_counts=retain_counts[ids].tolist() if retain_counts is not None else None,
+        scores=[float(x) for x in scores[ids]],
+        span_added=span_added,
+    )
+    if fs.fraction is not None and fs.fraction > 0.5:
+        msg = (f"V_S holds {len(fs)} of {vocab_size} tokens ({fs.fraction:.0%} of the vocabulary): suppressing that "
+               "much will damage the model. Lower --pmi_top_k / --vocab_top_k.")
+        warnings.warn(msg, stacklevel=2)
+        logger.warning(msg)
+    return fs
+
+
+def resolve_forbidden_set(value: ForbiddenSet | str | Sequence[int] | None) -> ForbiddenSet | None:
+    """Accept a :class:`ForbiddenSet`, a path to V_S.ids.json (or its folder), or a list of ids."""
+    if value is None or isinstance(value, ForbiddenSet):
+        return value
+    if isinstance(value, (str, os.PathLike)):
+        return ForbiddenSet.load(os.fspath(value))
+    return ForbiddenSet(ids=sorted(int(i) for i in value), method="list")
