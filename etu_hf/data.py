@@ -28,8 +28,14 @@ RETAIN_PREFIX = "retain_"
 #: Optional column that ties forget and retain examples of the same corpus pair together.
 CORPUS_ID_COLUMN = "corpus_id"
 
-_LOCAL_SUFFIXES = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet",
-                   ".csv": "csv"}
+_LOCAL_SUFFIXES = {
+    ".txt": "text",
+    ".text": "text",
+    ".json": "json",
+    ".jsonl": "json",
+    ".parquet": "parquet",
+    ".csv": "csv",
+}
 
 #: Short names accepted in corpus specs (the original tool's names), expanded to hub datasets.
 CORPUS_ALIASES = {
@@ -85,7 +91,7 @@ def _looks_local(spec: str) -> bool:
     return (
         spec.startswith(("/", "./", "../", "~"))
         or os.path.splitext(spec)[1].lower() in _LOCAL_SUFFIXES
-        or os.sep in spec and ":" not in spec and spec.count("/") > 1
+        or (os.sep in spec and ":" not in spec and spec.count("/") > 1)
     )
 
 
@@ -119,7 +125,7 @@ def parse_corpus_specs(value: str | Sequence[str] | None, flag: str = "--forget_
             parts = item.split(":")
             if len(parts) > 3 or not parts[0]:
                 raise ValueError(f"{flag}: cannot parse corpus spec {item!r}; expected 'repo[:config[:split]]'.")
-            repo, config, split = (parts + [None, None])[:3]
+            repo, config, split = [*parts, None, None][:3]
             specs.append(CorpusSpec(raw=item, kind="hub", repo=repo, config=config or None, split=split or "train"))
     return specs
 
@@ -219,7 +225,7 @@ def tokenize_and_block(
         raise ValueError("the tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token")
     pieces: list[np.ndarray] = []
     for start in range(0, len(texts), batch_size):
-        enc = tokenizer(list(texts[start:start + batch_size]), add_special_tokens=False)["input_ids"]
+        enc = tokenizer(list(texts[start : start + batch_size]), add_special_tokens=False)["input_ids"]
         for ids in enc:
             if add_eos and eos is not None:
                 ids = [*ids, eos]
@@ -311,7 +317,7 @@ class ForgetRetainCollator:
         if not features or not any(k.startswith(RETAIN_PREFIX) for k in features[0]):
             return self.collator(features)
         forget = [{k: v for k, v in f.items() if not k.startswith(RETAIN_PREFIX)} for f in features]
-        retain = [{k[len(RETAIN_PREFIX):]: v for k, v in f.items() if k.startswith(RETAIN_PREFIX)} for f in features]
+        retain = [{k[len(RETAIN_PREFIX) :]: v for k, v in f.items() if k.startswith(RETAIN_PREFIX)} for f in features]
         batch = dict(self.collator(forget))
         for key, value in self.collator(retain).items():
             batch[RETAIN_PREFIX + key] = value
@@ -321,7 +327,7 @@ class ForgetRetainCollator:
 def split_forget_retain(inputs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Split a (possibly paired) batch into its forget half and its retain half (or ``None``)."""
     forget = {k: v for k, v in inputs.items() if not k.startswith(RETAIN_PREFIX)}
-    retain = {k[len(RETAIN_PREFIX):]: v for k, v in inputs.items() if k.startswith(RETAIN_PREFIX)}
+    retain = {k[len(RETAIN_PREFIX) :]: v for k, v in inputs.items() if k.startswith(RETAIN_PREFIX)}
     return forget, (retain or None)
 
 
@@ -344,7 +350,7 @@ def iter_batches(
     collate = collator or default_data_collator
     order = list(indices) if indices is not None else range(len(dataset))
     for start in range(0, len(order), batch_size):
-        feats = [dataset[int(i)] for i in order[start:start + batch_size]]
+        feats = [dataset[int(i)] for i in order[start : start + batch_size]]
         feats = [{k: f[k] for k in MODEL_KEYS if k in f} for f in feats]
         batch = collate(feats)
         yield {k: batch[k] for k in MODEL_KEYS if k in batch}

@@ -90,8 +90,13 @@ class ForbiddenSet:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        return {"format": FORMAT_NAME, "version": FORMAT_VERSION, "size": len(self.ids),
-                "fraction_of_vocab": self.fraction, **d}
+        return {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "size": len(self.ids),
+            "fraction_of_vocab": self.fraction,
+            **d,
+        }
 
     def save(self, path: str) -> str:
         """Write ``V_S.ids.json`` (``path`` may be a folder). Returns the file written."""
@@ -191,7 +196,10 @@ def _span_pairs(stream: np.ndarray, info: _PieceInfo, n_max: int) -> np.ndarray:
 
 
 def count_scored_tokens(
-    batches: Iterable[Any], vocab_size: int, piece_info: _PieceInfo | None = None, span_ngram_max: int = 0,
+    batches: Iterable[Any],
+    vocab_size: int,
+    piece_info: _PieceInfo | None = None,
+    span_ngram_max: int = 0,
     source: str = "forget data",
 ) -> _Counts:
     """Count target tokens over scored positions (``torch.bincount``), and collect span pairs."""
@@ -223,7 +231,10 @@ def count_scored_tokens(
 def frequency_selection(
     counts: np.ndarray, allowed: np.ndarray, vs_freq_rate: float, vs_abs_cap: int, vocab_top_k: int | None
 ) -> np.ndarray:
-    r"""Ids kept by the frequency rule: :math:`0 < c \le \max(1, \min(r N, \mathrm{cap}))`, best ``vocab_top_k`` by count."""
+    r"""Ids kept by the frequency rule: :math:`0 < c \le \max(1, \min(r N, \mathrm{cap}))`.
+
+    Of those, the ``vocab_top_k`` most frequent (ties by id) when given.
+    """
     threshold = max(1.0, min(vs_freq_rate * counts.sum(), float(vs_abs_cap)))
     keep = np.flatnonzero((counts > 0) & (counts <= threshold) & allowed)
     order = np.lexsort((keep, -counts[keep]))  # count descending, then id
@@ -232,7 +243,10 @@ def frequency_selection(
 
 
 def pmi_scores(forget_counts: np.ndarray, retain_counts: np.ndarray | None, smoothing: float) -> np.ndarray:
-    r""":math:`\log\frac{c_f + a}{N_f + a|V|} - \log\frac{c_r + a}{N_r + a|V|}` (or :math:`- \log(1/|V|)` without retain)."""
+    r"""PMI score of every token: :math:`\log\frac{c_f + a}{N_f + a|V|} - \log\frac{c_r + a}{N_r + a|V|}`.
+
+    Without retain counts the background is uniform: the second term is :math:`\log(1/|V|)`.
+    """
     v = len(forget_counts)
     cf = forget_counts.astype(np.float64)
     fg = np.log(cf + smoothing) - math.log(cf.sum() + smoothing * v)
@@ -290,6 +304,14 @@ def build_forbidden_set(
     rc = count_scored_tokens(retain, vocab_size, source="retain data") if retain is not None else None
     if rc is not None and rc.total == 0:
         rc = None
+    if method == "pmi" and rc is None:
+        msg = (
+            "vs_method='pmi' without retain data uses a uniform background, which ranks tokens by forget frequency "
+            "alone and picks function words; pass retain data (retain_dataset= / --retain_corpora) or use "
+            "vs_method='frequency', which drops very frequent tokens."
+        )
+        warnings.warn(msg, stacklevel=2)
+        logger.warning(msg)
     if info is not None:
         info.ensure(np.flatnonzero(fc.counts > 0))
         allowed = info.allowed()
@@ -300,16 +322,24 @@ def build_forbidden_set(
     if method == "frequency":
         ids = frequency_selection(fc.counts, allowed, vs_freq_rate, vs_abs_cap, vocab_top_k)
         scores = fc.counts.astype(np.float64)
-        hint = ("raise --vs_freq_rate or --vs_abs_cap (the frequency cap drops common tokens), raise --vocab_top_k, "
-                "or use --vs_method pmi")
+        hint = (
+            "raise --vs_freq_rate or --vs_abs_cap (the frequency cap drops common tokens), raise --vocab_top_k, "
+            "or use --vs_method pmi"
+        )
         params = {"vs_freq_rate": vs_freq_rate, "vs_abs_cap": vs_abs_cap, "vocab_top_k": vocab_top_k}
     else:
         scores = pmi_scores(fc.counts, retain_counts, pmi_smoothing)
         ids = pmi_selection(scores, fc.counts, allowed, pmi_min_count, pmi_top_k)
-        hint = ("lower --pmi_min_count (tokens must occur that often in the forget data), raise --pmi_top_k, "
-                "give more forget data or retain data that differs from it, or use --vs_method frequency")
-        params = {"pmi_top_k": pmi_top_k, "pmi_min_count": pmi_min_count, "pmi_smoothing": pmi_smoothing,
-                  "background": "retain" if rc is not None else "uniform"}
+        hint = (
+            "lower --pmi_min_count (tokens must occur that often in the forget data), raise --pmi_top_k, "
+            "give more forget data or retain data that differs from it, or use --vs_method frequency"
+        )
+        params = {
+            "pmi_top_k": pmi_top_k,
+            "pmi_min_count": pmi_min_count,
+            "pmi_smoothing": pmi_smoothing,
+            "background": "retain" if rc is not None else "uniform",
+        }
     if len(ids) == 0:
         raise ValueError(f"V_S is empty: no token of the forget data passed the {method} rule. To loosen it, {hint}.")
 
@@ -320,8 +350,12 @@ def build_forbidden_set(
         extra = extra[allowed[extra] & ~np.isin(extra, ids)]
         span_added = extra.tolist()
         ids = np.union1d(ids, extra)
-    params.update(span_masking=span_masking, span_ngram_max=span_ngram_max if span_masking else None,
-                  forget_tokens=fc.total, retain_tokens=rc.total if rc is not None else 0)
+    params.update(
+        span_masking=span_masking,
+        span_ngram_max=span_ngram_max if span_masking else None,
+        forget_tokens=fc.total,
+        retain_tokens=rc.total if rc is not None else 0,
+    )
 
     fs = ForbiddenSet(
         ids=ids.tolist(),
@@ -335,8 +369,10 @@ def build_forbidden_set(
         span_added=span_added,
     )
     if fs.fraction is not None and fs.fraction > 0.5:
-        msg = (f"V_S holds {len(fs)} of {vocab_size} tokens ({fs.fraction:.0%} of the vocabulary): suppressing that "
-               "much will damage the model. Lower --pmi_top_k / --vocab_top_k.")
+        msg = (
+            f"V_S holds {len(fs)} of {vocab_size} tokens ({fs.fraction:.0%} of the vocabulary): suppressing that "
+            "much will damage the model. Lower --pmi_top_k / --vocab_top_k."
+        )
         warnings.warn(msg, stacklevel=2)
         logger.warning(msg)
     return fs

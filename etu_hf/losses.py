@@ -56,7 +56,7 @@ def _run_chunks(fn: Callable, tensors: list[torch.Tensor | None], n: int, chunk_
     use_ckpt = torch.is_grad_enabled() and step < n
     loss = sums = mins = maxs = None
     for start in range(0, max(n, 1), max(step, 1)):
-        args = [t[start:start + step] if t is not None else None for t in tensors]
+        args = [t[start : start + step] if t is not None else None for t in tensors]
         out = checkpoint(fn, *args, use_reentrant=False) if use_ckpt else fn(*args)
         c_loss, c_sums, c_mins, c_maxs = out
         if loss is None:
@@ -116,8 +116,10 @@ def tilted_kl_loss(
         with torch.no_grad():
             zb = (base_head(b) if base_head is not None else b).to(device=s.device, dtype=torch.float32)
             if lam_c is None:
-                lam_c = lam if lam is not None else per_position_lambda(
-                    zb, forbidden_ids, epsilon, lambda_max, allow_negative, lambda_offset
+                lam_c = (
+                    lam
+                    if lam is not None
+                    else per_position_lambda(zb, forbidden_ids, epsilon, lambda_max, allow_negative, lambda_offset)
                 )
             log_q = tilted_log_probs(zb, forbidden_ids, lam_c)
             q = log_q.exp()
@@ -129,14 +131,16 @@ def tilted_kl_loss(
             lam_vec = torch.as_tensor(lam_c, dtype=torch.float32, device=kl.device).expand_as(kl)
             valid = w > 0
             inf = torch.tensor(float("inf"), device=kl.device)
-            sums = torch.stack([
-                (kl.detach() * w).sum(),
-                w.sum(),
-                (lam_vec * w).sum(),
-                (torch.exp(torch.logsumexp(log_p.detach()[:, forbidden_ids], -1)) * w).sum(),
-                (torch.exp(torch.logsumexp(log_q[:, forbidden_ids], -1)) * w).sum(),
-                (forbidden_mass(zb, forbidden_ids) * w).sum(),
-            ])
+            sums = torch.stack(
+                [
+                    (kl.detach() * w).sum(),
+                    w.sum(),
+                    (lam_vec * w).sum(),
+                    (torch.exp(torch.logsumexp(log_p.detach()[:, forbidden_ids], -1)) * w).sum(),
+                    (torch.exp(torch.logsumexp(log_q[:, forbidden_ids], -1)) * w).sum(),
+                    (forbidden_mass(zb, forbidden_ids) * w).sum(),
+                ]
+            )
             mins = torch.where(valid, lam_vec, inf).min().reshape(1)
             maxs = torch.where(valid, lam_vec, -inf).max().reshape(1)
         return (kl * w).sum(), sums, mins, maxs
@@ -146,8 +150,14 @@ def tilted_kl_loss(
         normalizer = sums[1].clamp_min(1.0)
     return TiltedKLOutput(
         loss=loss / normalizer,
-        kl_sum=sums[0], weight_sum=sums[1], lambda_sum=sums[2], lambda_min=mins[0], lambda_max=maxs[0],
-        student_mass_sum=sums[3], target_mass_sum=sums[4], base_mass_sum=sums[5],
+        kl_sum=sums[0],
+        weight_sum=sums[1],
+        lambda_sum=sums[2],
+        lambda_min=mins[0],
+        lambda_max=maxs[0],
+        student_mass_sum=sums[3],
+        target_mass_sum=sums[4],
+        base_mass_sum=sums[5],
     )
 
 

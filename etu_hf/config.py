@@ -1,0 +1,163 @@
+"""``ETUTrainingArguments``: ``transformers.TrainingArguments`` plus the ETU settings."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+
+@dataclass
+class ETUTrainingArguments(TrainingArguments):
+    r"""
+    Configuration of [`ETUTrainer`]: every field of `transformers.TrainingArguments`, plus the ones
+    below. Using [`~transformers.HfArgumentParser`] each field becomes a command-line flag.
+
+    Parameters:
+        > Parameters that control the target
+
+        epsilon (`float`, *optional*, defaults to `0.05`):
+            Target mass: the trained model should put at most `epsilon` probability on the forbidden
+            set V_S at forget contexts. Must be in (0, 1).
+        lambda_mode (`str`, *optional*, defaults to `"per_position"`):
+            `"per_position"`: exact tilt per context, `lam(x) = max(0, logit(p(x)) - logit(epsilon))`,
+            so the target has `q(S|x) = min(p(x), epsilon)` everywhere (the true I-projection).
+            `"global"`: one `lam = logit(p_S) - logit(epsilon)` from the mean base mass `p_S` (the
+            original tool's rule; by Jensen the mean target mass is then above `epsilon` when the
+            masses differ across contexts).
+        lambda_max (`float`, *optional*, defaults to `12.0`):
+            `lam` is clamped to `[-lambda_max, lambda_max]`. Must be > 0.
+        allow_negative_lambda (`bool`, *optional*, defaults to `False`):
+            Allow `lam < 0` (amplification: raise the mass on V_S toward `epsilon`).
+        p_s_sample_size (`int`, *optional*, defaults to `512`):
+            Number of forget sequences (a seeded random sample of the training data) over which the
+            base mass `p_S` is estimated at the start of training.
+
+        > Parameters that control the forbidden set V_S
+
+        vs_method (`str`, *optional*, defaults to `"pmi"`):
+            `"pmi"` (forget vs retain pointwise mutual information) or `"frequency"`.
+        vs_freq_rate (`float`, *optional*, defaults to `0.01`), vs_abs_cap (`int`, *optional*, defaults to `20000`):
+            Frequency method: drop tokens whose forget count exceeds `max(1, min(vs_freq_rate * N, vs_abs_cap))`.
+        vocab_top_k (`int` or `None`, *optional*, defaults to `None`):
+            Frequency method: keep at most this many of the most frequent remaining tokens.
+        pmi_top_k (`int`, *optional*, defaults to `2000`), pmi_min_count (`int`, *optional*, defaults to `20`),
+        pmi_smoothing (`float`, *optional*, defaults to `1.0`):
+            PMI method: keep tokens seen at least `pmi_min_count` times in the forget data with a
+            positive score, the `pmi_top_k` best; `pmi_smoothing` is the additive smoothing `a`.
+        forbidden_ids_path (`str` or `None`, *optional*, defaults to `None`):
+            Use this V_S.ids.json (or a flat JSON list of ids) instead of building V_S.
+        span_masking (`bool`, *optional*, defaults to `False`), span_ngram_max (`int`, *optional*, defaults to `3`):
+            Add the remaining pieces of forget-corpus words split into 2..`span_ngram_max` pieces whose
+            leading piece is in V_S, so that such words are suppressed whole.
+
+        > Parameters that control the loss
+
+        retain_weight (`float`, *optional*, defaults to `1.0`):
+            Weight of the retain term. 0 (or no retain data) means suppression-only training.
+        retain_loss_type (`str`, *optional*, defaults to `"nll"`):
+            `"nll"`: next-token NLL on retain text; `"kl"`: `KL(pi_base || pi_theta)` on retain text.
+        loss_chunk_size (`int`, *optional*, defaults to `1024`):
+            Token positions per chunk of the loss; peak memory holds `loss_chunk_size x |V|` float32
+            values instead of `batch x length x |V|`. 0 computes the loss in one piece.
+        frozen_on_cpu (`bool`, *optional*, defaults to `False`):
+            For models without PEFT adapters: keep the frozen base copy on CPU.
+
+        > Parameters that control the output
+
+        overwrite_output_dir (`bool`, *optional*, defaults to `False`):
+            Allow a run to write into an `output_dir` that holds a previous run. Without it (and
+            without `resume_from_checkpoint`) the trainer refuses before writing anything.
+    """
+
+    # ----- target
+    epsilon: float = field(default=0.05, metadata={"help": "Target mass on V_S at forget contexts, in (0, 1)."})
+    lambda_mode: str = field(
+        default="per_position",
+        metadata={
+            "help": "'per_position' (exact tilt per context, recommended) or 'global' (one lambda from mean p_S).",
+            "choices": ["per_position", "global"],
+        },
+    )
+    lambda_max: float = field(default=12.0, metadata={"help": "Clamp lambda to [-lambda_max, lambda_max]; > 0."})
+    allow_negative_lambda: bool = field(
+        default=False, metadata={"help": "Allow lambda < 0 (amplification of the mass on V_S)."}
+    )
+    p_s_sample_size: int = field(
+        default=512, metadata={"help": "Forget sequences sampled to estimate the base mass p_S at the start."}
+    )
+    # ----- forbidden set
+    vs_method: str = field(
+        default="pmi", metadata={"help": "How V_S is built: 'pmi' or 'frequency'.", "choices": ["pmi", "frequency"]}
+    )
+    vs_freq_rate: float = field(default=0.01, metadata={"help": "Frequency method: drop tokens above this share of N."})
+    vs_abs_cap: int = field(default=20000, metadata={"help": "Frequency method: absolute count cap."})
+    vocab_top_k: int | None = field(default=None, metadata={"help": "Frequency method: keep the K most frequent."})
+    pmi_top_k: int = field(default=2000, metadata={"help": "PMI method: keep the K best-scoring tokens."})
+    pmi_min_count: int = field(default=20, metadata={"help": "PMI method: minimum forget count of a token."})
+    pmi_smoothing: float = field(default=1.0, metadata={"help": "PMI method: additive smoothing a > 0."})
+    forbidden_ids_path: str | None = field(
+        default=None, metadata={"help": "Load V_S from this V_S.ids.json (or flat JSON list) instead of building it."}
+    )
+    span_masking: bool = field(
+        default=False,
+        metadata={"help": "Add the other pieces of multi-piece forget words whose first piece is in V_S."},
+    )
+    span_ngram_max: int = field(default=3, metadata={"help": "Span masking: longest word (in pieces) to extend."})
+    # ----- loss
+    retain_weight: float = field(default=1.0, metadata={"help": "Weight of the retain term (0: suppression only)."})
+    retain_loss_type: str = field(
+        default="nll", metadata={"help": "Retain term: 'nll' or 'kl' (KL(base || model)).", "choices": ["nll", "kl"]}
+    )
+    loss_chunk_size: int = field(
+        default=1024, metadata={"help": "Token positions per loss chunk (bounds memory); 0 = unchunked."}
+    )
+    frozen_on_cpu: bool = field(
+        default=False, metadata={"help": "Keep the frozen base model copy on CPU (models without PEFT adapters)."}
+    )
+    # ----- output
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Allow writing into an output_dir that holds a previous run."}
+    )
+
+    def __post_init__(self) -> None:
+        self._validate_etu()
+        super().__post_init__()
+
+    def _validate_etu(self) -> None:
+        def fail(name: str, message: str) -> None:
+            raise ValueError(f"{name}: {message} (got {getattr(self, name)!r})")
+
+        if not 0.0 < self.epsilon < 1.0:
+            fail("epsilon", "must be strictly between 0 and 1, e.g. 0.05")
+        if self.lambda_max <= 0:
+            fail("lambda_max", "must be > 0, e.g. 12.0")
+        if self.lambda_mode not in ("per_position", "global"):
+            fail("lambda_mode", "must be 'per_position' or 'global'")
+        if self.p_s_sample_size < 1:
+            fail("p_s_sample_size", "must be >= 1")
+        if self.vs_method not in ("pmi", "frequency"):
+            fail("vs_method", "must be 'pmi' or 'frequency'")
+        if not 0.0 < self.vs_freq_rate <= 1.0:
+            fail("vs_freq_rate", "must be in (0, 1]")
+        if self.vs_abs_cap < 1:
+            fail("vs_abs_cap", "must be >= 1")
+        if self.vocab_top_k is not None and self.vocab_top_k < 1:
+            fail("vocab_top_k", "must be >= 1 or unset")
+        if self.pmi_top_k < 1:
+            fail("pmi_top_k", "must be >= 1")
+        if self.pmi_min_count < 1:
+            fail("pmi_min_count", "must be >= 1")
+        if self.pmi_smoothing <= 0:
+            fail("pmi_smoothing", "must be > 0")
+        if self.forbidden_ids_path is not None and not os.path.exists(self.forbidden_ids_path):
+            fail("forbidden_ids_path", "does not exist; give a V_S.ids.json file or a folder holding one")
+        if self.span_ngram_max < 2:
+            fail("span_ngram_max", "must be >= 2")
+        if self.retain_weight < 0:
+            fail("retain_weight", "must be >= 0")
+        if self.retain_loss_type not in ("nll", "kl"):
+            fail("retain_loss_type", "must be 'nll' or 'kl'")
+        if self.loss_chunk_size < 0:
+            fail("loss_chunk_size", "must be >= 0 (0 = unchunked)")

@@ -1,0 +1,170 @@
+r"""Measurements on held-out text: mass on V_S and perplexity, over scored positions only.
+
+- :func:`evaluate_mass`: :math:`\bar m = \frac{1}{n}\sum_i \pi(S|x_i)`, the mean over the ``n``
+  scored positions of the model's probability mass on the forbidden set, with per-sequence sums
+  (for bootstrap intervals) and, on request, every position's mass.
+- :func:`evaluate_perplexity`: :math:`\exp(\frac{1}{n}\sum_i -\log \pi(y_i|x_i))`.
+
+Both run in eval mode without gradients (the model's train/eval mode is restored afterwards), feed the
+output head chunk by chunk (no ``[B, T, |V|]`` tensor) and accept any iterable of collated batches,
+e.g. :func:`etu_hf.data.iter_batches`. For the base distribution of a PEFT model, wrap the call in
+:func:`adapters_disabled`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from etu_hf.data import scored_positions
+from etu_hf.modeling import (
+    eval_mode,
+    forward_hidden,
+    head_fn,
+    head_matches_logits,
+    is_peft_model,
+    output_head,
+    unwrap_model,
+)
+from etu_hf.tilt import forbidden_mass
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[None]:
+    """``model.disable_adapter()`` for a PEFT model (the base distribution), a no-op otherwise."""
+    m = unwrap_model(model)
+    if is_peft_model(m):
+        with m.disable_adapter():
+            yield
+    else:
+        yield
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _chunks(model: nn.Module, batches: Iterable[dict[str, Any]], chunk_size: int):
+    """Yield ``(logits [c, V] float32, targets [c], sequence index [c])`` for scored positions."""
+    device = _device_of(model)
+    head = output_head(model)
+    use_hidden: bool | None = None
+    seq_offset = 0
+    with torch.no_grad(), eval_mode(model):
+        for batch in batches:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            if use_hidden is None:
+                use_hidden = head_matches_logits(model, head, batch)
+            mask, targets = scored_positions(batch["input_ids"], batch.get("attention_mask"), batch.get("labels"))
+            if use_hidden:
+                h, _ = forward_hidden(model, head, batch, truncate=True)
+                fn = head_fn(head, device)
+            else:
+                _, out = forward_hidden(model, head, batch, truncate=False)
+                h, fn = out.logits, None
+            rows = torch.arange(mask.shape[0], device=device).unsqueeze(1).expand_as(mask)
+            sel_h = h[:, :-1][mask]
+            sel_y = targets[mask]
+            sel_seq = rows[mask] + seq_offset
+            seq_offset += mask.shape[0]
+            for start in range(0, sel_h.shape[0], chunk_size):
+                part = sel_h[start : start + chunk_size]
+                logits = (fn(part) if fn is not None else part).float()
+                yield logits, sel_y[start : start + chunk_size], sel_seq[start : start + chunk_size], seq_offset
+
+
+@dataclass
+class MassResult:
+    """Mass on V_S over scored positions.
+
+    ``mean`` is :math:`\\frac{1}{n}\\sum_i \\pi(S|x_i)` over the ``n_positions`` scored positions;
+    ``sequence_sums[j]``/``sequence_counts[j]`` are the sum and the number of scored positions of
+    sequence ``j``; ``positions`` holds every position's mass when requested.
+    """
+
+    mean: float
+    n_positions: int
+    n_sequences: int
+    sequence_sums: np.ndarray = field(repr=False)
+    sequence_counts: np.ndarray = field(repr=False)
+    positions: np.ndarray | None = field(default=None, repr=False)
+
+    def share_above(self, threshold: float) -> float | None:
+        """Share of positions whose mass exceeds ``threshold`` (needs ``positions``)."""
+        if self.positions is None or len(self.positions) == 0:
+            return None
+        return float((self.positions > threshold).mean())
+
+
+def evaluate_mass(
+    model: nn.Module,
+    batches: Iterable[dict[str, Any]],
+    forbidden_ids: torch.Tensor | list[int],
+    *,
+    chunk_size: int = 1024,
+    keep_positions: bool = False,
+) -> MassResult:
+    """Mean probability mass the model puts on ``forbidden_ids`` at the scored positions of ``batches``."""
+    ids = torch.as_tensor(forbidden_ids, dtype=torch.long, device=_device_of(model))
+    total = 0.0
+    count = 0
+    seq_sums: list[np.ndarray] = []
+    seq_counts: list[np.ndarray] = []
+    kept: list[np.ndarray] = []
+    n_seq = 0
+    for logits, _, seq, n_seq in _chunks(model, batches, chunk_size):
+        m = forbidden_mass(logits, ids).double()
+        total += float(m.sum())
+        count += m.numel()
+        seq_np = seq.cpu().numpy()
+        seq_sums.append(np.bincount(seq_np, weights=m.cpu().numpy(), minlength=n_seq))
+        seq_counts.append(np.bincount(seq_np, minlength=n_seq))
+        if keep_positions:
+            kept.append(m.float().cpu().numpy())
+    sums = _pad_sum(seq_sums, n_seq)
+    counts = _pad_sum(seq_counts, n_seq).astype(np.int64)
+    return MassResult(
+        mean=total / count if count else math.nan,
+        n_positions=count,
+        n_sequences=int((counts > 0).sum()),
+        sequence_sums=sums[counts > 0],
+        sequence_counts=counts[counts > 0],
+        positions=np.concatenate(kept) if keep_positions and kept else (np.zeros(0) if keep_positions else None),
+    )
+
+
+def _pad_sum(parts: list[np.ndarray], n: int) -> np.ndarray:
+    out = np.zeros(n)
+    for p in parts:
+        out[: len(p)] += p
+    return out
+
+
+@dataclass
+class PerplexityResult:
+    """``perplexity = exp(mean_nll)``, ``mean_nll`` the mean next-token NLL over ``n_positions``."""
+
+    perplexity: float
+    mean_nll: float
+    n_positions: int
+
+
+def evaluate_perplexity(
+    model: nn.Module, batches: Iterable[dict[str, Any]], *, chunk_size: int = 1024
+) -> PerplexityResult:
+    """Perplexity of the model on ``batches``: the exponential of the mean NLL over scored positions."""
+    total = 0.0
+    count = 0
+    for logits, targets, _, _ in _chunks(model, batches, chunk_size):
+        total += float(F.cross_entropy(logits, targets, reduction="sum").double())
+        count += targets.numel()
+    mean = total / count if count else math.nan
+    return PerplexityResult(perplexity=math.exp(mean) if count else math.nan, mean_nll=mean, n_positions=count)

@@ -1,0 +1,615 @@
+r"""``ETUTrainer``: a drop-in ``transformers.Trainer`` that trains toward the exponential tilt.
+
+Swap ``Trainer``/``TrainingArguments`` for ``ETUTrainer``/``ETUTrainingArguments``; the
+``train_dataset`` is then the forget data. The objective (ETU_SPEC.md, section 3) is
+
+.. math::
+    L = \frac{1}{N_f}\sum_{i \in \text{forget}} KL\big(q_{\lambda_i}(\cdot|x_i) \,\|\, \pi_\theta(\cdot|x_i)\big)
+      + w_R \frac{1}{N_r}\sum_{j \in \text{retain}} \ell_j
+
+where :math:`q_\lambda \propto \pi_b e^{-\lambda 1_S}` is the base model tilted away from V_S and
+:math:`\ell_j` the retain NLL (or :math:`KL(\pi_b\|\pi_\theta)`). :math:`N_f, N_r` count the scored
+positions of the *whole accumulated batch* over all processes, so gradient accumulation and data
+parallelism give the gradient of one large batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import Trainer, TrainerCallback, enable_full_determinism, set_seed
+
+from etu_hf.artifacts import ARGS_FILE, METRICS_FILE, check_output_dir, write_json
+from etu_hf.config import ETUTrainingArguments
+from etu_hf.data import (
+    CORPUS_ID_COLUMN,
+    RETAIN_PREFIX,
+    ForgetRetainCollator,
+    ForgetRetainDataset,
+    iter_batches,
+    scored_positions,
+    split_forget_retain,
+)
+from etu_hf.forbidden_set import FORBIDDEN_SET_FILE, ForbiddenSet, build_forbidden_set, resolve_forbidden_set
+from etu_hf.losses import chunked_nll, tilted_kl_loss
+from etu_hf.modeling import (
+    AdapterDisabledBase,
+    BaseDistribution,
+    FrozenCopyBase,
+    check_causal_lm,
+    check_tokenizer_matches,
+    forward_hidden,
+    head_fn,
+    head_matches_logits,
+    is_peft_model,
+    output_head,
+    output_vocab_size,
+    unwrap_model,
+)
+from etu_hf.tilt import closed_form_lambda, forbidden_mass
+
+logger = logging.getLogger(__name__)
+
+# Layout of the on-device statistics accumulators (sums over scored positions).
+_STATS = ("kl", "w_forget", "lambda", "pi_s", "q_s", "base_p_s", "retain", "w_retain")
+
+
+@dataclass
+class ScoredCounts:
+    """Scored forget/retain positions in one optimiser step's micro-batches, summed over processes.
+
+    Returned by :meth:`ETUTrainer.get_batch_samples` in place of the Trainer's ``num_items_in_batch``
+    and used as the loss normaliser.
+    """
+
+    forget: torch.Tensor
+    retain: torch.Tensor
+    world_size: int = 1
+
+
+class _StatsAccumulator:
+    """Device-side sums of the ETU statistics; read back (one sync) only when logging."""
+
+    def __init__(self) -> None:
+        self.sums: torch.Tensor | None = None
+        self.lam_min: torch.Tensor | None = None
+        self.lam_max: torch.Tensor | None = None
+
+    def add(self, values: torch.Tensor, lam_min: torch.Tensor, lam_max: torch.Tensor) -> None:
+        if self.sums is None:
+            self.sums, self.lam_min, self.lam_max = values.clone(), lam_min.clone(), lam_max.clone()
+        else:
+            self.sums += values
+            self.lam_min = torch.minimum(self.lam_min, lam_min)
+            self.lam_max = torch.maximum(self.lam_max, lam_max)
+
+    def reset(self) -> None:
+        self.sums = self.lam_min = self.lam_max = None
+
+    def read(self, reduce: Any = None) -> dict[str, float] | None:
+        """Means over the accumulated positions (``reduce`` sums/min/max across processes)."""
+        if self.sums is None:
+            return None
+        sums, lo, hi = self.sums, self.lam_min, self.lam_max
+        if reduce is not None:
+            sums, lo, hi = reduce(sums, "sum"), -reduce(-lo, "max"), reduce(hi, "max")
+        s = dict(zip(_STATS, sums.double().tolist(), strict=True))
+        wf, wr = max(s["w_forget"], 1.0), max(s["w_retain"], 1.0)
+        out = {
+            "etu/loss": s["kl"] / wf,
+            "etu/lambda": s["lambda"] / wf,
+            "etu/pi_s": s["pi_s"] / wf,
+            "etu/q_s": s["q_s"] / wf,
+            "etu/base_p_s": s["base_p_s"] / wf,
+            "etu/lambda_min": float(lo),
+            "etu/lambda_max": float(hi),
+            "etu/forget_positions": s["w_forget"],
+        }
+        if s["w_retain"] > 0:
+            out["etu/retain_loss"] = s["retain"] / wr
+        return out
+
+
+class _ETUSetupCallback(TrainerCallback):
+    """Estimates the base mass p_S once the model is in place (after any wrapping)."""
+
+    def __init__(self, trainer: ETUTrainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.trainer._setup_target()
+
+
+class ETUTrainer(Trainer):
+    r"""Trainer for Exponential-Tilted Unlearning.
+
+    Args:
+        model: a causal LM (``AutoModelForCausalLM``), optionally a ``peft.PeftModel``.
+        args: :class:`~etu_hf.ETUTrainingArguments`.
+        data_collator, eval_dataset, processing_class, ...: as for ``transformers.Trainer``.
+        train_dataset: the **forget** data: tokenized blocks with ``labels == input_ids`` or padded
+            examples with ``-100`` labels.
+        retain_dataset: optional retain data in the same format. It sets the PMI background of V_S
+            and, when ``args.retain_weight > 0``, each forget example is paired with a retain example
+            for the retain term.
+        ref_model: optional base model :math:`\pi_b` for non-PEFT models (default: a frozen copy of
+            ``model`` taken now; ``args.frozen_on_cpu`` keeps it on CPU). PEFT models use themselves
+            with adapters disabled and need no copy.
+        forbidden_set: V_S as a :class:`~etu_hf.ForbiddenSet`, a list of ids or a path to
+            V_S.ids.json (default: ``args.forbidden_ids_path``, else built from ``train_dataset``).
+        peft_config: optional ``peft.PeftConfig``; the model is wrapped with ``get_peft_model``.
+
+    Logged every ``logging_steps`` through the Trainer's log (so ``report_to`` backends see them),
+    as means over the scored forget positions since the previous log: ``etu/loss`` (KL to the target),
+    ``etu/retain_loss``, ``etu/lambda`` (mean tilt), ``etu/pi_s`` (model mass on V_S on the training
+    batches), ``etu/q_s`` (target mass), ``etu/base_p_s`` (base mass).
+    """
+
+    # compute_loss divides by the scored positions of the whole accumulated batch (see ScoredCounts),
+    # so the Trainer must not divide by the accumulation steps again.
+    loss_is_scaled_for_ga = True
+    _tag_names: ClassVar[list[str]] = ["etu-hf", "unlearning"]
+
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        args: ETUTrainingArguments | None = None,
+        data_collator: Any = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        processing_class: Any = None,
+        *,
+        retain_dataset: Any = None,
+        ref_model: nn.Module | None = None,
+        forbidden_set: ForbiddenSet | str | list[int] | None = None,
+        peft_config: Any = None,
+        **kwargs: Any,
+    ):
+        if args is None:
+            args = ETUTrainingArguments(output_dir="tmp_trainer")
+        elif not isinstance(args, ETUTrainingArguments):
+            raise TypeError(
+                f"ETUTrainer needs ETUTrainingArguments, got {type(args).__name__}: replace "
+                "TrainingArguments(...) with etu_hf.ETUTrainingArguments(...) (same fields plus the ETU ones)."
+            )
+        if model is None:
+            raise ValueError("ETUTrainer needs a model (model_init is not supported)")
+        check_causal_lm(model)
+        if peft_config is not None:
+            if is_peft_model(model):
+                raise ValueError("peft_config was given but the model is already a PeftModel; pass one or the other")
+            from peft import get_peft_model
+
+            # Seed as Trainer.__init__ would, but before the adapter weights are drawn (reproducible runs).
+            if args.full_determinism:
+                enable_full_determinism(args.seed)
+            else:
+                set_seed(args.seed)
+            model = get_peft_model(model, peft_config)
+        check_tokenizer_matches(model, processing_class)
+        if retain_dataset is not None and len(retain_dataset) == 0:
+            raise ValueError("retain_dataset is empty; pass None for suppression-only training")
+        if train_dataset is not None and hasattr(train_dataset, "__len__") and len(train_dataset) == 0:
+            raise ValueError("train_dataset (the forget data) is empty: there is nothing to forget")
+
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            **kwargs,
+        )
+        if self.args.n_gpu > 1:
+            raise ValueError(
+                "ETUTrainer does not support torch.nn.DataParallel (several GPUs in one process). Launch one "
+                "process per GPU with `torchrun` or `accelerate launch` (DDP) instead."
+            )
+        self.vocab_size = output_vocab_size(self.model)
+        self.forget_dataset = train_dataset
+        self.retain_dataset = retain_dataset
+        self._user_collator = self.data_collator
+        self.pairs_retain = retain_dataset is not None and self.args.retain_weight > 0
+        if self.pairs_retain:
+            if train_dataset is None:
+                raise ValueError("retain_dataset needs a train_dataset (the forget data) to pair with")
+            self.train_dataset = ForgetRetainDataset(
+                train_dataset, retain_dataset, seed=self.args.data_seed or self.args.seed
+            )
+            self.data_collator = ForgetRetainCollator(self.data_collator)
+
+        # The base distribution pi_b.
+        if ref_model is not None:
+            check_causal_lm(ref_model)
+            if output_vocab_size(ref_model) != self.vocab_size:
+                raise ValueError("ref_model has a different vocabulary size than model")
+            self.base: BaseDistribution = FrozenCopyBase(
+                ref_model, device="cpu" if self.args.frozen_on_cpu else self.args.device, copy_model=False
+            )
+        elif is_peft_model(self.model):
+            self.base = AdapterDisabledBase(self.model)
+        else:
+            logger.info("model has no PEFT adapters: keeping a frozen copy as the base distribution")
+            self.base = FrozenCopyBase(self.model, device="cpu" if self.args.frozen_on_cpu else self.args.device)
+
+        self.forbidden_set = self._resolve_forbidden_set(forbidden_set)
+        self._forbidden_ids: dict[torch.device, torch.Tensor] = {}
+        self.base_p_s: float | None = None
+        self.base_p_s_positions = 0
+        self.global_lambda: float | None = None
+        self.lambda_offset: float = 0.0
+        self._use_hidden = True
+        self._window = _StatsAccumulator()
+        self._total = _StatsAccumulator()
+        self._eval_stats = _StatsAccumulator()
+        self._last_window: dict[str, float] | None = None
+        self.extra_run_arguments: dict[str, Any] = {}
+        self.add_callback(_ETUSetupCallback(self))
+        if hasattr(self.model, "add_model_tags"):
+            self.model.add_model_tags(self._tag_names)
+
+    # ------------------------------------------------------------------ set-up
+    def _resolve_forbidden_set(self, forbidden_set: Any) -> ForbiddenSet | None:
+        source = "forbidden_set"
+        if forbidden_set is None and self.args.forbidden_ids_path:
+            forbidden_set, source = self.args.forbidden_ids_path, "--forbidden_ids_path"
+        fs = resolve_forbidden_set(forbidden_set)
+        if fs is not None:
+            fs.check_vocab(self.vocab_size, source)
+            fs.vocab_size = fs.vocab_size or self.vocab_size
+            return fs
+        if self.forget_dataset is None:
+            return None
+        a = self.args
+        fs = build_forbidden_set(
+            iter_batches(self.forget_dataset, self._user_collator, 64),
+            iter_batches(self.retain_dataset, self._user_collator, 64) if self.retain_dataset is not None else None,
+            vocab_size=self.vocab_size,
+            tokenizer=self.processing_class if hasattr(self.processing_class, "convert_ids_to_tokens") else None,
+            method=a.vs_method,
+            vs_freq_rate=a.vs_freq_rate,
+            vs_abs_cap=a.vs_abs_cap,
+            vocab_top_k=a.vocab_top_k,
+            pmi_top_k=a.pmi_top_k,
+            pmi_min_count=a.pmi_min_count,
+            pmi_smoothing=a.pmi_smoothing,
+            span_masking=a.span_masking,
+            span_ngram_max=a.span_ngram_max,
+        )
+        logger.info("built V_S (%s): %d tokens, %.2f%% of the vocabulary", fs.method, len(fs), 100 * (fs.fraction or 0))
+        return fs
+
+    def forbidden_ids(self, device: torch.device) -> torch.Tensor:
+        """V_S as a long tensor on ``device`` (cached)."""
+        if device not in self._forbidden_ids:
+            self._forbidden_ids[device] = self.forbidden_set.tensor(device)
+        return self._forbidden_ids[device]
+
+    def _setup_target(self) -> None:
+        """At the start of training: check the head and estimate p_S over a sample of forget sequences."""
+        p_s, n = self.estimate_base_mass()
+        self.base_p_s, self.base_p_s_positions = p_s, n
+        a = self.args
+        self.global_lambda = float(closed_form_lambda(p_s, a.epsilon, a.lambda_max, a.allow_negative_lambda))
+        logger.info("base p_S = %.4f over %d forget positions; closed-form lambda = %.3f", p_s, n, self.global_lambda)
+
+    @torch.no_grad()
+    def estimate_base_mass(self) -> tuple[float, int]:
+        """Mean base mass on V_S over the scored positions of ``p_s_sample_size`` forget sequences
+        (a seeded sample of the training data). Returns ``(p_S, positions)``."""
+        data = self.forget_dataset
+        rng = np.random.default_rng(self.args.seed)
+        k = min(self.args.p_s_sample_size, len(data))
+        idx = np.sort(rng.choice(len(data), size=k, replace=False))
+        device = self.args.device
+        S = self.forbidden_ids(device)
+        total, count = torch.zeros((), dtype=torch.float64, device=device), 0
+        for i, batch in enumerate(iter_batches(data, self._user_collator, self.args.per_device_eval_batch_size, idx)):
+            batch = {key: v.to(device) for key, v in batch.items()}
+            if i == 0:
+                self._use_hidden = head_matches_logits(unwrap_model(self.model), output_head(self.model), batch)
+                if not self._use_hidden:
+                    logger.warning(
+                        "the model post-processes its output head (e.g. logit soft-capping): the loss uses "
+                        "full logits, so memory grows with batch x length x |V|"
+                    )
+            mask, _ = scored_positions(batch["input_ids"], batch.get("attention_mask"), batch.get("labels"))
+            logits = self.base.logits(batch) if not self._use_hidden else None
+            if logits is None:
+                h = self.base.hidden(batch)
+                sel = h[:, :-1][mask.to(h.device)]
+                head = self.base.head(device)
+                masses = torch.cat([forbidden_mass(head(sel[j : j + 1024]), S) for j in range(0, sel.shape[0], 1024)])
+            else:
+                masses = forbidden_mass(logits[:, :-1][mask], S)
+            total += masses.double().sum()
+            count += int(mask.sum())
+        if count == 0:
+            raise ValueError("the forget data has no scored position (every label is -100 or padding)")
+        return float(total) / count, count
+
+    # ------------------------------------------------------------------ batching
+    def _set_signature_columns_if_needed(self) -> None:
+        # The Trainer drops batch keys that model.forward does not take; keep the retain half too
+        # (the same pattern as TRL's trainers, which override this to keep their own columns).
+        super()._set_signature_columns_if_needed()
+        if self.pairs_retain and not any(c.startswith(RETAIN_PREFIX) for c in self._signature_columns):
+            self._signature_columns += [RETAIN_PREFIX + c for c in self._signature_columns if c != CORPUS_ID_COLUMN]
+
+    def get_batch_samples(
+        self, epoch_iterator: Any, num_batches: int, device: torch.device
+    ) -> tuple[list, ScoredCounts]:
+        """Collect the micro-batches of one optimiser step and count their scored positions.
+
+        The counts (summed over processes) replace ``num_items_in_batch``: the loss of each micro-batch
+        is its sum over positions divided by the step's total, so accumulated gradients equal those
+        of one large batch whatever the padding.
+        """
+        batch_samples = []
+        for _ in range(num_batches):
+            try:
+                batch_samples.append(next(epoch_iterator))
+            except StopIteration:
+                break
+        counts = torch.zeros(2, dtype=torch.float32, device=device)
+        for batch in batch_samples:
+            forget, retain = split_forget_retain(batch)
+            counts[0] += _count_scored(forget, device)
+            if retain is not None:
+                counts[1] += _count_scored(retain, device)
+        world = self.args.world_size
+        if world > 1:
+            counts = self.accelerator.reduce(counts, reduction="sum")
+        return batch_samples, ScoredCounts(forget=counts[0], retain=counts[1], world_size=world)
+
+    # ------------------------------------------------------------------ loss
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        """ETU loss of one micro-batch; see the module docstring for the formula."""
+        if self.forbidden_set is None:
+            raise ValueError("no forbidden set: pass a train_dataset to build V_S from, or forbidden_set=")
+        counts = num_items_in_batch if isinstance(num_items_in_batch, ScoredCounts) else None
+        forget, retain = split_forget_retain(inputs)
+        head = output_head(model)
+        device = forget["input_ids"].device
+        S = self.forbidden_ids(device)
+        a = self.args
+
+        student, outputs, mask = self._student_positions(model, head, forget, keep_logits=return_outputs)
+        base = self._base_positions(forget, mask)
+        if a.lambda_mode == "global":
+            lam_kwargs: dict[str, Any] = {"lam": self._current_global_lambda()}
+        else:
+            lam_kwargs = {
+                "epsilon": a.epsilon,
+                "lambda_max": a.lambda_max,
+                "allow_negative": a.allow_negative_lambda,
+                "lambda_offset": self.lambda_offset,
+            }
+        kl = tilted_kl_loss(
+            student,
+            base,
+            S,
+            weights=mask.reshape(-1).float(),
+            student_head=head_fn(head, device) if self._use_hidden else None,
+            base_head=self.base.head(device) if self._use_hidden else None,
+            chunk_size=a.loss_chunk_size or None,
+            normalizer=counts.forget.clamp_min(1.0) if counts is not None else None,
+            **lam_kwargs,
+        )
+        loss = kl.loss
+        retain_sum = torch.zeros((), device=device)
+        retain_w = torch.zeros((), device=device)
+        if retain is not None and a.retain_weight > 0 and model.training:
+            r_loss, retain_sum, retain_w = self._retain_term(model, head, retain, counts)
+            loss = loss + a.retain_weight * r_loss
+
+        values = torch.stack(
+            [
+                kl.kl_sum,
+                kl.weight_sum,
+                kl.lambda_sum,
+                kl.student_mass_sum,
+                kl.target_mass_sum,
+                kl.base_mass_sum,
+                retain_sum,
+                retain_w,
+            ]
+        ).float()
+        if model.training:
+            self._window.add(values, kl.lambda_min, kl.lambda_max)
+            self._total.add(values, kl.lambda_min, kl.lambda_max)
+        else:
+            self._eval_stats.add(values, kl.lambda_min, kl.lambda_max)
+        if counts is not None and counts.world_size > 1:
+            # DDP/DeepSpeed average gradients over processes; the normaliser already counts all of them.
+            loss = loss * counts.world_size
+        return (loss, outputs) if return_outputs else loss
+
+    def _current_global_lambda(self) -> float:
+        if self.global_lambda is None:  # compute_loss outside train(): estimate now
+            self._setup_target()
+        a = self.args
+        lo = -a.lambda_max if a.allow_negative_lambda else 0.0
+        return float(min(max(self.global_lambda + self.lambda_offset, lo), a.lambda_max))
+
+    def _student_positions(self, model: nn.Module, head: nn.Module, batch: dict[str, Any], keep_logits: bool):
+        mask, _ = scored_positions(batch["input_ids"], batch.get("attention_mask"), batch.get("labels"))
+        h, outputs = forward_hidden(model, head, batch, truncate=self._use_hidden and not keep_logits)
+        if not self._use_hidden:
+            h = outputs.logits
+        return _flatten_positions(h, mask), outputs, mask
+
+    def _base_positions(self, batch: dict[str, Any], mask: torch.Tensor) -> torch.Tensor:
+        h = self.base.hidden(batch) if self._use_hidden else self.base.logits(batch)
+        return _flatten_positions(h, mask.to(h.device))
+
+    def _retain_term(self, model: nn.Module, head: nn.Module, retain: dict[str, Any], counts: ScoredCounts | None):
+        a = self.args
+        device = retain["input_ids"].device
+        mask, targets = scored_positions(retain["input_ids"], retain.get("attention_mask"), retain.get("labels"))
+        student, _, _ = self._student_positions(model, head, retain, keep_logits=False)
+        weights = mask.reshape(-1).float()
+        normalizer = counts.retain.clamp_min(1.0) if counts is not None else None
+        student_head = head_fn(head, device) if self._use_hidden else None
+        if a.retain_loss_type == "kl":
+            out = tilted_kl_loss(
+                student,
+                self._base_positions(retain, mask),
+                self.forbidden_ids(device),
+                lam=0.0,
+                weights=weights,
+                student_head=student_head,
+                base_head=self.base.head(device) if self._use_hidden else None,
+                chunk_size=a.loss_chunk_size or None,
+                normalizer=normalizer,
+            )
+            return out.loss, out.kl_sum, out.weight_sum
+        out = chunked_nll(
+            student,
+            targets.reshape(-1),
+            weights=weights,
+            student_head=student_head,
+            chunk_size=a.loss_chunk_size or None,
+            normalizer=normalizer,
+        )
+        return out.loss, out.nll_sum, out.weight_sum
+
+    # ------------------------------------------------------------------ logging and evaluation
+    def _reduce(self):
+        return self.accelerator.reduce if self.args.world_size > 1 else None
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add the ETU statistics of the logging window to the Trainer's training logs."""
+        if "loss" in logs and not any(k.startswith("eval_") for k in logs):
+            stats = self._window.read(self._reduce())
+            self._window.reset()
+            if stats is not None:
+                self._last_window = stats
+                logs.update(stats)
+        super().log(logs, start_time)
+
+    def evaluation_loop(self, *args: Any, **kwargs: Any):
+        """The Trainer's evaluation loop, plus ETU metrics: ``{prefix}_pi_s`` (mass on V_S),
+        ``{prefix}_q_s`` (target mass), ``{prefix}_base_p_s`` and ``{prefix}_lambda``."""
+        self._eval_stats.reset()
+        output = super().evaluation_loop(*args, **kwargs)
+        prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
+        stats = self._eval_stats.read(self._reduce())
+        self._eval_stats.reset()
+        if stats is not None:
+            for key in ("pi_s", "q_s", "base_p_s", "lambda"):
+                output.metrics[f"{prefix}_{key}"] = stats[f"etu/{key}"]
+        return output
+
+    # ------------------------------------------------------------------ train, save, artifacts
+    def train(
+        self,
+        resume_from_checkpoint: str | bool | None = None,
+        trial: Any = None,
+        ignore_keys_for_eval: list[str] | None = None,
+        **kwargs: Any,
+    ):
+        """``Trainer.train`` after checking ``output_dir``; writes V_S.ids.json and args.json first and
+        metrics.json at the end."""
+        check_output_dir(self.args.output_dir, self.args.overwrite_output_dir, resume_from_checkpoint)
+        if self.forget_dataset is None:
+            raise ValueError("ETUTrainer.train needs a train_dataset (the forget data)")
+        if self.forbidden_set is None:
+            raise ValueError("no forbidden set V_S: pass forbidden_set= or a train_dataset to build it from")
+        self._window.reset()
+        self._total.reset()
+        self._last_window = None
+        if self.is_world_process_zero():
+            os.makedirs(self.args.output_dir, exist_ok=True)
+            self.forbidden_set.save(os.path.join(self.args.output_dir, FORBIDDEN_SET_FILE))
+            write_json(
+                os.path.join(self.args.output_dir, ARGS_FILE), {**self.args.to_dict(), **self.extra_run_arguments}
+            )
+        start = time.time()
+        output = super().train(
+            resume_from_checkpoint=resume_from_checkpoint,
+            trial=trial,
+            ignore_keys_for_eval=ignore_keys_for_eval,
+            **kwargs,
+        )
+        self.training_metrics = self._training_metrics(output, time.time() - start)
+        if self.is_world_process_zero():
+            write_json(os.path.join(self.args.output_dir, METRICS_FILE), self.training_metrics)
+        return output
+
+    def _training_metrics(self, output: Any, duration: float) -> dict[str, Any]:
+        tail = self._window.read(self._reduce())
+        final = tail if tail is not None else self._last_window
+        total = self._total.read(self._reduce()) or {}
+        a = self.args
+        fs = self.forbidden_set
+        return {
+            "format": "etu-hf/metrics",
+            "version": 1,
+            "training_success": True,
+            "epsilon": a.epsilon,
+            "base_p_S": self.base_p_s,
+            "base_p_S_positions": self.base_p_s_positions,
+            "lambda": {
+                "mode": a.lambda_mode,
+                "closed_form_global": self.global_lambda,
+                "offset": self.lambda_offset,
+                "mean": total.get("etu/lambda"),
+                "min": total.get("etu/lambda_min"),
+                "max": total.get("etu/lambda_max"),
+                "final_mean": final.get("etu/lambda") if final else None,
+            },
+            "V_S_size": len(fs),
+            "V_S_fraction": fs.fraction if fs.fraction is not None else len(fs) / self.vocab_size,
+            "vocab_size": self.vocab_size,
+            "steps": self.state.global_step,
+            "epochs": self.state.epoch,
+            "training_duration_seconds": duration,
+            "train_loss": getattr(output, "training_loss", None),
+            "final_training_pi_s": final.get("etu/pi_s") if final else None,
+            "final_training_q_s": final.get("etu/q_s") if final else None,
+            "final_training_kl": final.get("etu/loss") if final else None,
+            "mean_training_pi_s": total.get("etu/pi_s"),
+            "training_forget_positions": total.get("etu/forget_positions"),
+        }
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """``Trainer.save_model`` plus V_S.ids.json beside the weights (checkpoints included), so any
+        saved folder can be audited on its own."""
+        super().save_model(output_dir, _internal_call=_internal_call)
+        target = output_dir or self.args.output_dir
+        if self.forbidden_set is not None and self.args.should_save and os.path.isdir(target):
+            self.forbidden_set.save(os.path.join(target, FORBIDDEN_SET_FILE))
+
+    def create_model_card(self, *args: Any, **kwargs: Any) -> None:
+        """``Trainer.create_model_card`` with the ``etu-hf`` and ``unlearning`` tags added."""
+        tags = kwargs.get("tags") or []
+        tags = [tags] if isinstance(tags, str) else list(tags)
+        kwargs["tags"] = tags + [t for t in self._tag_names if t not in tags]
+        return super().create_model_card(*args, **kwargs)
+
+
+def _count_scored(batch: dict[str, Any], device: torch.device) -> torch.Tensor:
+    mask, _ = scored_positions(batch["input_ids"], batch.get("attention_mask"), batch.get("labels"))
+    return mask.sum().to(device=device, dtype=torch.float32)
+
+
+def _flatten_positions(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``[B, T, D] -> [B*(T-1), D]`` for the predictions at positions ``0..T-2``, unscored rows zeroed
+    (finite inputs, so no NaN from padding reaches the gradient)."""
+    flat = h[:, :-1].reshape(-1, h.shape[-1])
+    return torch.where(mask.reshape(-1, 1), flat, flat.new_zeros(()))
