@@ -70,7 +70,7 @@ def test_hub_failure_names_the_flag(monkeypatch):
 
 
 def test_missing_local_file_names_the_flag(tmp_path):
-    with pytest.raises(FileNotFoundError, match="--forget_corpora: corpus .*does not exist"):
+    with pytest.raises(FileNotFoundError, match=r"--forget_corpora: corpus .*does not exist"):
         parse_corpus_specs(str(tmp_path / "nope.txt"), "--forget_corpora")
     with pytest.raises(FileNotFoundError, match="--retain_corpora"):
         parse_corpus_specs("./missing_folder/data.jsonl", "--retain_corpora")
@@ -88,7 +88,7 @@ def test_local_files_keep_documents_whole(tmp_path):
     import datasets
 
     datasets.Dataset.from_dict({"body": ["p q"]}).to_parquet(str(tmp_path / "c.parquet"))
-    with pytest.raises(ValueError, match="no column 'text'.*--text_column"):
+    with pytest.raises(ValueError, match=r"no column 'text'.*--text_column"):
         load_corpus(parse_corpus_specs(str(tmp_path / "c.parquet"))[0])
     assert load_corpus(parse_corpus_specs(str(tmp_path / "c.parquet"))[0], text_column="body") == ["p q"]
     folder = tmp_path / "folder"
@@ -122,12 +122,16 @@ def test_pairing_respects_corpus_ids_and_is_deterministic():
     import datasets
 
     forget = datasets.Dataset.from_dict({"input_ids": [[i] for i in range(10)], CORPUS_ID_COLUMN: [0] * 5 + [1] * 5})
-    retain = datasets.Dataset.from_dict({"input_ids": [[100 + i] for i in range(6)], CORPUS_ID_COLUMN: [0, 0, 0, 1, 1, 1]})
+    retain = datasets.Dataset.from_dict(
+        {"input_ids": [[100 + i] for i in range(6)], CORPUS_ID_COLUMN: [0, 0, 0, 1, 1, 1]}
+    )
     paired = ForgetRetainDataset(forget, retain, seed=0)
     for i in range(10):
         item = paired[i]
         assert item["retain_corpus_id"] == item[CORPUS_ID_COLUMN]
-    assert [paired[i]["retain_input_ids"] for i in range(10)] == [ForgetRetainDataset(forget, retain, 0)[i]["retain_input_ids"] for i in range(10)]
+    assert [paired[i]["retain_input_ids"] for i in range(10)] == [
+        ForgetRetainDataset(forget, retain, 0)[i]["retain_input_ids"] for i in range(10)
+    ]
     with pytest.raises(ValueError, match="no retain corpus"):
         ForgetRetainDataset(forget, retain.filter(lambda r: r[CORPUS_ID_COLUMN] == 0), seed=0)
 

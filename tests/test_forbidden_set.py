@@ -50,7 +50,9 @@ def test_pmi_rule_matches_formula():
     forget = [rng.integers(0, 30, size=50) for _ in range(20)]
     retain = [rng.integers(10, 40, size=50) for _ in range(20)]
     a = 1.0
-    fs = build_forbidden_set(forget, retain, vocab_size=40, method="pmi", pmi_min_count=3, pmi_top_k=100, pmi_smoothing=a)
+    fs = build_forbidden_set(
+        forget, retain, vocab_size=40, method="pmi", pmi_min_count=3, pmi_top_k=100, pmi_smoothing=a
+    )
     cf = Counter(int(t) for s in forget for t in s[1:])
     cr = Counter(int(t) for s in retain for t in s[1:])
     nf, nr, v = sum(cf.values()), sum(cr.values()), 40
@@ -63,7 +65,8 @@ def test_pmi_rule_matches_formula():
     for t, s in zip(fs.ids, fs.scores, strict=True):
         assert s == pytest.approx(score(t), rel=1e-12)
     # uniform background without retain data: score = log((c+a)/(N+a|V|)) + log|V|
-    fs_u = build_forbidden_set(forget, vocab_size=40, pmi_min_count=1)
+    with pytest.warns(UserWarning, match="uniform background"):
+        fs_u = build_forbidden_set(forget, vocab_size=40, pmi_min_count=1)
     s_u = pmi_scores(np.bincount([t for s in forget for t in s[1:]], minlength=40), None, 1.0)
     assert s_u[5] == pytest.approx(math.log((cf[5] + 1) / (nf + 40)) + math.log(40))
     assert fs_u.parameters["background"] == "uniform"
@@ -77,8 +80,12 @@ def test_counting_uses_scored_positions_only():
     mask = torch.tensor([[1, 1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1, 1]])
     labels = ids.masked_fill(mask == 0, -100)
     labels[0, 2] = -100  # a prompt token that is not trained
-    fs = build_forbidden_set([{"input_ids": ids, "attention_mask": mask, "labels": labels}], vocab_size=10,
-                             method="frequency", vs_freq_rate=1.0)
+    fs = build_forbidden_set(
+        [{"input_ids": ids, "attention_mask": mask, "labels": labels}],
+        vocab_size=10,
+        method="frequency",
+        vs_freq_rate=1.0,
+    )
     assert 1 not in fs.ids  # padding never counted
     assert 7 in fs.ids  # still counted from the second row
     assert fs.forget_counts[fs.ids.index(7)] == 1
@@ -87,8 +94,20 @@ def test_counting_uses_scored_positions_only():
 
 @pytest.mark.parametrize("marker", ["Ġ", "▁"])
 def test_token_string_filter_and_special_tokens(marker):
-    pieces = ["<eos>", f"{marker}vexium", f"{marker}", f"{marker}{marker}", ".", f"{marker}42", "7", ",", "Ċ",
-              f"{marker}--", "ium", f"{marker}a1"]
+    pieces = [
+        "<eos>",
+        f"{marker}vexium",
+        f"{marker}",
+        f"{marker}{marker}",
+        ".",
+        f"{marker}42",
+        "7",
+        ",",
+        "Ċ",
+        f"{marker}--",
+        "ium",
+        f"{marker}a1",
+    ]
     tok = FakeTokenizer(pieces, special=[0])
     seq = list(range(len(pieces))) * 3
     fs = build_forbidden_set([seq], vocab_size=len(pieces), tokenizer=tok, method="frequency", vs_freq_rate=1.0)
@@ -103,7 +122,7 @@ def test_empty_forbidden_set_names_the_flags():
     with pytest.raises(ValueError, match="vs_freq_rate"):
         build_forbidden_set([[1, 1, 1, 1]], vocab_size=5, method="frequency", vs_freq_rate=0.01, vs_abs_cap=1)
     with pytest.raises(ValueError, match="nothing to forget"):
-        build_forbidden_set([[3]], vocab_size=5)
+        build_forbidden_set([[3]], vocab_size=5, method="frequency")
 
 
 def test_large_forbidden_set_warns():
@@ -115,7 +134,7 @@ def test_out_of_vocabulary_ids_are_rejected():
     with pytest.raises(ValueError, match="tokenizer does not match"):
         build_forbidden_set([[1, 2, 30]], vocab_size=10)
     fs = ForbiddenSet(ids=[1, 2, 99])
-    with pytest.raises(ValueError, match="forbidden_ids_path.*outside the model's vocabulary"):
+    with pytest.raises(ValueError, match=r"forbidden_ids_path.*outside the model's vocabulary"):
         fs.check_vocab(50, "forbidden_ids_path")
 
 
@@ -146,12 +165,14 @@ def test_span_masking_grows_vs_on_three_piece_word(tokenizer, corpora):
     common = dict(vocab_size=len(tokenizer), tokenizer=tokenizer, method="pmi", pmi_min_count=40)
     plain = build_forbidden_set(iter_batches(forget, None, 16), iter_batches(retain, None, 64), **common)
     assert plain.ids == [ids[0]]
-    spans = build_forbidden_set(iter_batches(forget, None, 16), iter_batches(retain, None, 64), span_masking=True,
-                                span_ngram_max=3, **common)
+    spans = build_forbidden_set(
+        iter_batches(forget, None, 16), iter_batches(retain, None, 64), span_masking=True, span_ngram_max=3, **common
+    )
     assert spans.ids == sorted(ids)
     assert sorted(spans.span_added) == sorted(ids[1:])
-    too_short = build_forbidden_set(iter_batches(forget, None, 16), iter_batches(retain, None, 64), span_masking=True,
-                                    span_ngram_max=2, **common)
+    too_short = build_forbidden_set(
+        iter_batches(forget, None, 16), iter_batches(retain, None, 64), span_masking=True, span_ngram_max=2, **common
+    )
     assert too_short.ids == plain.ids  # a 3-piece word is longer than span_ngram_max=2
 
 

@@ -43,12 +43,16 @@ def test_chunked_equals_naive_value_and_gradient(mode, chunk_size):
     hs, hb, head_s, head_b, ids = _data()
     n = hs.shape[0]
     weights = (torch.rand(n, generator=torch.Generator().manual_seed(3)) > 0.3).float()
-    kwargs = {"per_position": {"epsilon": 0.05}, "global": {"lam": 1.7},
-              "lam_tensor": {"lam": torch.rand(n, generator=torch.Generator().manual_seed(4)) * 4}}[mode]
+    kwargs = {
+        "per_position": {"epsilon": 0.05},
+        "global": {"lam": 1.7},
+        "lam_tensor": {"lam": torch.rand(n, generator=torch.Generator().manual_seed(4)) * 4},
+    }[mode]
 
     x = hs.clone().requires_grad_(True)
-    out = tilted_kl_loss(x, hb, ids, weights=weights, student_head=head_s, base_head=head_b,
-                         chunk_size=chunk_size, **kwargs)
+    out = tilted_kl_loss(
+        x, hb, ids, weights=weights, student_head=head_s, base_head=head_b, chunk_size=chunk_size, **kwargs
+    )
     out.loss.backward()
     grad_x, grad_w = x.grad.clone(), head_s.weight.grad.clone()
 
@@ -56,15 +60,17 @@ def test_chunked_equals_naive_value_and_gradient(mode, chunk_size):
     x2 = hs.clone().double().requires_grad_(True)
     with torch.no_grad():
         zb = head_b(hb).double()
-    ref = naive_tilted_kl(x2 @ head_s.weight.double().T, zb, ids, lam=kwargs.get("lam"), eps=kwargs.get("epsilon"),
-                          weights=weights)
+    ref = naive_tilted_kl(
+        x2 @ head_s.weight.double().T, zb, ids, lam=kwargs.get("lam"), eps=kwargs.get("epsilon"), weights=weights
+    )
     ref.backward()
     torch.testing.assert_close(out.loss.double(), ref.detach(), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(grad_x.double(), x2.grad, atol=1e-5, rtol=1e-4)
     # the head's weight gradient too (the naive graph went through a float64 copy of it)
     w64 = head_s.weight.detach().double().requires_grad_(True)
-    naive_tilted_kl(hs.double() @ w64.T, zb, ids, lam=kwargs.get("lam"), eps=kwargs.get("epsilon"),
-                    weights=weights).backward()
+    naive_tilted_kl(
+        hs.double() @ w64.T, zb, ids, lam=kwargs.get("lam"), eps=kwargs.get("epsilon"), weights=weights
+    ).backward()
     torch.testing.assert_close(grad_w.double(), w64.grad, atol=1e-5, rtol=1e-4)
 
 
@@ -72,8 +78,16 @@ def test_chunked_statistics_match_unchunked():
     hs, hb, head_s, head_b, ids = _data(n=50)
     a = tilted_kl_loss(hs, hb, ids, epsilon=0.05, student_head=head_s, base_head=head_b, chunk_size=None)
     b = tilted_kl_loss(hs, hb, ids, epsilon=0.05, student_head=head_s, base_head=head_b, chunk_size=7)
-    for name in ("kl_sum", "weight_sum", "lambda_sum", "lambda_min", "lambda_max", "student_mass_sum",
-                 "target_mass_sum", "base_mass_sum"):
+    for name in (
+        "kl_sum",
+        "weight_sum",
+        "lambda_sum",
+        "lambda_min",
+        "lambda_max",
+        "student_mass_sum",
+        "target_mass_sum",
+        "base_mass_sum",
+    ):
         torch.testing.assert_close(getattr(a, name), getattr(b, name), atol=1e-5, rtol=1e-5)
     # per-position target mass is min(p, eps) on average
     p = torch.softmax(head_b(hb).detach(), -1)[:, ids].sum(-1)

@@ -20,10 +20,15 @@ def solve_numerically(p, in_s, eps):
     x0 = np.full(v, 1.0 / v)
     x0[in_s] = eps / in_s.sum() * 0.5
     x0[~in_s] = (1 - x0[in_s].sum()) / (~in_s).sum()
-    cons = [{"type": "eq", "fun": lambda q: q.sum() - 1.0},
-            {"type": "ineq", "fun": lambda q: eps - q[in_s].sum()}]
-    res = minimize(lambda q: kl(np.clip(q, 1e-300, None), p), x0, method="SLSQP", bounds=[(0, 1)] * v,
-                   constraints=cons, options={"ftol": 1e-14, "maxiter": 1000})
+    cons = [{"type": "eq", "fun": lambda q: q.sum() - 1.0}, {"type": "ineq", "fun": lambda q: eps - q[in_s].sum()}]
+    res = minimize(
+        lambda q: kl(np.clip(q, 1e-300, None), p),
+        x0,
+        method="SLSQP",
+        bounds=[(0, 1)] * v,
+        constraints=cons,
+        options={"ftol": 1e-14, "maxiter": 1000},
+    )
     return np.clip(res.x, 0, None) / np.clip(res.x, 0, None).sum()
 
 

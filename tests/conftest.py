@@ -1,0 +1,78 @@
+"""Shared fixtures: the shipped tiny Llama, its tokenizer, and small generated corpora.
+
+Tests never touch the network: the hub libraries are put in offline mode before anything imports them.
+"""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("WANDB_DISABLED", "true")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+
+from etu_hf.pipeline import DEMO_MODEL_DIR
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(DEMO_MODEL_DIR)
+
+
+@pytest.fixture
+def model():
+    """A fresh copy of the shipped tiny Llama (1.3M parameters, |V| = 2048)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_pretrained(DEMO_MODEL_DIR)
+
+
+@pytest.fixture(scope="session")
+def corpora(tokenizer):
+    """Token blocks of generated text: forget/retain for training, and held-out ones (other seeds)."""
+    from etu_hf.data import tokenize_and_block
+    from etu_hf.demo.corpus import forget_documents, retain_documents
+
+    return {
+        "forget": tokenize_and_block(forget_documents(300, seed=11), tokenizer, 64),
+        "retain": tokenize_and_block(retain_documents(300, seed=11), tokenizer, 64),
+        "forget_heldout": tokenize_and_block(forget_documents(40, seed=999), tokenizer, 64),
+        "retain_heldout": tokenize_and_block(retain_documents(40, seed=999), tokenizer, 64),
+    }
+
+
+@pytest.fixture
+def make_args(tmp_path):
+    """Factory of ETUTrainingArguments for fast CPU tests (no saving, no reporting, no progress bar)."""
+    from etu_hf import ETUTrainingArguments
+
+    def make(**kwargs):
+        defaults = dict(
+            output_dir=str(tmp_path / "out"),
+            per_device_train_batch_size=8,
+            per_device_eval_batch_size=16,
+            max_steps=10,
+            learning_rate=3e-3,
+            logging_steps=5,
+            save_strategy="no",
+            report_to="none",
+            use_cpu=True,
+            disable_tqdm=True,
+            pmi_top_k=64,
+            pmi_min_count=5,
+            p_s_sample_size=32,
+            seed=0,
+            dataloader_pin_memory=False,
+        )
+        defaults.update(kwargs)
+        return ETUTrainingArguments(**defaults)
+
+    return make

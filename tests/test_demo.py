@@ -1,0 +1,48 @@
+"""`etu-hf demo`: the README's first command, end to end, offline, within its time budget."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+
+@pytest.mark.slow
+def test_demo_reaches_target_within_three_minutes(tmp_path):
+    out = tmp_path / "demo"
+    exe = shutil.which("etu-hf")
+    cmd = [exe] if exe else [sys.executable, "-m", "etu_hf"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    start = time.time()
+    done = subprocess.run(
+        [*cmd, "demo", "--output_dir", str(out), "--disable_tqdm", "true"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    elapsed = time.time() - start
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert elapsed < 180, f"demo took {elapsed:.0f}s"
+    assert "held-out forget mass on V_S" in done.stdout and "reached" in done.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    held = metrics["heldout"]
+    assert held["updated_p_S"] <= 0.05 < held["base_p_S"]
+    assert held["perplexity_ratio"] <= 1.5
+    for name in ("V_S.ids.json", "args.json", "adapter_model.safetensors", "demo_data/forget.txt"):
+        assert (out / name).exists(), name
+
+
+def test_demo_never_overwrites_a_previous_run(tmp_path, monkeypatch):
+    from etu_hf.demo.run import DEFAULT_OUTPUT_DIR, demo_argv
+
+    monkeypatch.chdir(tmp_path)
+    os.makedirs(DEFAULT_OUTPUT_DIR)
+    open(os.path.join(DEFAULT_OUTPUT_DIR, "metrics.json"), "w").write("{}")
+    argv = demo_argv([])
+    assert argv[argv.index("--output_dir") + 1] == f"{DEFAULT_OUTPUT_DIR}-2"
+    with pytest.raises(ValueError, match="overwrite_output_dir"):
+        demo_argv(["--output_dir", DEFAULT_OUTPUT_DIR])

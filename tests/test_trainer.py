@@ -1,0 +1,423 @@
+"""ETUTrainer on the shipped tiny Llama: exactness of the loss glue, training to target, artifacts."""
+
+import gc
+import json
+import os
+
+import datasets
+import pytest
+import torch
+from peft import LoraConfig
+from transformers import TrainerCallback
+
+from etu_hf import ETUTrainer, ETUTrainingArguments, adapters_disabled, evaluate_mass, evaluate_perplexity
+from etu_hf.data import iter_batches
+from etu_hf.modeling import AdapterDisabledBase, FrozenCopyBase
+from etu_hf.tilt import forbidden_mass
+
+LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
+
+
+def padded(blocks, lengths, left=False, pad_id=1):
+    """Cut each block to the given length and pad it back (attention 0, labels -100)."""
+    rows = {"input_ids": [], "attention_mask": [], "labels": []}
+    for ids, n in zip(blocks["input_ids"], lengths, strict=False):
+        size = len(ids)
+        keep = list(ids[:n])
+        pad = [pad_id] * (size - n)
+        rows["input_ids"].append(pad + keep if left else keep + pad)
+        rows["attention_mask"].append([0] * (size - n) + [1] * n if left else [1] * n + [0] * (size - n))
+        rows["labels"].append([-100] * (size - n) + keep if left else keep + [-100] * (size - n))
+    return datasets.Dataset.from_dict(rows)
+
+
+def naive_loss(trainer, batch):
+    """Mean over scored positions of KL(q_lam || pi_theta) from FULL logits, float64, explicit shift."""
+    model = trainer.model
+    S = torch.tensor(trainer.forbidden_set.ids)
+    eps = trainer.args.epsilon
+    with torch.no_grad():
+        zb = trainer.base.logits(batch).double()
+    zs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
+    total, count = 0.0, 0
+    for b in range(zs.shape[0]):
+        for t in range(zs.shape[1] - 1):
+            if (
+                batch["labels"][b, t + 1] == -100
+                or not batch["attention_mask"][b, t]
+                or not batch["attention_mask"][b, t + 1]
+            ):
+                continue
+            pb = torch.softmax(zb[b, t], -1)
+            p = pb[S].sum().clamp(1e-6, 1 - 1e-6)
+            lam = max(0.0, float(torch.log(p / (1 - p))) - float(torch.log(torch.tensor(eps / (1 - eps)))))
+            w = torch.ones_like(pb)
+            w[S] = torch.exp(torch.tensor(-lam, dtype=torch.float64))
+            q = pb * w / (pb * w).sum()
+            total = total + (q * (torch.log(q) - torch.log_softmax(zs[b, t], -1))).sum()
+            count += 1
+    return total / count
+
+
+@pytest.mark.parametrize("left", [False, True])
+def test_compute_loss_equals_naive_full_logits_reference(model, tokenizer, corpora, make_args, left):
+    forget = corpora["forget"].select(range(4))
+    data = padded(forget, [64, 40, 23, 51], left=left)
+    labels = torch.tensor(data["labels"])
+    labels[0, 5:12] = -100  # a masked span inside a sequence (e.g. a prompt)
+    data = data.remove_columns("labels").add_column("labels", labels.tolist())
+    trainer = ETUTrainer(model=model, args=make_args(), train_dataset=corpora["forget"], processing_class=tokenizer)
+    batch = next(iter_batches(data, None, 4))
+    loss = trainer.compute_loss(trainer.model, batch)
+    ref = naive_loss(trainer, batch)
+    torch.testing.assert_close(loss.double(), ref, atol=1e-5, rtol=1e-5)
+    # padding does not change anything: the same sequences one by one, unpadded
+    pieces, counts = [], []
+    for i in range(4):
+        one = {k: v[i : i + 1] for k, v in batch.items()}
+        keep = one["attention_mask"][0].bool()
+        one = {k: v[:, keep] for k, v in one.items()}
+        pieces.append(trainer.compute_loss(trainer.model, one))
+        counts.append(int((one["labels"][0, 1:] != -100).sum()))
+    combined = sum(p * c for p, c in zip(pieces, counts, strict=True)) / sum(counts)
+    torch.testing.assert_close(loss, combined, atol=1e-5, rtol=1e-5)
+
+
+def test_gradient_accumulation_gives_the_gradient_of_one_large_batch(tokenizer, corpora, make_args, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from etu_hf.pipeline import DEMO_MODEL_DIR
+
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(8, 65, (16,), generator=g).tolist()
+    forget = padded(corpora["forget"].select(range(16)), lengths)
+    retain = padded(corpora["retain"].select(range(16)), torch.randint(8, 65, (16,), generator=g).tolist())
+    vs = ETUTrainer(
+        model=AutoModelForCausalLM.from_pretrained(DEMO_MODEL_DIR),
+        args=make_args(),
+        train_dataset=corpora["forget"],
+        processing_class=tokenizer,
+    ).forbidden_set
+    norms = []
+    for bs, ga in ((16, 1), (4, 4)):
+        model = AutoModelForCausalLM.from_pretrained(DEMO_MODEL_DIR)
+        args = make_args(
+            per_device_train_batch_size=bs,
+            gradient_accumulation_steps=ga,
+            max_steps=1,
+            logging_steps=1,
+            output_dir=str(tmp_path / f"ga{ga}"),
+        )
+        trainer = ETUTrainer(
+            model=model,
+            args=args,
+            train_dataset=forget,
+            retain_dataset=retain,
+            processing_class=tokenizer,
+            forbidden_set=vs,
+        )
+        trainer.train()
+        log = next(h for h in trainer.state.log_history if "grad_norm" in h)
+        assert log["etu/loss"] > 0.1 and log["etu/retain_loss"] > 0.1  # both terms contribute
+        norms.append(log["grad_norm"])
+    assert norms[0] == pytest.approx(norms[1], rel=1e-4)
+
+
+def _train_lora(model, tokenizer, corpora, make_args, retain_weight, steps=150):
+    # The retain data always sets the PMI background of V_S; retain_weight=0 trains on forget data only.
+    args = make_args(max_steps=steps, logging_steps=25, learning_rate=3e-3, retain_weight=retain_weight)
+    trainer = ETUTrainer(
+        model=model,
+        args=args,
+        train_dataset=corpora["forget"],
+        retain_dataset=corpora["retain"],
+        processing_class=tokenizer,
+        peft_config=LoraConfig(**LORA),
+    )
+    S = trainer.forbidden_set.ids
+    with adapters_disabled(trainer.model):
+        before = evaluate_mass(trainer.model, iter_batches(corpora["forget_heldout"], None, 32), S)
+        ppl_before = evaluate_perplexity(trainer.model, iter_batches(corpora["retain_heldout"], None, 32))
+    trainer.train()
+    after = evaluate_mass(trainer.model, iter_batches(corpora["forget_heldout"], None, 32), S)
+    ppl_after = evaluate_perplexity(trainer.model, iter_batches(corpora["retain_heldout"], None, 32))
+    return trainer, before, after, ppl_before, ppl_after
+
+
+def test_lora_training_without_retain_reaches_epsilon_on_heldout_text(model, tokenizer, corpora, make_args):
+    trainer, before, after, _, _ = _train_lora(model, tokenizer, corpora, make_args, retain_weight=0.0)
+    logs = [h for h in trainer.state.log_history if "etu/loss" in h]
+    assert logs[-1]["etu/loss"] < 0.5 * logs[0]["etu/loss"]
+    assert "etu/retain_loss" not in logs[-1]  # suppression-only training
+    assert not trainer.pairs_retain
+    assert before.mean > 0.3
+    assert after.mean <= trainer.args.epsilon
+    assert before.n_positions == after.n_positions > 1000
+
+
+def test_lora_training_with_retain_keeps_perplexity_and_no_second_copy(model, tokenizer, corpora, make_args):
+    from transformers import LlamaForCausalLM
+
+    trainer, _, after, ppl_before, ppl_after = _train_lora(model, tokenizer, corpora, make_args, retain_weight=1.0)
+    assert isinstance(trainer.base, AdapterDisabledBase) and trainer.base.shares_weights
+    gc.collect()
+    llamas = [o for o in gc.get_objects() if isinstance(o, LlamaForCausalLM)]
+    assert len(llamas) == 1  # the base distribution is the same model with adapters disabled
+    logs = [h for h in trainer.state.log_history if "etu/loss" in h]
+    assert "etu/retain_loss" in logs[-1]
+    assert {"etu/lambda", "etu/pi_s", "etu/q_s"} <= set(logs[-1])
+    assert after.mean <= trainer.args.epsilon
+    assert ppl_after.perplexity / ppl_before.perplexity <= 1.5
+
+
+def test_full_finetune_uses_a_frozen_copy(model, tokenizer, corpora, make_args):
+    args = make_args(max_steps=4, learning_rate=1e-3, frozen_on_cpu=True, retain_loss_type="kl")
+    trainer = ETUTrainer(
+        model=model,
+        args=args,
+        train_dataset=corpora["forget"],
+        retain_dataset=corpora["retain"],
+        processing_class=tokenizer,
+    )
+    assert isinstance(trainer.base, FrozenCopyBase)
+    assert trainer.base.device.type == "cpu"
+    frozen = {k: v.clone() for k, v in trainer.base.model.state_dict().items()}
+    start = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.train()
+    assert all(torch.equal(frozen[k], v) for k, v in trainer.base.model.state_dict().items())
+    assert any(not torch.equal(start[k], v) for k, v in trainer.model.state_dict().items())
+    assert not any(p.requires_grad for p in trainer.base.model.parameters())
+
+
+def test_ref_model_argument_is_the_base(model, tokenizer, corpora, make_args):
+    from transformers import AutoModelForCausalLM
+
+    from etu_hf.pipeline import DEMO_MODEL_DIR
+
+    ref = AutoModelForCausalLM.from_pretrained(DEMO_MODEL_DIR)
+    trainer = ETUTrainer(
+        model=model, args=make_args(), train_dataset=corpora["forget"], processing_class=tokenizer, ref_model=ref
+    )
+    assert trainer.base.model is ref
+
+
+def test_artifacts_logging_evaluate_save_and_model_card(model, tokenizer, corpora, make_args, tmp_path):
+    args = make_args(max_steps=6, logging_steps=3, hub_token="hf_abcdefghijklmnopqrstuvwxyz0123")
+    trainer = ETUTrainer(
+        model=model,
+        args=args,
+        train_dataset=corpora["forget"],
+        retain_dataset=corpora["retain"],
+        eval_dataset=corpora["forget_heldout"],
+        processing_class=tokenizer,
+        peft_config=LoraConfig(**LORA),
+    )
+    trainer.train()
+    out = args.output_dir
+    with open(os.path.join(out, "V_S.ids.json")) as f:
+        vs = json.load(f)
+    assert vs["ids"] == trainer.forbidden_set.ids and vs["method"] == "pmi" and len(vs["tokens"]) == len(vs["ids"])
+    assert {"counts", "scores"} <= {k.replace("forget_", "") for k in vs}
+    raw_args = open(os.path.join(out, "args.json")).read()
+    assert "hf_abcdefghijklmnopqrstuvwxyz0123" not in raw_args
+    assert json.loads(raw_args)["epsilon"] == 0.05
+    with open(os.path.join(out, "metrics.json")) as f:
+        metrics = json.load(f)
+    for key in (
+        "epsilon",
+        "base_p_S",
+        "lambda",
+        "V_S_size",
+        "V_S_fraction",
+        "steps",
+        "training_duration_seconds",
+        "final_training_pi_s",
+    ):
+        assert key in metrics, key
+    assert metrics["steps"] == 6 and 0 < metrics["base_p_S"] < 1
+    assert metrics["V_S_fraction"] == pytest.approx(len(vs["ids"]) / 2048)
+    assert metrics["lambda"]["mode"] == "per_position" and metrics["lambda"]["min"] >= 0
+    logged = [h for h in trainer.state.log_history if "etu/pi_s" in h]
+    assert len(logged) == 2
+    ev = trainer.evaluate()
+    assert {"eval_loss", "eval_pi_s", "eval_q_s", "eval_base_p_s", "eval_lambda"} <= set(ev)
+    save_dir = tmp_path / "saved"
+    trainer.save_model(str(save_dir))
+    assert (save_dir / "adapter_model.safetensors").exists() and (save_dir / "V_S.ids.json").exists()
+    trainer.create_model_card(model_name="etu-test")
+    card = open(os.path.join(out, "README.md")).read()
+    assert "etu-hf" in card and "unlearning" in card
+
+
+class StopAt(TrainerCallback):
+    """Interrupt training after ``step`` optimiser steps (the schedule still targets max_steps)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_training_stop = True
+
+
+def test_resume_from_checkpoint_reproduces_the_uninterrupted_run(tokenizer, corpora, make_args, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from etu_hf.pipeline import DEMO_MODEL_DIR
+
+    def run(output_dir, stop=None, resume=None):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(DEMO_MODEL_DIR)
+        args = make_args(output_dir=str(output_dir), max_steps=6, save_strategy="steps", save_steps=3, logging_steps=1)
+        trainer = ETUTrainer(
+            model=model,
+            args=args,
+            train_dataset=corpora["forget"],
+            retain_dataset=corpora["retain"],
+            processing_class=tokenizer,
+            peft_config=LoraConfig(**LORA),
+            callbacks=[StopAt(stop)] if stop else None,
+        )
+        trainer.train(resume_from_checkpoint=resume)
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        return {k: v.clone() for k, v in trainer.model.state_dict().items() if "lora" in k}, losses, trainer
+
+    full, full_losses, _ = run(tmp_path / "full")
+    _, first_losses, _ = run(tmp_path / "part", stop=3)
+    resumed, resumed_losses, trainer = run(tmp_path / "part", resume=str(tmp_path / "part" / "checkpoint-3"))
+    assert trainer.state.global_step == 6
+    assert first_losses == pytest.approx(full_losses[:3], rel=1e-6)
+    assert resumed_losses == pytest.approx(full_losses, rel=1e-6)  # the resumed log history continues the run
+    for k, v in full.items():
+        torch.testing.assert_close(resumed[k], v, atol=1e-6, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize(
+    "field,value,match",
+    [
+        ("epsilon", 0.0, "epsilon"),
+        ("epsilon", 1.0, "epsilon"),
+        ("epsilon", -0.1, "epsilon"),
+        ("lambda_max", 0.0, "lambda_max"),
+        ("lambda_mode", "exact", "lambda_mode"),
+        ("vs_method", "tfidf", "vs_method"),
+        ("retain_loss_type", "mse", "retain_loss_type"),
+        ("pmi_smoothing", 0.0, "pmi_smoothing"),
+        ("forbidden_ids_path", "/no/such/V_S.ids.json", "forbidden_ids_path"),
+    ],
+)
+def test_bad_arguments_name_the_field(tmp_path, field, value, match):
+    with pytest.raises(ValueError, match=match):
+        ETUTrainingArguments(output_dir=str(tmp_path), **{field: value})
+
+
+def test_plain_training_arguments_are_refused_with_the_fix(model, tmp_path):
+    from transformers import TrainingArguments
+
+    with pytest.raises(TypeError, match="ETUTrainingArguments"):
+        ETUTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path)))
+
+
+def test_empty_forget_data(model, tokenizer, make_args):
+    empty = datasets.Dataset.from_dict({"input_ids": [], "labels": []})
+    with pytest.raises(ValueError, match="nothing to forget"):
+        ETUTrainer(model=model, args=make_args(), train_dataset=empty, processing_class=tokenizer)
+    all_ignored = datasets.Dataset.from_dict({"input_ids": [[5, 6, 7]], "labels": [[-100, -100, -100]]})
+    with pytest.raises(ValueError, match="no scored token"):
+        ETUTrainer(model=model, args=make_args(), train_dataset=all_ignored, processing_class=tokenizer)
+
+
+def test_forbidden_ids_out_of_vocabulary(model, tokenizer, corpora, make_args, tmp_path):
+    path = tmp_path / "V_S.ids.json"
+    path.write_text("[5, 10, 99999]")
+    with pytest.raises(ValueError, match=r"forbidden_ids_path.*outside the model's vocabulary"):
+        ETUTrainer(
+            model=model,
+            args=make_args(forbidden_ids_path=str(path)),
+            train_dataset=corpora["forget"],
+            processing_class=tokenizer,
+        )
+
+
+def test_empty_forbidden_set_says_which_flags_to_loosen(model, tokenizer, corpora, make_args):
+    with pytest.raises(ValueError, match=r"V_S is empty.*pmi_min_count"):
+        ETUTrainer(
+            model=model,
+            args=make_args(pmi_min_count=10**9),
+            train_dataset=corpora["forget"],
+            processing_class=tokenizer,
+        )
+
+
+def test_tokenizer_that_does_not_match_the_model(tokenizer, corpora, make_args):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    small = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=512,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+        )
+    )
+    with pytest.raises(ValueError, match="tokenizer does not match"):
+        ETUTrainer(model=small, args=make_args(), train_dataset=corpora["forget"], processing_class=tokenizer)
+
+
+def test_model_that_is_not_a_causal_lm(make_args):
+    from transformers import LlamaConfig, LlamaForSequenceClassification, LlamaModel
+
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        pad_token_id=0,
+    )
+    for cls in (LlamaModel, LlamaForSequenceClassification):
+        with pytest.raises(TypeError, match="causal language model"):
+            ETUTrainer(model=cls(config), args=make_args())
+
+
+def test_previous_run_is_not_overwritten(model, tokenizer, corpora, make_args, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "metrics.json").write_text('{"precious": true}')
+    (out / "checkpoint-7").mkdir()
+    trainer = ETUTrainer(
+        model=model, args=make_args(output_dir=str(out)), train_dataset=corpora["forget"], processing_class=tokenizer
+    )
+    with pytest.raises(ValueError, match=r"overwrite_output_dir.*resume_from_checkpoint"):
+        trainer.train()
+    assert sorted(os.listdir(out)) == ["checkpoint-7", "metrics.json"]
+    assert (out / "metrics.json").read_text() == '{"precious": true}'
+    ok = ETUTrainer(
+        model=model,
+        args=make_args(output_dir=str(out), overwrite_output_dir=True, max_steps=1),
+        train_dataset=corpora["forget"],
+        processing_class=tokenizer,
+    )
+    ok.train()
+    assert (out / "checkpoint-7").exists()  # writing over a run deletes nothing else
+
+
+def test_mass_estimator_matches_direct_computation(model, tokenizer, corpora, make_args):
+    trainer = ETUTrainer(model=model, args=make_args(), train_dataset=corpora["forget"], processing_class=tokenizer)
+    data = corpora["forget_heldout"].select(range(5))
+    S = torch.tensor(trainer.forbidden_set.ids)
+    res = evaluate_mass(model, iter_batches(data, None, 2), S, chunk_size=37, keep_positions=True)
+    batch = next(iter_batches(data, None, 5))
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    mask = (batch["labels"][:, 1:] != -100) & batch["attention_mask"][:, 1:].bool()
+    direct = forbidden_mass(logits[:, :-1], S)[mask]
+    assert res.n_positions == int(mask.sum())
+    assert res.mean == pytest.approx(float(direct.double().mean()), abs=1e-6)
+    ppl = evaluate_perplexity(model, iter_batches(data, None, 2), chunk_size=10)
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1][mask], batch["labels"][:, 1:][mask])
+    assert ppl.perplexity == pytest.approx(float(torch.exp(nll)), rel=1e-5)
