@@ -29,6 +29,11 @@ _RUN_MARKERS = (
 )
 
 
+def is_secret_key(key: str) -> bool:
+    """True for names like ``hub_token``, ``api_key``, ``password`` (not ``pad_token``/``eos_token``)."""
+    return bool(_SECRET_KEY.search(key)) and not _NOT_SECRET_KEY.match(key)
+
+
 def redact_secrets(value: Any, key: str = "") -> Any:
     """Copy of ``value`` with secrets replaced by ``"<redacted>"``.
 
@@ -40,7 +45,7 @@ def redact_secrets(value: Any, key: str = "") -> Any:
         return {k: redact_secrets(v, str(k)) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [redact_secrets(v, key) for v in value]
-    if key and _SECRET_KEY.search(key) and not _NOT_SECRET_KEY.match(key) and value not in (None, "", False):
+    if key and is_secret_key(key) and value not in (None, "", False):
         return REDACTED
     if isinstance(value, str):
         return _SECRET_VALUE.sub(REDACTED, value)

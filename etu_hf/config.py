@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 from transformers import TrainingArguments
+
+from etu_hf.artifacts import is_secret_key
 
 
 @dataclass
@@ -124,6 +128,23 @@ class ETUTrainingArguments(TrainingArguments):
     def __post_init__(self) -> None:
         self._validate_etu()
         super().__post_init__()
+
+    # The Trainer saves its arguments with torch.save (training_args.bin, in every checkpoint and in
+    # what push_to_hub uploads); plain TrainingArguments would carry hub_token into that file. Pickled
+    # state leaves secrets out; in-memory copies keep them (push_to_hub still authenticates).
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: (None if is_secret_key(k) and v else v) for k, v in self.__dict__.items()}
+
+    def __copy__(self) -> ETUTrainingArguments:
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        return new
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> ETUTrainingArguments:
+        new = object.__new__(type(self))
+        memo[id(self)] = new
+        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return new
 
     def _validate_etu(self) -> None:
         def fail(name: str, message: str) -> None:
