@@ -128,9 +128,14 @@ def tilted_kl_loss(
         kl = (q * (log_q - log_p)).sum(-1)
         w = w.to(kl.dtype)
         with torch.no_grad():
-            lam_vec = torch.as_tensor(lam_c, dtype=torch.float32, device=kl.device).expand_as(kl)
+            # On-device fills only: a tensor built from a Python number would be a host-to-device copy,
+            # which synchronises with the GPU on every step.
+            if isinstance(lam_c, torch.Tensor):
+                lam_vec = lam_c.to(torch.float32).expand_as(kl)
+            else:
+                lam_vec = kl.detach().new_full(kl.shape, float(lam_c))
             valid = w > 0
-            inf = torch.tensor(float("inf"), device=kl.device)
+            inf = kl.detach().new_full((), float("inf"))
             sums = torch.stack(
                 [
                     (kl.detach() * w).sum(),

@@ -291,7 +291,14 @@ def run_unlearning(
         "perplexity_ratio": ratio,
         "target_achieved": after["p_S"] <= eps,
     }
-    metrics = {**getattr(trainer, "training_metrics", {}), "heldout": heldout}
+    counts = {
+        "forget_train_blocks": len(forget_train),
+        "forget_heldout_blocks": len(data["forget_eval"]),
+        "retain_train_blocks": len(data["retain_train"]) if data["retain_train"] is not None else 0,
+        "retain_heldout_blocks": len(data["retain_eval"]) if data["retain_eval"] is not None else 0,
+        "block_size": data_args.block_size,
+    }
+    metrics = {**getattr(trainer, "training_metrics", {}), "data": counts, "heldout": heldout}
     if trainer.is_world_process_zero():
         write_json(os.path.join(training_args.output_dir, METRICS_FILE), metrics)
     return UnlearnResult(output_dir=training_args.output_dir, metrics=metrics, trainer=trainer)

@@ -76,3 +76,39 @@ def make_args(tmp_path):
         return ETUTrainingArguments(**defaults)
 
     return make
+
+
+METRICS_KEYS = (
+    "epsilon",
+    "base_p_S",
+    "lambda",
+    "V_S_size",
+    "V_S_fraction",
+    "steps",
+    "training_duration_seconds",
+    "final_training_pi_s",
+)
+HELDOUT_KEYS = (
+    "base_p_S",
+    "updated_p_S",
+    "base_perplexity",
+    "updated_perplexity",
+    "perplexity_ratio",
+    "target_achieved",
+    "positions",
+    "sequences",
+)
+
+
+@pytest.fixture
+def check_metrics_schema():
+    """Assert the documented keys of metrics.json (and of its CLI-only ``heldout`` section)."""
+
+    def check(metrics, heldout=False):
+        for key in METRICS_KEYS:
+            assert key in metrics, key
+        if heldout:
+            for key in HELDOUT_KEYS:
+                assert key in metrics["heldout"], key
+
+    return check

@@ -123,17 +123,23 @@ def test_gradient_accumulation_gives_the_gradient_of_one_large_batch(tokenizer, 
     assert norms[0] == pytest.approx(norms[1], rel=1e-4)
 
 
-def _train_lora(model, tokenizer, corpora, make_args, retain_weight, steps=150):
-    # The retain data always sets the PMI background of V_S; retain_weight=0 trains on forget data only.
-    args = make_args(max_steps=steps, logging_steps=25, learning_rate=3e-3, retain_weight=retain_weight)
-    trainer = ETUTrainer(
+def lora_trainer(model, tokenizer, corpora, args, **kwargs):
+    """An ETUTrainer with a LoRA adapter on the forget corpus, with retain data."""
+    return ETUTrainer(
         model=model,
         args=args,
         train_dataset=corpora["forget"],
         retain_dataset=corpora["retain"],
         processing_class=tokenizer,
         peft_config=LoraConfig(**LORA),
+        **kwargs,
     )
+
+
+def _train_lora(model, tokenizer, corpora, make_args, retain_weight, steps=150):
+    # The retain data always sets the PMI background of V_S; retain_weight=0 trains on forget data only.
+    args = make_args(max_steps=steps, logging_steps=25, learning_rate=3e-3, retain_weight=retain_weight)
+    trainer = lora_trainer(model, tokenizer, corpora, args)
     S = trainer.forbidden_set.ids
     with adapters_disabled(trainer.model):
         before = evaluate_mass(trainer.model, iter_batches(corpora["forget_heldout"], None, 32), S)
@@ -201,7 +207,9 @@ def test_ref_model_argument_is_the_base(model, tokenizer, corpora, make_args):
     assert trainer.base.model is ref
 
 
-def test_artifacts_logging_evaluate_save_and_model_card(model, tokenizer, corpora, make_args, tmp_path):
+def test_artifacts_logging_evaluate_save_and_model_card(
+    model, tokenizer, corpora, make_args, tmp_path, check_metrics_schema
+):
     args = make_args(max_steps=6, logging_steps=3, hub_token="hf_abcdefghijklmnopqrstuvwxyz0123")
     trainer = ETUTrainer(
         model=model,
@@ -223,17 +231,7 @@ def test_artifacts_logging_evaluate_save_and_model_card(model, tokenizer, corpor
     assert json.loads(raw_args)["epsilon"] == 0.05
     with open(os.path.join(out, "metrics.json")) as f:
         metrics = json.load(f)
-    for key in (
-        "epsilon",
-        "base_p_S",
-        "lambda",
-        "V_S_size",
-        "V_S_fraction",
-        "steps",
-        "training_duration_seconds",
-        "final_training_pi_s",
-    ):
-        assert key in metrics, key
+    check_metrics_schema(metrics)
     assert metrics["steps"] == 6 and 0 < metrics["base_p_S"] < 1
     assert metrics["V_S_fraction"] == pytest.approx(len(vs["ids"]) / 2048)
     assert metrics["lambda"]["mode"] == "per_position" and metrics["lambda"]["min"] >= 0
@@ -244,6 +242,9 @@ def test_artifacts_logging_evaluate_save_and_model_card(model, tokenizer, corpor
     save_dir = tmp_path / "saved"
     trainer.save_model(str(save_dir))
     assert (save_dir / "adapter_model.safetensors").exists() and (save_dir / "V_S.ids.json").exists()
+    # transformers pickles the arguments into training_args.bin; ours leave the hub token out
+    assert b"hf_abcdefghijklmnopqrstuvwxyz0123" not in (save_dir / "training_args.bin").read_bytes()
+    assert trainer.args.hub_token == "hf_abcdefghijklmnopqrstuvwxyz0123"  # still usable in memory
     trainer.create_model_card(model_name="etu-test")
     card = open(os.path.join(out, "README.md")).read()
     assert "etu-hf" in card and "unlearning" in card
@@ -269,15 +270,7 @@ def test_resume_from_checkpoint_reproduces_the_uninterrupted_run(tokenizer, corp
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_pretrained(DEMO_MODEL_DIR)
         args = make_args(output_dir=str(output_dir), max_steps=6, save_strategy="steps", save_steps=3, logging_steps=1)
-        trainer = ETUTrainer(
-            model=model,
-            args=args,
-            train_dataset=corpora["forget"],
-            retain_dataset=corpora["retain"],
-            processing_class=tokenizer,
-            peft_config=LoraConfig(**LORA),
-            callbacks=[StopAt(stop)] if stop else None,
-        )
+        trainer = lora_trainer(model, tokenizer, corpora, args, callbacks=[StopAt(stop)] if stop else None)
         trainer.train(resume_from_checkpoint=resume)
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         return {k: v.clone() for k, v in trainer.model.state_dict().items() if "lora" in k}, losses, trainer
