@@ -197,3 +197,28 @@ def test_unlearn_without_corpora_runs_the_demo(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "running the embedded demo" in printed and "held-out forget mass" in printed
     assert (out / "demo_data" / "forget.txt").exists() and (out / "metrics.json").exists()
+
+
+def test_retain_broadcast_and_paired_corpora(tmp_path, tokenizer):
+    from etu_hf.data import CORPUS_ID_COLUMN
+    from etu_hf.pipeline import DataArguments, prepare_corpora
+
+    paths = {}
+    for name in ("f1", "f2", "r1", "r2"):
+        paths[name] = tmp_path / f"{name}.txt"
+        paths[name].write_text("\n\n".join(f"{name} document number {i} with some words" for i in range(10)))
+    two = f"{paths['f1']},{paths['f2']}"
+    broadcast = prepare_corpora(
+        DataArguments(forget_corpora=two, retain_corpora=str(paths["r1"]), retain_broadcast=True, block_size=16),
+        tokenizer,
+        seed=0,
+    )
+    assert CORPUS_ID_COLUMN not in broadcast["retain_train"].column_names  # one retain pool for every forget corpus
+    paired = prepare_corpora(
+        DataArguments(forget_corpora=two, retain_corpora=f"{paths['r1']},{paths['r2']}", block_size=16),
+        tokenizer,
+        seed=0,
+    )
+    assert set(paired["forget_train"][CORPUS_ID_COLUMN]) == {0, 1} == set(paired["retain_train"][CORPUS_ID_COLUMN])
+    with pytest.raises(ValueError, match="--retain_broadcast"):
+        prepare_corpora(DataArguments(forget_corpora=two, retain_corpora=str(paths["r1"])), tokenizer, seed=0)
