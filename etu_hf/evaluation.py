@@ -34,7 +34,7 @@ from etu_hf.modeling import (
     output_head,
     unwrap_model,
 )
-from etu_hf.tilt import forbidden_mass
+from etu_hf.tilt import TiltSpec, forbidden_mass, tilted_log_probs
 
 
 @contextlib.contextmanager
@@ -168,3 +168,100 @@ def evaluate_perplexity(
         count += targets.numel()
     mean = total / count if count else math.nan
     return PerplexityResult(perplexity=math.exp(mean) if count else math.nan, mean_nll=mean, n_positions=count)
+
+
+@dataclass
+class TiltStatistics:
+    r"""Sums over scored positions of a model against its tilted target (reduced over processes).
+
+    ``mean_mass`` is :math:`\frac1n\sum_i \pi_\theta(S|x_i)`; ``delta`` is the mean *per-token*
+    :math:`KL(\pi_\theta(\cdot|x_i) \| q_\lambda(\cdot|x_i))` (per position, not per sequence);
+    ``mean_target_mass`` is :math:`\frac1n\sum_i q_\lambda(S|x_i)`; ``mean_lambda`` the mean tilt.
+    """
+
+    mass_sum: float
+    kl_sum: float
+    target_mass_sum: float
+    lambda_sum: float
+    n_positions: int
+
+    @property
+    def mean_mass(self) -> float:
+        return self.mass_sum / self.n_positions if self.n_positions else math.nan
+
+    @property
+    def delta(self) -> float:
+        return self.kl_sum / self.n_positions if self.n_positions else math.nan
+
+    @property
+    def mean_target_mass(self) -> float:
+        return self.target_mass_sum / self.n_positions if self.n_positions else math.nan
+
+    @property
+    def mean_lambda(self) -> float:
+        return self.lambda_sum / self.n_positions if self.n_positions else math.nan
+
+
+@torch.no_grad()
+def tilt_statistic_sums(
+    model: nn.Module,
+    base: Any,
+    batches: Iterable[dict[str, Any]],
+    forbidden_ids: torch.Tensor,
+    tilt: TiltSpec,
+    *,
+    chunk_size: int = 1024,
+    use_hidden: bool = True,
+    weights: Iterable[float] | None = None,
+) -> torch.Tensor:
+    """Sums ``[mass, KL(pi_theta || q_lam), q_lam(S), lam, positions]`` (float64, on the model's device).
+
+    ``base`` is a :class:`~etu_hf.modeling.BaseDistribution`. ``weights`` (one per batch, default 1)
+    lets a process run a batch with weight 0, so that every process runs the same number of forward
+    passes (needed by sharded models). Model modes are restored afterwards.
+    """
+    device = _device_of(model)
+    head = output_head(model)
+    ids = forbidden_ids.to(device)
+    sums = torch.zeros(5, dtype=torch.float64, device=device)
+    weights = list(weights) if weights is not None else None
+    with eval_mode(model):
+        for k, batch in enumerate(batches):
+            w = 1.0 if weights is None else float(weights[k])
+            batch = {key: v.to(device) for key, v in batch.items()}
+            mask, _ = scored_positions(batch["input_ids"], batch.get("attention_mask"), batch.get("labels"))
+            if use_hidden:
+                h_s, _ = forward_hidden(model, head, batch, truncate=True)
+                h_b = base.hidden(batch)
+                s_head, b_head = head_fn(head, device), base.head(device)
+            else:
+                h_s = forward_hidden(model, head, batch, truncate=False)[1].logits
+                h_b = base.logits(batch)
+                s_head = b_head = None
+            sel_s, sel_b = h_s[:, :-1][mask], h_b[:, :-1][mask.to(h_b.device)]
+            for start in range(0, sel_s.shape[0], chunk_size):
+                zs = sel_s[start : start + chunk_size]
+                zb = sel_b[start : start + chunk_size]
+                zs = (s_head(zs) if s_head is not None else zs).float()
+                zb = (b_head(zb) if b_head is not None else zb).to(device=device, dtype=torch.float32)
+                lam = tilt.lambdas(zb, ids)
+                log_q = tilted_log_probs(zb, ids, lam)
+                log_p = torch.log_softmax(zs, -1)
+                kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+                part = torch.stack(
+                    [
+                        torch.exp(torch.logsumexp(log_p[:, ids], -1)).sum(),
+                        kl.sum(),
+                        torch.exp(torch.logsumexp(log_q[:, ids], -1)).sum(),
+                        lam.sum() if isinstance(lam, torch.Tensor) else zs.new_tensor(lam * zs.shape[0]),
+                        zs.new_tensor(float(zs.shape[0])),
+                    ]
+                ).double()
+                sums += w * part
+    return sums
+
+
+def tilt_statistics(sums: torch.Tensor) -> TiltStatistics:
+    """:class:`TiltStatistics` from the (reduced) sums of :func:`tilt_statistic_sums`."""
+    mass, kl, q, lam, n = sums.tolist()
+    return TiltStatistics(mass_sum=mass, kl_sum=kl, target_mass_sum=q, lambda_sum=lam, n_positions=round(n))

@@ -14,6 +14,7 @@ is solved by the tilt :math:`q_\lambda(y|x) = \pi_b(y|x) e^{-\lambda 1[y\in S]} 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -146,3 +147,47 @@ def tilted_mass(p: float | torch.Tensor, lam: float | torch.Tensor) -> float | t
     if p >= 1.0:
         return 1.0
     return 1.0 / (1.0 + math.exp(lam - _logit(p)))
+
+
+@dataclass(frozen=True)
+class TiltSpec:
+    r"""How lambda is chosen at each position: the target of training and of measurements.
+
+    - ``mode="per_position"``: :math:`\lambda(x)` from :func:`per_position_lambda` with ``offset``.
+    - ``mode="global"``: one value, ``clamp(global_lambda + offset)`` to
+      ``[-lambda_max or 0, lambda_max]`` (the floor is 0 unless ``allow_negative``).
+    """
+
+    epsilon: float
+    mode: str = "per_position"
+    lambda_max: float | None = 12.0
+    allow_negative: bool = False
+    global_lambda: float | None = None
+    offset: float = 0.0
+
+    def global_value(self) -> float:
+        """The clamped global lambda (global mode)."""
+        if self.global_lambda is None:
+            raise ValueError("global mode needs global_lambda (the closed form from the base mass p_S)")
+        lower = (-self.lambda_max if self.lambda_max is not None else -math.inf) if self.allow_negative else 0.0
+        upper = self.lambda_max if self.lambda_max is not None else math.inf
+        return min(max(self.global_lambda + self.offset, lower), upper)
+
+    def loss_kwargs(self) -> dict:
+        """Keyword arguments for :func:`etu_hf.losses.tilted_kl_loss`."""
+        if self.mode == "global":
+            return {"lam": self.global_value()}
+        return {
+            "epsilon": self.epsilon,
+            "lambda_max": self.lambda_max,
+            "allow_negative": self.allow_negative,
+            "lambda_offset": self.offset,
+        }
+
+    def lambdas(self, base_logits: torch.Tensor, forbidden_ids: torch.Tensor) -> torch.Tensor | float:
+        """Lambda at every position of ``base_logits`` (a float in global mode)."""
+        if self.mode == "global":
+            return self.global_value()
+        return per_position_lambda(
+            base_logits, forbidden_ids, self.epsilon, self.lambda_max, self.allow_negative, self.offset
+        )
