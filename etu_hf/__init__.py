@@ -7,6 +7,7 @@ model: the base model exponentially tilted away from V_S.
 """
 
 from etu_hf.config import ETUTrainingArguments
+from etu_hf.controller import AdaptiveLambdaCallback
 from etu_hf.evaluation import MassResult, PerplexityResult, adapters_disabled, evaluate_mass, evaluate_perplexity
 from etu_hf.forbidden_set import ForbiddenSet, build_forbidden_set
 from etu_hf.losses import TiltedKLOutput, chunked_nll, tilted_kl_loss
@@ -16,6 +17,7 @@ from etu_hf.trainer import ETUTrainer
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaptiveLambdaCallback",
     "ETUTrainer",
     "ETUTrainingArguments",
     "ForbiddenSet",

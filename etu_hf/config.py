@@ -68,6 +68,35 @@ class ETUTrainingArguments(TrainingArguments):
         frozen_on_cpu (`bool`, *optional*, defaults to `False`):
             For models without PEFT adapters: keep the frozen base copy on CPU.
 
+        > Parameters that control the adaptive lambda controller (see `AdaptiveLambdaCallback`)
+
+        adaptive_lambda (`bool`, *optional*, defaults to `True`):
+            Add an `AdaptiveLambdaCallback` that measures held-out forget data every
+            `lambda_update_freq` steps and moves lambda (global mode) or a lambda offset (per-position
+            mode) to keep the held-out mass on V_S between `epsilon` and the Pinsker margin.
+        lambda_update_freq (`int`, *optional*, defaults to `25`):
+            Optimiser steps between controller updates.
+        lambda_eta (`float`, *optional*, defaults to `0.25`):
+            Step of lambda (or of the offset) per update.
+        lambda_ema (`float`, *optional*, defaults to `0.5`):
+            EMA weight of the previous value of the held-out mass: `ema = lambda_ema * ema + (1 - lambda_ema) * m`.
+        use_upper_for_lambda (`bool`, *optional*, defaults to `True`):
+            Decide on the Wilson upper bound of the EMA mass instead of the EMA itself.
+        wilson_max_n (`int`, *optional*, defaults to `2048`):
+            Cap on the number of positions `n` in the Wilson bound (positions are correlated).
+        pinsker_cap (`float` or `None`, *optional*, defaults to `None`):
+            Cap on the Pinsker slack `sqrt(delta / 2)` in the margin `epsilon + sqrt(delta / 2)`.
+        lambda_ki (`float`, *optional*, defaults to `0.0`):
+            Integral gain of the PI form of the controller (0: plain steps of `lambda_eta`).
+        lambda_integral_max (`float`, *optional*, defaults to `10.0`):
+            Clamp of the integral term (anti-windup).
+        heldout_batches (`int`, *optional*, defaults to `4`):
+            Size of the held-out forget slice the controller measures, in training batches of forget
+            examples, taken out of the training data with a seeded draw (unless
+            `ETUTrainer(heldout_dataset=...)` is given).
+        heldout_fraction (`float` or `None`, *optional*, defaults to `None`):
+            When set, the held-out slice is this share of the forget examples instead.
+
         > Parameters that control the output
 
         overwrite_output_dir (`bool`, *optional*, defaults to `False`):
@@ -119,6 +148,26 @@ class ETUTrainingArguments(TrainingArguments):
     )
     frozen_on_cpu: bool = field(
         default=False, metadata={"help": "Keep the frozen base model copy on CPU (models without PEFT adapters)."}
+    )
+    # ----- adaptive lambda
+    adaptive_lambda: bool = field(
+        default=True, metadata={"help": "Adapt lambda during training from held-out forget data (controller)."}
+    )
+    lambda_update_freq: int = field(default=25, metadata={"help": "Optimiser steps between lambda updates."})
+    lambda_eta: float = field(default=0.25, metadata={"help": "Lambda (or offset) step per update."})
+    lambda_ema: float = field(default=0.5, metadata={"help": "EMA weight of the previous held-out mass, in [0, 1)."})
+    use_upper_for_lambda: bool = field(
+        default=True, metadata={"help": "Decide on the Wilson upper bound of the held-out mass."}
+    )
+    wilson_max_n: int = field(default=2048, metadata={"help": "Cap on n in the Wilson bound."})
+    pinsker_cap: float | None = field(default=None, metadata={"help": "Cap on the Pinsker slack sqrt(delta/2)."})
+    lambda_ki: float = field(default=0.0, metadata={"help": "Integral gain of the PI controller (0: off)."})
+    lambda_integral_max: float = field(default=10.0, metadata={"help": "Anti-windup clamp of the integral term."})
+    heldout_batches: int = field(
+        default=4, metadata={"help": "Training batches of forget data held out for the controller."}
+    )
+    heldout_fraction: float | None = field(
+        default=None, metadata={"help": "Share of forget data held out for the controller (overrides heldout_batches)."}
     )
     # ----- output
     overwrite_output_dir: bool = field(
@@ -182,3 +231,21 @@ class ETUTrainingArguments(TrainingArguments):
             fail("retain_loss_type", "must be 'nll' or 'kl'")
         if self.loss_chunk_size < 0:
             fail("loss_chunk_size", "must be >= 0 (0 = unchunked)")
+        if self.lambda_update_freq < 1:
+            fail("lambda_update_freq", "must be >= 1 (optimiser steps between lambda updates)")
+        if self.lambda_eta <= 0:
+            fail("lambda_eta", "must be > 0, e.g. 0.25")
+        if not 0.0 <= self.lambda_ema < 1.0:
+            fail("lambda_ema", "must be in [0, 1)")
+        if self.wilson_max_n < 1:
+            fail("wilson_max_n", "must be >= 1")
+        if self.pinsker_cap is not None and self.pinsker_cap <= 0:
+            fail("pinsker_cap", "must be > 0 or unset")
+        if self.lambda_ki < 0:
+            fail("lambda_ki", "must be >= 0")
+        if self.lambda_integral_max <= 0:
+            fail("lambda_integral_max", "must be > 0")
+        if self.heldout_batches < 1:
+            fail("heldout_batches", "must be >= 1")
+        if self.heldout_fraction is not None and not 0.0 < self.heldout_fraction < 1.0:
+            fail("heldout_fraction", "must be in (0, 1) or unset")

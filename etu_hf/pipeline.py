@@ -232,12 +232,15 @@ def run_unlearning(
     """Run ETU end to end and write the artifacts to ``training_args.output_dir``."""
     from transformers import default_data_collator
 
-    from etu_hf.trainer import ETUTrainer
+    from etu_hf.trainer import ETUTrainer, split_heldout
 
     check_output_dir(training_args.output_dir, training_args.overwrite_output_dir, training_args.resume_from_checkpoint)
     model, tokenizer = load_model_and_tokenizer(model_args)
     data = prepare_corpora(data_args, tokenizer, training_args.seed)
     forget_train = data["forget_train"]
+    heldout = None
+    if training_args.adaptive_lambda:  # the controller's slice comes out of the forget data before any cap
+        forget_train, heldout = split_heldout(forget_train, training_args)
     if data_args.max_num_batches is not None:
         n = data_args.max_num_batches * training_args.per_device_train_batch_size * max(1, training_args.world_size)
         if n < len(forget_train):
@@ -258,6 +261,7 @@ def run_unlearning(
         processing_class=tokenizer,
         data_collator=default_data_collator,
         peft_config=_lora_config(model_args) if model_args.use_lora else None,
+        heldout_dataset=heldout,
     )
     trainer.extra_run_arguments = {**asdict(model_args), **asdict(data_args)}
     fs = trainer.forbidden_set
@@ -293,6 +297,7 @@ def run_unlearning(
     }
     counts = {
         "forget_train_blocks": len(forget_train),
+        "controller_heldout_blocks": len(heldout) if heldout is not None else 0,
         "forget_heldout_blocks": len(data["forget_eval"]),
         "retain_train_blocks": len(data["retain_train"]) if data["retain_train"] is not None else 0,
         "retain_heldout_blocks": len(data["retain_eval"]) if data["retain_eval"] is not None else 0,

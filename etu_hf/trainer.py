@@ -25,9 +25,11 @@ import numpy as np
 import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback, enable_full_determinism, set_seed
+from transformers.trainer_utils import get_last_checkpoint
 
 from etu_hf.artifacts import ARGS_FILE, METRICS_FILE, check_output_dir, write_json
 from etu_hf.config import ETUTrainingArguments
+from etu_hf.controller import AdaptiveLambdaCallback
 from etu_hf.data import (
     CORPUS_ID_COLUMN,
     RETAIN_PREFIX,
@@ -37,6 +39,7 @@ from etu_hf.data import (
     scored_positions,
     split_forget_retain,
 )
+from etu_hf.evaluation import TiltStatistics, tilt_statistic_sums, tilt_statistics
 from etu_hf.forbidden_set import FORBIDDEN_SET_FILE, ForbiddenSet, build_forbidden_set, resolve_forbidden_set
 from etu_hf.losses import chunked_nll, tilted_kl_loss
 from etu_hf.modeling import (
@@ -53,7 +56,7 @@ from etu_hf.modeling import (
     output_vocab_size,
     unwrap_model,
 )
-from etu_hf.tilt import closed_form_lambda, forbidden_mass
+from etu_hf.tilt import TiltSpec, closed_form_lambda, forbidden_mass
 
 logger = logging.getLogger(__name__)
 
@@ -145,6 +148,9 @@ class ETUTrainer(Trainer):
         forbidden_set: V_S as a :class:`~etu_hf.ForbiddenSet`, a list of ids or a path to
             V_S.ids.json (default: ``args.forbidden_ids_path``, else built from ``train_dataset``).
         peft_config: optional ``peft.PeftConfig``; the model is wrapped with ``get_peft_model``.
+        heldout_dataset: forget data for the adaptive-lambda controller to measure, never trained on.
+            Default: ``heldout_batches`` batches (or ``heldout_fraction``) of ``train_dataset``, taken out
+            of training with a seeded draw, whenever a controller is active.
 
     Logged every ``logging_steps`` through the Trainer's log (so ``report_to`` backends see them),
     as means over the scored forget positions since the previous log: ``etu/loss`` (KL to the target),
@@ -170,6 +176,7 @@ class ETUTrainer(Trainer):
         ref_model: nn.Module | None = None,
         forbidden_set: ForbiddenSet | str | list[int] | None = None,
         peft_config: Any = None,
+        heldout_dataset: Any = None,
         **kwargs: Any,
     ):
         if args is None:
@@ -198,6 +205,9 @@ class ETUTrainer(Trainer):
             raise ValueError("retain_dataset is empty; pass None for suppression-only training")
         if train_dataset is not None and hasattr(train_dataset, "__len__") and len(train_dataset) == 0:
             raise ValueError("train_dataset (the forget data) is empty: there is nothing to forget")
+        controllers = [cb for cb in kwargs.get("callbacks") or [] if isinstance(cb, AdaptiveLambdaCallback)]
+        if (args.adaptive_lambda or controllers) and heldout_dataset is None and train_dataset is not None:
+            train_dataset, heldout_dataset = split_heldout(train_dataset, args)
 
         super().__init__(
             model=model,
@@ -216,6 +226,7 @@ class ETUTrainer(Trainer):
         self.vocab_size = output_vocab_size(self.model)
         self.forget_dataset = train_dataset
         self.retain_dataset = retain_dataset
+        self.heldout_dataset = heldout_dataset
         self._user_collator = self.data_collator
         self.pairs_retain = retain_dataset is not None and self.args.retain_weight > 0
         if self.pairs_retain:
@@ -245,7 +256,9 @@ class ETUTrainer(Trainer):
         self.base_p_s: float | None = None
         self.base_p_s_positions = 0
         self.global_lambda: float | None = None
+        #: Added to every lambda (moved by the adaptive controller; 0 without one).
         self.lambda_offset: float = 0.0
+        self._controller_logs: dict[str, float] = {}
         self._use_hidden = True
         self._window = _StatsAccumulator()
         self._total = _StatsAccumulator()
@@ -253,6 +266,11 @@ class ETUTrainer(Trainer):
         self._last_window: dict[str, float] | None = None
         self.extra_run_arguments: dict[str, Any] = {}
         self.add_callback(_ETUSetupCallback(self))
+        for cb in self.callback_handler.callbacks:
+            if isinstance(cb, AdaptiveLambdaCallback):
+                cb.bind(self)
+        if self.args.adaptive_lambda and self.lambda_controller is None:
+            self.add_callback(AdaptiveLambdaCallback())
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags(self._tag_names)
 
@@ -292,6 +310,72 @@ class ETUTrainer(Trainer):
         if device not in self._forbidden_ids:
             self._forbidden_ids[device] = self.forbidden_set.tensor(device)
         return self._forbidden_ids[device]
+
+    def add_callback(self, callback: Any) -> None:
+        """``Trainer.add_callback``; an :class:`AdaptiveLambdaCallback` is bound to this trainer."""
+        super().add_callback(callback)
+        for cb in self.callback_handler.callbacks:
+            if isinstance(cb, AdaptiveLambdaCallback) and cb.trainer is None:
+                cb.bind(self)
+
+    @property
+    def lambda_controller(self) -> AdaptiveLambdaCallback | None:
+        """The bound adaptive-lambda controller, if any."""
+        return next((cb for cb in self.callback_handler.callbacks if isinstance(cb, AdaptiveLambdaCallback)), None)
+
+    def tilt_spec(self) -> TiltSpec:
+        """The current target: mode, epsilon, clamps, closed-form global lambda and the offset."""
+        a = self.args
+        return TiltSpec(
+            epsilon=a.epsilon,
+            mode=a.lambda_mode,
+            lambda_max=a.lambda_max,
+            allow_negative=a.allow_negative_lambda,
+            global_lambda=self.global_lambda,
+            offset=self.lambda_offset,
+        )
+
+    def offset_bounds(self) -> tuple[float, float]:
+        """Range of :attr:`lambda_offset`: global mode keeps ``lam0 + offset`` inside the lambda clamps;
+        per-position mode allows ``[-lambda_max, lambda_max]``."""
+        a = self.args
+        if a.lambda_mode == "global":
+            lower = -a.lambda_max if a.allow_negative_lambda else 0.0
+            return lower - self.global_lambda, a.lambda_max - self.global_lambda
+        return -a.lambda_max, a.lambda_max
+
+    def measure_heldout(self) -> TiltStatistics:
+        """Mass on V_S and delta = mean per-token KL(pi_theta || q_lam) on the held-out forget slice.
+
+        Held-out batches are split across processes and the sums reduced, so every process gets the
+        same numbers; a process with fewer batches runs a weight-0 batch so all run as many forwards.
+        """
+        if self.heldout_dataset is None:
+            raise ValueError("no held-out forget data: pass heldout_dataset= or set adaptive_lambda=True")
+        batches = list(iter_batches(self.heldout_dataset, self._user_collator, self.args.per_device_eval_batch_size))
+        world, rank = max(1, self.args.world_size), self.args.process_index
+        mine = batches[rank::world]
+        per_process = -(-len(batches) // world)
+        weights = [1.0] * len(mine) + [0.0] * (per_process - len(mine))
+        mine = mine + [batches[0]] * (per_process - len(mine))
+        device = self.args.device
+        sums = tilt_statistic_sums(
+            unwrap_model(self.model),
+            self.base,
+            mine,
+            self.forbidden_ids(device),
+            self.tilt_spec(),
+            chunk_size=self.args.loss_chunk_size or 1024,
+            use_hidden=self._use_hidden,
+            weights=weights,
+        )
+        if world > 1:
+            sums = self.accelerator.reduce(sums, reduction="sum")
+        return tilt_statistics(sums)
+
+    def record_controller_log(self, values: dict[str, float]) -> None:
+        """Values to add to the next training log (used by the controller; no device sync)."""
+        self._controller_logs.update(values)
 
     def _setup_target(self) -> None:
         """At the start of training: check the head and estimate p_S over a sample of forget sequences."""
@@ -390,15 +474,9 @@ class ETUTrainer(Trainer):
 
         student, outputs, mask = self._student_positions(model, head, forget, keep_logits=return_outputs)
         base = self._base_positions(forget, mask)
-        if a.lambda_mode == "global":
-            lam_kwargs: dict[str, Any] = {"lam": self._current_global_lambda()}
-        else:
-            lam_kwargs = {
-                "epsilon": a.epsilon,
-                "lambda_max": a.lambda_max,
-                "allow_negative": a.allow_negative_lambda,
-                "lambda_offset": self.lambda_offset,
-            }
+        if a.lambda_mode == "global" and self.global_lambda is None:  # compute_loss outside train()
+            self._setup_target()
+        lam_kwargs = self.tilt_spec().loss_kwargs()
         kl = tilted_kl_loss(
             student,
             base,
@@ -438,13 +516,6 @@ class ETUTrainer(Trainer):
             # DDP/DeepSpeed average gradients over processes; the normaliser already counts all of them.
             loss = loss * counts.world_size
         return (loss, outputs) if return_outputs else loss
-
-    def _current_global_lambda(self) -> float:
-        if self.global_lambda is None:  # compute_loss outside train(): estimate now
-            self._setup_target()
-        a = self.args
-        lo = -a.lambda_max if a.allow_negative_lambda else 0.0
-        return float(min(max(self.global_lambda + self.lambda_offset, lo), a.lambda_max))
 
     def _student_positions(self, model: nn.Module, head: nn.Module, batch: dict[str, Any], keep_logits: bool):
         mask, _ = scored_positions(batch["input_ids"], batch.get("attention_mask"), batch.get("labels"))
@@ -500,6 +571,8 @@ class ETUTrainer(Trainer):
             if stats is not None:
                 self._last_window = stats
                 logs.update(stats)
+            logs.update(self._controller_logs)
+            self._controller_logs = {}
         super().log(logs, start_time)
 
     def evaluation_loop(self, *args: Any, **kwargs: Any):
@@ -526,6 +599,9 @@ class ETUTrainer(Trainer):
         """``Trainer.train`` after checking ``output_dir``; writes V_S.ids.json and args.json first and
         metrics.json at the end."""
         check_output_dir(self.args.output_dir, self.args.overwrite_output_dir, resume_from_checkpoint)
+        # Every process checks before any writes: otherwise a slower process sees the main one's
+        # V_S.ids.json and takes this run for a previous one.
+        self.accelerator.wait_for_everyone()
         if self.forget_dataset is None:
             raise ValueError("ETUTrainer.train needs a train_dataset (the forget data)")
         if self.forbidden_set is None:
@@ -533,6 +609,7 @@ class ETUTrainer(Trainer):
         self._window.reset()
         self._total.reset()
         self._last_window = None
+        self._restore_controller(resume_from_checkpoint)
         if self.is_world_process_zero():
             os.makedirs(self.args.output_dir, exist_ok=True)
             self.forbidden_set.save(os.path.join(self.args.output_dir, FORBIDDEN_SET_FILE))
@@ -551,6 +628,18 @@ class ETUTrainer(Trainer):
             write_json(os.path.join(self.args.output_dir, METRICS_FILE), self.training_metrics)
         return output
 
+    def _restore_controller(self, resume_from_checkpoint: str | bool | None) -> None:
+        controller = self.lambda_controller
+        if controller is None or not resume_from_checkpoint:
+            return
+        path = resume_from_checkpoint
+        if path is True:
+            path = get_last_checkpoint(self.args.output_dir)
+        if path and controller.load_from_checkpoint(path):
+            logger.info("restored the lambda controller state from %s", path)
+        elif path:
+            logger.warning("%s holds no lambda controller state (etu_controller.json); the controller restarts", path)
+
     def _training_metrics(self, output: Any, duration: float) -> dict[str, Any]:
         tail = self._window.read(self._reduce())
         final = tail if tail is not None else self._last_window
@@ -568,6 +657,8 @@ class ETUTrainer(Trainer):
                 "mode": a.lambda_mode,
                 "closed_form_global": self.global_lambda,
                 "offset": self.lambda_offset,
+                "adaptive": self.lambda_controller is not None,
+                "controller_updates": len(self.lambda_controller.history) if self.lambda_controller else 0,
                 "mean": total.get("etu/lambda"),
                 "min": total.get("etu/lambda_min"),
                 "max": total.get("etu/lambda_max"),
@@ -613,3 +704,36 @@ def _flatten_positions(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     (finite inputs, so no NaN from padding reaches the gradient)."""
     flat = h[:, :-1].reshape(-1, h.shape[-1])
     return torch.where(mask.reshape(-1, 1), flat, flat.new_zeros(()))
+
+
+def split_heldout(dataset: Any, args: ETUTrainingArguments) -> tuple[Any, Any]:
+    """Take the controller's held-out slice out of the forget data (a seeded draw).
+
+    Its size is ``heldout_fraction`` of the data when set, else ``heldout_batches`` batches of
+    ``per_device_train_batch_size`` examples. Raises ``ValueError`` naming the settings when that
+    leaves no training data or no held-out data.
+    """
+    if not hasattr(dataset, "__len__"):
+        raise ValueError(
+            "the adaptive lambda controller needs a map-style train_dataset to hold data out of; pass "
+            "heldout_dataset= or set adaptive_lambda=False"
+        )
+    n = len(dataset)
+    if args.heldout_fraction is not None:
+        k = round(args.heldout_fraction * n)
+        setting = f"heldout_fraction={args.heldout_fraction}"
+    else:
+        k = args.heldout_batches * args.per_device_train_batch_size
+        setting = f"heldout_batches={args.heldout_batches} (x batch size {args.per_device_train_batch_size})"
+    if k < 1:
+        raise ValueError(f"{setting} holds out no forget example (of {n}); raise it, or set adaptive_lambda=False")
+    if k >= n:
+        raise ValueError(
+            f"{setting} holds out {k} of the {n} forget examples and leaves no training data: lower heldout_batches "
+            "or heldout_fraction, give more forget data, pass heldout_dataset=, or set adaptive_lambda=False"
+        )
+    order = np.random.default_rng(args.seed).permutation(n)
+    held, train = np.sort(order[:k]), np.sort(order[k:])
+    if hasattr(dataset, "select"):
+        return dataset.select(train.tolist()), dataset.select(held.tolist())
+    return torch.utils.data.Subset(dataset, train.tolist()), torch.utils.data.Subset(dataset, held.tolist())
