@@ -71,6 +71,7 @@ def make_args(tmp_path):
             p_s_sample_size=32,
             seed=0,
             dataloader_pin_memory=False,
+            adaptive_lambda=False,  # the controller tests turn it on; it holds data out of training
         )
         defaults.update(kwargs)
         return ETUTrainingArguments(**defaults)

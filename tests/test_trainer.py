@@ -8,7 +8,7 @@ import datasets
 import pytest
 import torch
 from peft import LoraConfig
-from transformers import TrainerCallback
+from scripts.controller_run import StopAt  # a callback that interrupts training at a step
 
 from etu_hf import ETUTrainer, ETUTrainingArguments, adapters_disabled, evaluate_mass, evaluate_perplexity
 from etu_hf.data import iter_batches
@@ -248,17 +248,6 @@ def test_artifacts_logging_evaluate_save_and_model_card(
     trainer.create_model_card(model_name="etu-test")
     card = open(os.path.join(out, "README.md")).read()
     assert "etu-hf" in card and "unlearning" in card
-
-
-class StopAt(TrainerCallback):
-    """Interrupt training after ``step`` optimiser steps (the schedule still targets max_steps)."""
-
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step >= self.step:
-            control.should_training_stop = True
 
 
 def test_resume_from_checkpoint_reproduces_the_uninterrupted_run(tokenizer, corpora, make_args, tmp_path):
