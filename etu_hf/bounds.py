@@ -21,6 +21,7 @@ r"""Statistical bounds used by the controller and the audit (pure maths, no torc
 from __future__ import annotations
 
 import math
+from typing import Any
 
 #: Two-sided 95% normal quantile.
 Z_95 = 1.959964
@@ -51,3 +52,27 @@ def pinsker_slack(delta: float, cap: float | None = None) -> float:
 def pinsker_margin(epsilon: float, delta: float, cap: float | None = None) -> float:
     r"""The Pinsker bound on the mean mass: :math:`\varepsilon + \sqrt{\delta/2}` (slack capped at ``cap``)."""
     return epsilon + pinsker_slack(delta, cap)
+
+
+def bootstrap_ratio_interval(
+    sums: Any, counts: Any, samples: int = 1000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
+    r"""Percentile bootstrap interval of :math:`\sum_j s_j / \sum_j c_j` resampling *units* ``j``.
+
+    Used over sequences (``s_j`` the summed mass and ``c_j`` the scored positions of sequence ``j``),
+    which respects the correlation of positions within a sequence that the Wilson bound ignores.
+    """
+    import numpy as np
+
+    sums = np.asarray(sums, dtype=np.float64)
+    counts = np.asarray(counts, dtype=np.float64)
+    k = len(sums)
+    if k == 0 or samples < 1:
+        return math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    means = []
+    for start in range(0, samples, 256):  # bounded memory: 256 resamples at a time
+        idx = rng.integers(0, k, size=(min(256, samples - start), k))
+        means.append(sums[idx].sum(1) / np.maximum(counts[idx].sum(1), 1.0))
+    lo, hi = np.quantile(np.concatenate(means), [(1 - level) / 2, 1 - (1 - level) / 2])
+    return float(lo), float(hi)

@@ -155,6 +155,9 @@ def load_corpus(spec: CorpusSpec, text_column: str = "text", flag: str = "--forg
         texts: list[str] = []
         for builder in sorted({_LOCAL_SUFFIXES[os.path.splitext(f)[1].lower()] for f in files}):
             group = [f for f in files if _LOCAL_SUFFIXES[os.path.splitext(f)[1].lower()] == builder]
+            group = [f for f in group if os.path.getsize(f) > 0 and _has_text(f)]
+            if not group:  # datasets fails obscurely on files without any content; the caller names the flag
+                continue
             kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
             ds = datasets.load_dataset(builder, data_files=group, split="train", **kwargs)
             texts += _text_column(ds, text_column, spec, flag)
@@ -168,6 +171,11 @@ def load_corpus(spec: CorpusSpec, text_column: str = "text", flag: str = "--forg
             ) from err
         texts = _text_column(ds, text_column, spec, flag)
     return [t.strip() for t in texts if t and t.strip()]
+
+
+def _has_text(path: str) -> bool:
+    with open(path, "rb") as f:
+        return any(chunk.strip() for chunk in iter(lambda: f.read(1 << 20), b""))
 
 
 def _text_column(ds: Any, text_column: str, spec: CorpusSpec, flag: str) -> list[str]:

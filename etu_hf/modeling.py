@@ -229,6 +229,11 @@ class BaseDistribution:
         """``h -> base logits`` on ``out_device`` (see :func:`head_fn`)."""
         raise NotImplementedError
 
+    @contextlib.contextmanager
+    def as_model(self) -> Iterator[nn.Module]:
+        """A module that computes pi_b while the context is open (for evaluation and generation)."""
+        yield self.model
+
 
 class AdapterDisabledBase(BaseDistribution):
     """pi_b of a PEFT model: the same model with its adapters disabled, in eval mode, without grad."""
@@ -247,6 +252,11 @@ class AdapterDisabledBase(BaseDistribution):
 
     def head(self, out_device: torch.device) -> Any:
         return head_fn(self._base_head, out_device)
+
+    @contextlib.contextmanager
+    def as_model(self) -> Iterator[nn.Module]:
+        with self.model.disable_adapter():
+            yield self.model
 
 
 class FrozenCopyBase(BaseDistribution):
