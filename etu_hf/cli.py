@@ -3,6 +3,7 @@
 Commands:
     etu-hf demo      the whole pipeline offline on the embedded tiny model and generated corpora
     etu-hf unlearn   ETU on your model and corpora (every TrainingArguments flag works)
+    etu-hf audit     suppression report of a base model plus an unlearned adapter or merged model
 
 Each command parses its flags with ``transformers.HfArgumentParser`` over the same dataclasses a
 Python user fills in (:class:`~etu_hf.pipeline.ModelArguments`, :class:`~etu_hf.pipeline.DataArguments`,
@@ -41,6 +42,7 @@ Exponential-Tilted Unlearning for the Hugging Face training stack.
 commands:
   demo      run the whole pipeline offline on the embedded tiny model and generated corpora
   unlearn   unlearn your corpora from your model (`etu-hf unlearn --help` lists every flag)
+  audit     suppression report of a base model plus an unlearned adapter (or merged model)
 
 Run `etu-hf <command> --help` for the flags of a command.
 """
@@ -109,13 +111,13 @@ def parse_unlearn_args(argv: Sequence[str]):
 
 
 def _run(model_args, data_args, training_args) -> int:
-    from etu_hf.pipeline import format_table, run_unlearning
+    from etu_hf.pipeline import run_unlearning
 
     _setup_logging(training_args)
     result = run_unlearning(model_args, data_args, training_args)
     if training_args.should_log:
         print()
-        print(format_table(result.metrics))
+        print(result.report.summary())
         print(f"\nartifacts: {os.path.abspath(result.output_dir)}")
     return 0
 
@@ -151,7 +153,86 @@ def cmd_demo(argv: Sequence[str]) -> int:
     return _run(*parse_unlearn_args(demo_argv(argv)))
 
 
-COMMANDS = {"unlearn": cmd_unlearn, "demo": cmd_demo}
+def cmd_audit(argv: Sequence[str]) -> int:
+    """``etu-hf audit``: suppression report of a base model plus adapter (or merged model)."""
+    from transformers import HfArgumentParser
+
+    from etu_hf.audit import audit
+    from etu_hf.audit.loading import AuditArguments, load_models, read_run, resolve_settings
+    from etu_hf.audit.report import REPORT_FILE
+    from etu_hf.data import tokenize_and_block
+    from etu_hf.pipeline import load_documents
+    from etu_hf.tilt import TiltSpec
+
+    parser = HfArgumentParser(AuditArguments)
+    parser.prog = "etu-hf audit"
+    (args,) = parser.parse_args_into_dataclasses(args=["--block_size" if a == "--max_length" else a for a in argv])
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        level=logging.WARNING,
+        stream=sys.stdout,
+    )
+    logging.getLogger("etu_hf").setLevel(logging.INFO)
+    if os.path.exists(os.path.join(args.output_dir, REPORT_FILE)) and not args.overwrite_output_dir:
+        raise ValueError(
+            f"--output_dir {args.output_dir!r} already holds {REPORT_FILE}; nothing was written. Pass "
+            "--overwrite_output_dir or choose another --output_dir."
+        )
+    settings = resolve_settings(args, read_run(args.adapter))
+    model, base, tokenizer, sources = load_models(args)
+
+    def blocks(value: str | None, flag: str):
+        if not value:
+            return None
+        docs = load_documents(value, args.text_column, flag)
+        if not docs:
+            raise ValueError(f"{flag}: {value!r} holds no text; the audit needs held-out text")
+        data = tokenize_and_block(docs, tokenizer, args.block_size)
+        return data.select(range(min(len(data), args.max_sequences))) if args.max_sequences else data
+
+    tilt = TiltSpec(
+        epsilon=settings["epsilon"],
+        mode=settings["mode"],
+        lambda_max=settings["lambda_max"],
+        allow_negative=settings["allow_negative"],
+        global_lambda=settings["global_lambda"],
+        offset=settings["offset"],
+    )
+    report = audit(
+        model,
+        blocks(args.forget_corpora, "--forget_corpora"),
+        settings["forbidden"],
+        epsilon=settings["epsilon"],
+        base=base,
+        retain_data=blocks(args.retain_corpora, "--retain_corpora"),
+        tokenizer=tokenizer,
+        tilt=tilt,
+        batch_size=args.batch_size,
+        chunk_size=args.chunk_size,
+        wilson_max_n=args.wilson_max_n,
+        bootstrap_samples=args.bootstrap_samples,
+        seed=args.seed,
+        num_samples=args.num_samples,
+        max_new_tokens=args.max_new_tokens,
+        analyze_activations=args.analyze_activations,
+        output_dir=args.output_dir,
+        overwrite=args.overwrite_output_dir,
+        progress=not args.disable_tqdm,
+        sources={
+            **sources,
+            "forget_corpora": args.forget_corpora,
+            "retain_corpora": args.retain_corpora,
+            "forbidden": settings["forbidden"],
+        },
+    )
+    print()
+    print(report.summary())
+    print(f"\nreport: {os.path.abspath(os.path.join(args.output_dir, REPORT_FILE))}")
+    return 0
+
+
+COMMANDS = {"unlearn": cmd_unlearn, "demo": cmd_demo, "audit": cmd_audit}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -170,7 +251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return command(argv[1:])
-    except (ValueError, TypeError, FileNotFoundError) as err:
+    except (ValueError, TypeError, FileNotFoundError, ImportError) as err:
         # Bad input: one clear line naming the flag, not a traceback (set ETU_HF_DEBUG=1 to see it).
         if os.environ.get("ETU_HF_DEBUG"):
             raise

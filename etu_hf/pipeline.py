@@ -7,7 +7,6 @@ API a user calls from Python (:class:`~etu_hf.ETUTrainer`, :func:`~etu_hf.evalua
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -15,9 +14,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from etu_hf.artifacts import METRICS_FILE, check_output_dir, write_json
+from etu_hf.audit.report import REPORT_FILE
 from etu_hf.config import ETUTrainingArguments
 from etu_hf.data import CorpusSpec, load_corpus, parse_corpus_specs, split_documents, tokenize_and_block
-from etu_hf.evaluation import adapters_disabled, evaluate_mass, evaluate_perplexity
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +92,7 @@ class UnlearnResult:
     output_dir: str
     metrics: dict[str, Any]
     trainer: Any = field(repr=False, default=None)
+    report: Any = None
 
 
 def load_model_and_tokenizer(model_args: ModelArguments):
@@ -115,6 +115,11 @@ def load_model_and_tokenizer(model_args: ModelArguments):
             ) from err
         raise
     return model, tokenizer
+
+
+def load_documents(value: str | None, text_column: str, flag: str) -> list[str]:
+    """All documents of a comma-separated list of corpus specs (see :func:`etu_hf.data.parse_corpus_specs`)."""
+    return [doc for docs in _load_docs(parse_corpus_specs(value, flag), text_column, flag) for doc in docs]
 
 
 def _load_docs(specs: list[CorpusSpec], text_column: str, flag: str) -> list[list[str]]:
@@ -191,41 +196,6 @@ def _lora_config(model_args: ModelArguments):
     )
 
 
-def measure(
-    model: Any,
-    data: dict[str, Any],
-    forbidden_ids: list[int],
-    epsilon: float,
-    batch_size: int,
-    chunk_size: int,
-    base: bool,
-) -> dict[str, Any]:
-    """Held-out forget mass on V_S and retain perplexity (of the base distribution when ``base``)."""
-    from etu_hf.data import iter_batches
-
-    chunk = chunk_size or 1024
-    with adapters_disabled(model) if base else contextlib.nullcontext():
-        mass = evaluate_mass(
-            model,
-            iter_batches(data["forget_eval"], None, batch_size),
-            forbidden_ids,
-            chunk_size=chunk,
-            keep_positions=True,
-        )
-        ppl = (
-            evaluate_perplexity(model, iter_batches(data["retain_eval"], None, batch_size), chunk_size=chunk)
-            if data["retain_eval"] is not None
-            else None
-        )
-    return {
-        "p_S": mass.mean,
-        "positions": mass.n_positions,
-        "sequences": mass.n_sequences,
-        "share_above_epsilon": mass.share_above(epsilon),
-        "retain_perplexity": ppl.perplexity if ppl else None,
-    }
-
-
 def run_unlearning(
     model_args: ModelArguments, data_args: DataArguments, training_args: ETUTrainingArguments
 ) -> UnlearnResult:
@@ -267,33 +237,40 @@ def run_unlearning(
     fs = trainer.forbidden_set
     logger.info("V_S: %d tokens (%.2f%% of the vocabulary), method %s", len(fs), 100 * (fs.fraction or 0), fs.method)
 
-    eps = training_args.epsilon
-    bs, chunk = training_args.per_device_eval_batch_size, training_args.loss_chunk_size
-    base_model = trainer.model if trainer.base.shares_weights else trainer.base.model
-    before = measure(base_model, data, fs.ids, eps, bs, chunk, base=trainer.base.shares_weights)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model()
-    after = measure(trainer.model, data, fs.ids, eps, bs, chunk, base=False)
-    ratio = (
-        after["retain_perplexity"] / before["retain_perplexity"]
-        if after["retain_perplexity"] and before["retain_perplexity"]
-        else None
+    # The audit of the result, on held-out documents the training (and the controller) never saw.
+    report = trainer.audit(
+        forget_data=data["forget_eval"],
+        retain_data=data["retain_eval"],
+        output_dir=training_args.output_dir,
+        overwrite=True,  # the run owns output_dir: the previous-run check passed before training
+        sources={
+            "model": model_args.model_name_or_path or "etu-hf demo model",
+            "forget_corpora": data_args.forget_corpora,
+            "retain_corpora": data_args.retain_corpora,
+            "heldout": f"{data_args.eval_fraction:.0%} of the documents, held out of training",
+        },
     )
     heldout = {
-        "definition": "mean mass on V_S over scored positions of held-out forget documents (never trained on); "
-        "perplexity = exp(mean NLL) on held-out retain documents",
-        "epsilon": eps,
-        "base_p_S": before["p_S"],
-        "updated_p_S": after["p_S"],
-        "suppression_ratio": after["p_S"] / before["p_S"] if before["p_S"] else None,
-        "share_above_epsilon_before": before["share_above_epsilon"],
-        "share_above_epsilon_after": after["share_above_epsilon"],
-        "positions": after["positions"],
-        "sequences": after["sequences"],
-        "base_perplexity": before["retain_perplexity"],
-        "updated_perplexity": after["retain_perplexity"],
-        "perplexity_ratio": ratio,
-        "target_achieved": after["p_S"] <= eps,
+        "definition": "see suppression_report.json: held-out forget documents (never trained on) and held-out "
+        "retain documents",
+        "report": REPORT_FILE,
+        "epsilon": report.epsilon,
+        "base_p_S": report.base_p_S,
+        "updated_p_S": report.updated_p_S,
+        "updated_p_S_wilson_upper": report.updated_p_S_wilson_upper,
+        "suppression_ratio": report.suppression_ratio,
+        "share_above_epsilon_before": report.share_above_epsilon_base,
+        "share_above_epsilon_after": report.share_above_epsilon_updated,
+        "positions": report.forget_positions,
+        "sequences": report.forget_sequences,
+        "delta": report.delta,
+        "base_perplexity": report.base_perplexity,
+        "updated_perplexity": report.updated_perplexity,
+        "perplexity_ratio": report.perplexity_ratio,
+        "target_achieved": report.target_achieved,
+        "target_achieved_upper": report.target_achieved_upper,
     }
     counts = {
         "forget_train_blocks": len(forget_train),
@@ -306,40 +283,7 @@ def run_unlearning(
     metrics = {**getattr(trainer, "training_metrics", {}), "data": counts, "heldout": heldout}
     if trainer.is_world_process_zero():
         write_json(os.path.join(training_args.output_dir, METRICS_FILE), metrics)
-    return UnlearnResult(output_dir=training_args.output_dir, metrics=metrics, trainer=trainer)
-
-
-def format_table(metrics: dict[str, Any]) -> str:
-    """The before/after table printed at the end of a run."""
-    h = metrics["heldout"]
-
-    def f(x: Any, spec: str = ".4f") -> str:
-        return "n/a" if x is None else format(x, spec)
-
-    rows = [
-        ("held-out forget mass on V_S", f(h["base_p_S"]), f(h["updated_p_S"]), f"<= {h['epsilon']}"),
-        (
-            "  positions above epsilon",
-            f(h["share_above_epsilon_before"], ".1%"),
-            f(h["share_above_epsilon_after"], ".1%"),
-            "",
-        ),
-        (
-            "held-out retain perplexity",
-            f(h["base_perplexity"], ".3f"),
-            f(h["updated_perplexity"], ".3f"),
-            f"ratio {f(h['perplexity_ratio'], '.3f')}",
-        ),
-    ]
-    width = max(len(r[0]) for r in rows)
-    lines = [f"{'':{width}}  {'base':>10}  {'unlearned':>10}  target", "-" * (width + 36)]
-    lines += [f"{a:{width}}  {b:>10}  {c:>10}  {d}" for a, b, c, d in rows]
-    verdict = "reached" if h["target_achieved"] else "NOT reached"
-    lines.append(
-        f"target pi_theta(S) <= {h['epsilon']}: {verdict} "
-        f"({h['positions']} positions in {h['sequences']} held-out sequences)"
-    )
-    return "\n".join(lines)
+    return UnlearnResult(output_dir=training_args.output_dir, metrics=metrics, trainer=trainer, report=report)
 
 
 def load_metrics(output_dir: str) -> dict[str, Any]:

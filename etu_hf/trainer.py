@@ -678,6 +678,47 @@ class ETUTrainer(Trainer):
             "training_forget_positions": total.get("etu/forget_positions"),
         }
 
+    def audit(
+        self, forget_data: Any = None, retain_data: Any = None, output_dir: str | None = None, **kwargs: Any
+    ) -> Any:
+        """Audit the trained model with :func:`etu_hf.audit` against this trainer's base distribution,
+        V_S and current tilt (including the controller's offset).
+
+        ``forget_data`` defaults to ``eval_dataset`` when given, else the controller's held-out slice;
+        it must not be training data. ``kwargs`` go to :func:`etu_hf.audit` (``overwrite``,
+        ``num_samples``, ``analyze_activations``, ...). Files are written by the main process only.
+        """
+        from etu_hf.audit import audit
+
+        if forget_data is None:
+            forget_data = self.eval_dataset if self.eval_dataset is not None else self.heldout_dataset
+        if forget_data is None:
+            raise ValueError("audit: no held-out forget data; pass forget_data= (never the training data)")
+        if self.global_lambda is None and self.args.lambda_mode == "global":
+            self._setup_target()
+        a = self.args
+        options = dict(
+            epsilon=a.epsilon,
+            base=self.base,
+            retain_data=retain_data,
+            tokenizer=self.processing_class,
+            tilt=self.tilt_spec(),
+            collator=self._user_collator,
+            batch_size=a.per_device_eval_batch_size,
+            chunk_size=a.loss_chunk_size or 1024,
+            wilson_max_n=a.wilson_max_n,
+            seed=a.seed,
+            progress=not a.disable_tqdm and self.is_world_process_zero(),
+        )
+        options.update(kwargs)
+        return audit(
+            self.model,
+            forget_data,
+            self.forbidden_set,
+            output_dir=output_dir if self.is_world_process_zero() else None,
+            **options,
+        )
+
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """``Trainer.save_model`` plus V_S.ids.json beside the weights (checkpoints included), so any
         saved folder can be audited on its own."""
