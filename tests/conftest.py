@@ -51,30 +51,12 @@ def corpora(tokenizer):
 
 @pytest.fixture
 def make_args(tmp_path):
-    """Factory of ETUTrainingArguments for fast CPU tests (no saving, no reporting, no progress bar)."""
-    from etu_hf import ETUTrainingArguments
+    """Factory of ETUTrainingArguments for fast CPU tests (see helpers.fast_args), in this test's tmp_path."""
+    from helpers import fast_args
 
     def make(**kwargs):
-        defaults = dict(
-            output_dir=str(tmp_path / "out"),
-            per_device_train_batch_size=8,
-            per_device_eval_batch_size=16,
-            max_steps=10,
-            learning_rate=3e-3,
-            logging_steps=5,
-            save_strategy="no",
-            report_to="none",
-            use_cpu=True,
-            disable_tqdm=True,
-            pmi_top_k=64,
-            pmi_min_count=5,
-            p_s_sample_size=32,
-            seed=0,
-            dataloader_pin_memory=False,
-            adaptive_lambda=False,  # the controller tests turn it on; it holds data out of training
-        )
-        defaults.update(kwargs)
-        return ETUTrainingArguments(**defaults)
+        kwargs.setdefault("output_dir", str(tmp_path / "out"))
+        return fast_args(**kwargs)
 
     return make
 

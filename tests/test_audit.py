@@ -1,0 +1,445 @@
+"""The audit: bounds against textbook values, estimators against direct computations, the report, the CLI."""
+
+import copy
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from helpers import fast_args
+from peft import LoraConfig
+
+from etu_hf import ETUTrainer
+from etu_hf.audit import REPORT_FORMAT, AuditReport, audit
+from etu_hf.audit.activations import decoder_layers
+from etu_hf.bounds import bootstrap_ratio_interval, wilson_interval, wilson_upper
+from etu_hf.cli import main
+from etu_hf.data import iter_batches
+from etu_hf.demo.run import write_demo_corpora
+from etu_hf.pipeline import DEMO_MODEL_DIR
+from etu_hf.tilt import TiltSpec, forbidden_mass
+
+Z = 1.959964
+
+
+# ------------------------------------------------------------------------------------- bounds
+def test_wilson_against_the_textbook_formula_and_known_value():
+    p, n = 0.05, 100
+    centre = (p + Z**2 / (2 * n)) / (1 + Z**2 / n)
+    half = Z * math.sqrt(p * (1 - p) / n + Z**2 / (4 * n**2)) / (1 + Z**2 / n)
+    assert wilson_upper(p, n) == pytest.approx(centre + half, abs=1e-12)
+    lo, hi = wilson_interval(p, n)
+    assert (round(lo, 4), round(hi, 4)) == (0.0215, 0.1118)  # the published 95% interval for 5/100
+
+
+def test_wilson_limits():
+    assert wilson_upper(0.3, 10**12) == pytest.approx(0.3, abs=1e-5)  # n -> infinity: the estimate itself
+    assert wilson_upper(0.0, 50) == pytest.approx(Z**2 / (50 + Z**2))  # p = 0: z^2 / (n + z^2)
+    assert wilson_upper(1.0, 50) == pytest.approx(1.0)
+    assert wilson_interval(1.0, 50)[0] == pytest.approx(50 / (50 + Z**2))
+    assert wilson_upper(0.2, 0) == 1.0  # no data, no bound
+
+
+def test_bootstrap_matches_a_naive_loop():
+    rng = np.random.default_rng(0)
+    counts = rng.integers(1, 30, size=40).astype(float)
+    sums = counts * rng.uniform(0, 0.2, size=40)
+    lo, hi = bootstrap_ratio_interval(sums, counts, samples=500, seed=7)
+    draw = np.random.default_rng(7)
+    naive = []
+    for start in range(0, 500, 256):
+        idx = draw.integers(0, 40, size=(min(256, 500 - start), 40))
+        naive += [sums[i].sum() / counts[i].sum() for i in idx]
+    assert (lo, hi) == pytest.approx(tuple(np.quantile(naive, [0.025, 0.975])))
+    assert lo < sums.sum() / counts.sum() < hi
+
+
+# ------------------------------------------------------------------------------------- estimators
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, corpora, tokenizer):
+    """A LoRA adapter trained for a few steps on the tiny model, saved as an ETU output folder."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path_factory.mktemp("trained")
+    args = fast_args(
+        str(out), max_steps=30, p_s_sample_size=16, logging_steps=10, adaptive_lambda=True, lambda_update_freq=10
+    )
+    trainer = ETUTrainer(
+        model=AutoModelForCausalLM.from_pretrained(DEMO_MODEL_DIR),
+        args=args,
+        train_dataset=corpora["forget"],
+        retain_dataset=corpora["retain"],
+        processing_class=tokenizer,
+        peft_config=LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear"),
+    )
+    trainer.train()
+    trainer.save_model()
+    return trainer, out
+
+
+def test_report_numbers_against_direct_computation(trained, corpora, tmp_path):
+    trainer, _ = trained
+    held = corpora["forget_heldout"].select(range(6))
+    report = trainer.audit(
+        forget_data=held,
+        retain_data=corpora["retain_heldout"].select(range(6)),
+        output_dir=str(tmp_path),
+        num_samples=2,
+        bootstrap_samples=200,
+    )
+    S = torch.tensor(trainer.forbidden_set.ids)
+    batch = next(iter_batches(held, None, 6))
+    model = trainer.model
+    with torch.no_grad():
+        z = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        with model.disable_adapter():
+            zb = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    mask = (batch["labels"][:, 1:] != -100) & batch["attention_mask"][:, 1:].bool()
+    upd, base = forbidden_mass(z, S)[mask].double(), forbidden_mass(zb, S)[mask].double()
+    assert report.forget_positions == int(mask.sum())
+    assert report.updated_p_S == pytest.approx(float(upd.mean()), abs=1e-6)
+    assert report.base_p_S == pytest.approx(float(base.mean()), abs=1e-6)
+    assert report.share_above_epsilon_updated == pytest.approx(float((upd > 0.05).double().mean()))
+    assert report.wilson_n == min(report.forget_positions, 2048)
+    assert report.updated_p_S_wilson_upper == pytest.approx(wilson_upper(report.updated_p_S, report.wilson_n))
+    assert report.target_achieved == (report.updated_p_S <= 0.05)
+    # perplexity = exp(mean NLL) on the retain text, base = adapters disabled
+    rb = next(iter_batches(corpora["retain_heldout"].select(range(6)), None, 6))
+    with torch.no_grad(), model.disable_adapter():
+        logits = model(input_ids=rb["input_ids"], attention_mask=rb["attention_mask"]).logits[:, :-1]
+    rmask = (rb["labels"][:, 1:] != -100) & rb["attention_mask"][:, 1:].bool()
+    nll = torch.nn.functional.cross_entropy(logits[rmask], rb["labels"][:, 1:][rmask])
+    assert report.base_perplexity == pytest.approx(float(torch.exp(nll)), rel=1e-5)
+    # delta >= 0 and the Pinsker bound holds in the measured numbers
+    assert report.delta >= 0
+    assert report.updated_p_S <= report.pinsker_bound_from_target + 1e-9
+
+
+def test_padding_is_excluded(trained, corpora):
+    trainer, _ = trained
+    held = corpora["forget_heldout"].select(range(4))
+    padded = held.map(
+        lambda r: {
+            "input_ids": r["input_ids"] + [1] * 9,
+            "attention_mask": r["attention_mask"] + [0] * 9,
+            "labels": r["labels"] + [-100] * 9,
+        }
+    )
+    a = trainer.audit(forget_data=held, num_samples=0, bootstrap_samples=10)
+    b = trainer.audit(forget_data=padded, num_samples=0, bootstrap_samples=10)
+    assert a.forget_positions == b.forget_positions
+    assert a.updated_p_S == pytest.approx(b.updated_p_S, abs=1e-6)
+    assert a.delta == pytest.approx(b.delta, abs=1e-6)
+
+
+def test_delta_is_zero_when_the_model_is_the_tilted_target(model, corpora, tokenizer):
+    """Build pi_theta = q_lambda by hand: the base's head plus a bias of -lambda on the V_S columns."""
+    from etu_hf import build_forbidden_set
+
+    ids = build_forbidden_set(
+        iter_batches(corpora["forget"], None, 64),
+        iter_batches(corpora["retain"], None, 64),
+        vocab_size=2048,
+        tokenizer=tokenizer,
+        pmi_min_count=5,
+        pmi_top_k=64,
+    ).ids
+    lam = 2.5
+    tilted = copy.deepcopy(model)
+    head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(model.lm_head.weight)
+        head.bias.zero_()
+        head.bias[ids] = -lam
+    tilted.lm_head = head
+    held = corpora["forget_heldout"].select(range(4))
+    report = audit(
+        tilted,
+        held,
+        ids,
+        epsilon=0.05,
+        base=model,
+        tilt=TiltSpec(epsilon=0.05, mode="global", global_lambda=lam),
+        num_samples=0,
+        bootstrap_samples=10,
+        progress=False,
+    )
+    assert report.delta == pytest.approx(0.0, abs=1e-6)
+    assert report.updated_p_S == pytest.approx(report.mean_target_mass, abs=1e-6)
+    assert report.pinsker_bound_from_target == pytest.approx(report.updated_p_S, abs=1e-5)
+    # and delta > 0 for any other lambda
+    off = audit(
+        tilted,
+        held,
+        ids,
+        epsilon=0.05,
+        base=model,
+        tilt=TiltSpec(epsilon=0.05, mode="global", global_lambda=lam + 1),
+        num_samples=0,
+        bootstrap_samples=10,
+        progress=False,
+    )
+    assert report.mean_target_mass > 0.1  # V_S carries real mass here, so a wrong lambda shows
+    assert off.delta > 1e-3
+
+
+def test_report_files_schema_samples_and_activation_hooks(trained, corpora, tmp_path):
+    trainer, _ = trained
+    layers = decoder_layers(trainer.model)
+    report = trainer.audit(
+        forget_data=corpora["forget_heldout"].select(range(4)),
+        retain_data=corpora["retain_heldout"].select(range(4)),
+        output_dir=str(tmp_path),
+        analyze_activations=True,
+        num_samples=2,
+        bootstrap_samples=50,
+    )
+    assert all(len(layer._forward_hooks) == 0 for layer in layers)  # hooks removed
+    data = json.loads((tmp_path / "suppression_report.json").read_text())
+    assert data["format"] == REPORT_FORMAT and data["version"] == 1
+    for key in (
+        "epsilon",
+        "V_S_size",
+        "V_S_fraction",
+        "base_p_S",
+        "updated_p_S",
+        "base_p_S_wilson_upper",
+        "updated_p_S_wilson_upper",
+        "wilson_n",
+        "wilson_max_n",
+        "base_p_S_bootstrap_95",
+        "updated_p_S_bootstrap_95",
+        "suppression_ratio",
+        "delta",
+        "pinsker_bound",
+        "share_above_epsilon_base",
+        "share_above_epsilon_updated",
+        "base_perplexity",
+        "updated_perplexity",
+        "perplexity_ratio",
+        "target_achieved",
+        "target_achieved_upper",
+        "forget_sequences",
+        "forget_positions",
+        "seconds",
+        "definitions",
+    ):
+        assert key in data, key
+    assert "bootstrap" in data["definitions"]["*_bootstrap_95"] and "Wilson" in data["definitions"]["*_wilson_upper"]
+    assert AuditReport.load(str(tmp_path)).updated_p_S == report.updated_p_S
+    md = (tmp_path / "suppression_report.md").read_text()
+    assert "illustration only" in md and "Wilson" in md
+    assert len(report.samples) == 2 and {"prompt", "base", "updated"} <= set(report.samples[0])
+    assert (tmp_path / "suppression_histogram.png").stat().st_size > 1000
+    assert (tmp_path / "activation_stats.png").stat().st_size > 1000
+    rows = report.activations["forget"]
+    assert len(rows) == len(layers) and all(-1 <= r["cosine"] <= 1 for r in rows)
+    # the same model against itself: cosine 1, identical norms
+    same = audit(
+        trainer.model.get_base_model(),
+        corpora["forget_heldout"].select(range(2)),
+        trainer.forbidden_set,
+        epsilon=0.05,
+        base=trainer.model.get_base_model(),
+        analyze_activations=True,
+        num_samples=0,
+        bootstrap_samples=10,
+        progress=False,
+    )
+    assert all(r["cosine"] == pytest.approx(1.0, abs=1e-6) for r in same.activations["forget"])
+    with pytest.raises(ValueError, match=r"already holds suppression_report\.json"):
+        trainer.audit(forget_data=corpora["forget_heldout"].select(range(2)), output_dir=str(tmp_path))
+
+
+# ------------------------------------------------------------------------------------- command line
+def _cli_flags(tmp_path, data_dir):
+    return [
+        "--forget_corpora",
+        os.path.join(data_dir, "forget.txt"),
+        "--retain_corpora",
+        os.path.join(data_dir, "retain.txt"),
+        "--block_size",
+        "64",
+        "--max_sequences",
+        "8",
+        "--batch_size",
+        "4",
+        "--disable_tqdm",
+        "true",
+        "--bootstrap_samples",
+        "50",
+        "--num_samples",
+        "1",
+    ]
+
+
+def test_cli_audits_an_adapter_folder_and_a_merged_model(trained, tmp_path, capsys):
+    trainer, run_dir = trained
+    data = write_demo_corpora(str(tmp_path / "data"))[0].rsplit("/", 1)[0]
+    assert (
+        main(["audit", "--adapter", str(run_dir), "--output_dir", str(tmp_path / "a1"), *_cli_flags(tmp_path, data)])
+        == 0
+    )
+    assert "held-out forget mass on V_S" in capsys.readouterr().out
+    a1 = json.loads((tmp_path / "a1" / "suppression_report.json").read_text())
+    assert a1["sources"]["kind"] == "peft adapter" and a1["tilt"]["mode"] == "per_position"
+    merged_dir = tmp_path / "merged"
+    merged = copy.deepcopy(trainer.model).merge_and_unload()
+    merged.save_pretrained(merged_dir)
+    assert (
+        main(
+            [
+                "audit",
+                "--adapter",
+                str(merged_dir),
+                "--forbidden",
+                str(run_dir / "V_S.ids.json"),
+                "--output_dir",
+                str(tmp_path / "a2"),
+                *_cli_flags(tmp_path, data),
+            ]
+        )
+        == 0
+    )
+    a2 = json.loads((tmp_path / "a2" / "suppression_report.json").read_text())
+    assert a2["sources"]["kind"] == "merged model"
+    for key in ("updated_p_S", "base_p_S", "delta", "updated_perplexity"):
+        assert a2[key] == pytest.approx(a1[key], rel=1e-4, abs=1e-6), key  # merging does not change the audit
+
+
+def test_unlearn_writes_the_report(tmp_path):
+    forget, retain = write_demo_corpora(str(tmp_path / "data"))
+    assert (
+        main(
+            [
+                "unlearn",
+                "--forget_corpora",
+                forget,
+                "--retain_corpora",
+                retain,
+                "--output_dir",
+                str(tmp_path / "run"),
+                "--max_steps",
+                "2",
+                "--max_length",
+                "64",
+                "--use_lora",
+                "--lora_r",
+                "4",
+                "--use_cpu",
+                "--disable_tqdm",
+                "true",
+                "--report_to",
+                "none",
+                "--pmi_top_k",
+                "32",
+            ]
+        )
+        == 0
+    )
+    report = json.loads((tmp_path / "run" / "suppression_report.json").read_text())
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["heldout"]["updated_p_S"] == report["updated_p_S"]
+    assert (tmp_path / "run" / "suppression_report.md").exists()
+
+
+# ------------------------------------------------------------------------------------- bad input
+def test_bad_audit_input(trained, tmp_path, capsys):
+    _, run_dir = trained
+    data = write_demo_corpora(str(tmp_path / "data"))[0].rsplit("/", 1)[0]
+    flags = _cli_flags(tmp_path, data)
+    # an adapter trained on another base model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    other = tmp_path / "other_base"
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=2048,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+        )
+    ).save_pretrained(other)
+    assert (
+        main(
+            [
+                "audit",
+                "--model_name_or_path",
+                str(other),
+                "--adapter",
+                str(run_dir),
+                "--output_dir",
+                str(tmp_path / "x"),
+                *flags,
+            ]
+        )
+        == 2
+    )
+    assert "does not match --model_name_or_path" in capsys.readouterr().err
+    # forbidden ids outside the vocabulary
+    bad = tmp_path / "bad.json"
+    bad.write_text("[1, 2, 50000]")
+    assert (
+        main(["audit", "--adapter", str(run_dir), "--forbidden", str(bad), "--output_dir", str(tmp_path / "y"), *flags])
+        == 2
+    )
+    assert "outside the model's vocabulary" in capsys.readouterr().err
+    # epsilon outside (0, 1)
+    assert (
+        main(["audit", "--adapter", str(run_dir), "--epsilon", "1.2", "--output_dir", str(tmp_path / "z"), *flags]) == 2
+    )
+    assert "epsilon" in capsys.readouterr().err
+    # empty held-out data
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    assert (
+        main(["audit", "--adapter", str(run_dir), "--output_dir", str(tmp_path / "w"), "--forget_corpora", str(empty)])
+        == 2
+    )
+    assert "holds no text" in capsys.readouterr().err
+    assert not any((tmp_path / d).exists() for d in ("x", "y", "z", "w"))
+
+
+def test_cli_audits_a_qlora_adapter_on_a_4bit_base(trained, tmp_path, capsys):
+    pytest.importorskip("bitsandbytes")
+    _, run_dir = trained
+    data = write_demo_corpora(str(tmp_path / "data"))[0].rsplit("/", 1)[0]
+    flags = _cli_flags(tmp_path, data)
+    assert main(["audit", "--adapter", str(run_dir), "--output_dir", str(tmp_path / "fp"), *flags]) == 0
+    assert (
+        main(["audit", "--adapter", str(run_dir), "--load_in_4bit", "--output_dir", str(tmp_path / "q4"), *flags]) == 0
+    )
+    fp = json.loads((tmp_path / "fp" / "suppression_report.json").read_text())
+    q4 = json.loads((tmp_path / "q4" / "suppression_report.json").read_text())
+    assert q4["sources"]["load_in_4bit"] is True and q4["sources"]["kind"] == "peft adapter"
+    assert q4["forget_positions"] == fp["forget_positions"]
+    # nf4 weights move the masses a little, not the picture
+    assert q4["base_p_S"] == pytest.approx(fp["base_p_S"], abs=0.03)
+    assert q4["updated_p_S"] == pytest.approx(fp["updated_p_S"], abs=0.03)
+
+
+def test_4bit_without_bitsandbytes_names_the_extra(trained, tmp_path, capsys, monkeypatch):
+    import sys
+
+    _, run_dir = trained
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if it were not installed
+    data = write_demo_corpora(str(tmp_path / "data"))[0].rsplit("/", 1)[0]
+    assert (
+        main(
+            [
+                "audit",
+                "--adapter",
+                str(run_dir),
+                "--load_in_4bit",
+                "--output_dir",
+                str(tmp_path / "q"),
+                *_cli_flags(tmp_path, data),
+            ]
+        )
+        == 2
+    )
+    assert "pip install 'etu-hf[bnb]'" in capsys.readouterr().err
