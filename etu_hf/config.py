@@ -97,6 +97,28 @@ class ETUTrainingArguments(TrainingArguments):
         heldout_fraction (`float` or `None`, *optional*, defaults to `None`):
             When set, the held-out slice is this share of the forget examples instead.
 
+        > Parameters that control the in-loop preference refinement
+
+        preference_weight (`float`, *optional*, defaults to `0.0`):
+            Weight of a preference loss added to the ETU loss (0: off).
+        pref_format (`str`, *optional*, defaults to `"npo"`):
+            `"npo"` (the forget completion against the base model), `"simnpo"` (reference-free,
+            length-normalised, margin `pref_margin`) or `"dpo"` (forget completion rejected, a chosen
+            completion from `pref_chosen`, same prompt).
+        pref_beta (`float`, *optional*, defaults to `0.1`):
+            Inverse temperature of the preference loss. Must be > 0.
+        pref_every (`int`, *optional*, defaults to `1`):
+            Apply the preference loss on optimiser steps that are multiples of this.
+        pref_margin (`float`, *optional*, defaults to `0.0`):
+            SimNPO's margin gamma.
+        pref_prompt_tokens (`int`, *optional*, defaults to `16`):
+            The first tokens of each forget example form the prompt x; the rest is the completion y.
+        pref_chosen (`str`, *optional*, defaults to `"refusal"`):
+            DPO's chosen completion: `"refusal"` (from `pref_refusals`), `"retain"` (the paired retain
+            text) or `"data"` (a `pref_chosen_ids` column of token ids in the forget data).
+        pref_refusals (`list[str]`):
+            Refusals used as chosen completions, cycled over examples.
+
         > Parameters that control the output
 
         overwrite_output_dir (`bool`, *optional*, defaults to `False`):
@@ -168,6 +190,28 @@ class ETUTrainingArguments(TrainingArguments):
     )
     heldout_fraction: float | None = field(
         default=None, metadata={"help": "Share of forget data held out for the controller (overrides heldout_batches)."}
+    )
+    # ----- in-loop preference refinement
+    preference_weight: float = field(default=0.0, metadata={"help": "Weight of the preference loss (0: off)."})
+    pref_format: str = field(
+        default="npo", metadata={"help": "'npo', 'simnpo' or 'dpo'.", "choices": ["npo", "simnpo", "dpo"]}
+    )
+    pref_beta: float = field(default=0.1, metadata={"help": "Inverse temperature of the preference loss (> 0)."})
+    pref_every: int = field(default=1, metadata={"help": "Apply it every N optimiser steps."})
+    pref_margin: float = field(default=0.0, metadata={"help": "SimNPO margin gamma."})
+    pref_prompt_tokens: int = field(
+        default=16, metadata={"help": "Leading tokens of a forget example used as the prompt x."}
+    )
+    pref_chosen: str = field(
+        default="refusal",
+        metadata={
+            "help": "DPO chosen completion: 'refusal', 'retain' or 'data' (pref_chosen_ids column).",
+            "choices": ["refusal", "retain", "data"],
+        },
+    )
+    pref_refusals: list[str] = field(
+        default_factory=lambda: [" I can't help with that.", " Sorry, I won't share that.", " I don't know."],
+        metadata={"help": "Refusals used as DPO chosen completions."},
     )
     # ----- output
     overwrite_output_dir: bool = field(
@@ -247,5 +291,19 @@ class ETUTrainingArguments(TrainingArguments):
             fail("lambda_integral_max", "must be > 0")
         if self.heldout_batches < 1:
             fail("heldout_batches", "must be >= 1")
+        if self.preference_weight < 0:
+            fail("preference_weight", "must be >= 0 (0 turns preference refinement off)")
+        if self.pref_beta <= 0:
+            fail("pref_beta", "must be > 0, e.g. 0.1")
+        if self.pref_every < 1:
+            fail("pref_every", "must be >= 1")
+        if self.pref_prompt_tokens < 1:
+            fail("pref_prompt_tokens", "must be >= 1")
+        if self.pref_format not in ("npo", "simnpo", "dpo"):
+            fail("pref_format", "must be 'npo', 'simnpo' or 'dpo'")
+        if self.pref_chosen not in ("refusal", "retain", "data"):
+            fail("pref_chosen", "must be 'refusal', 'retain' or 'data'")
+        if self.pref_chosen == "refusal" and not any(r.strip() for r in self.pref_refusals):
+            fail("pref_refusals", "is empty: give at least one refusal, or another --pref_chosen")
         if self.heldout_fraction is not None and not 0.0 < self.heldout_fraction < 1.0:
             fail("heldout_fraction", "must be in (0, 1) or unset")

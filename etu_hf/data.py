@@ -25,6 +25,9 @@ logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 #: Prefix of the retain half of a paired batch (``retain_input_ids``, ``retain_attention_mask``, ...).
 RETAIN_PREFIX = "retain_"
+#: Columns with this prefix hold variable-length lists (e.g. ``pref_chosen_ids``); the collator passes
+#: them through as Python lists instead of tensorizing them.
+PASSTHROUGH_PREFIX = "pref_"
 #: Optional column that ties forget and retain examples of the same corpus pair together.
 CORPUS_ID_COLUMN = "corpus_id"
 
@@ -315,13 +318,23 @@ class ForgetRetainDataset(torch.utils.data.Dataset):
 class ForgetRetainCollator:
     """Collate paired features with the user's collator, once per half.
 
-    Features without retain keys (evaluation batches, for instance) pass straight to ``collator``.
+    Features without retain keys (evaluation batches, for instance) go to ``collator`` as they are;
+    columns starting with :data:`PASSTHROUGH_PREFIX` are handed on as Python lists.
     """
 
     def __init__(self, collator: Callable[[list[dict[str, Any]]], dict[str, Any]]):
         self.collator = collator
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        passthrough = {
+            k: [f[k] for f in features] for k in (features[0] if features else {}) if k.startswith(PASSTHROUGH_PREFIX)
+        }
+        if passthrough:
+            features = [{k: v for k, v in f.items() if k not in passthrough} for f in features]
+            return {**self._collate(features), **passthrough}
+        return self._collate(features)
+
+    def _collate(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         if not features or not any(k.startswith(RETAIN_PREFIX) for k in features[0]):
             return self.collator(features)
         forget = [{k: v for k, v in f.items() if not k.startswith(RETAIN_PREFIX)} for f in features]

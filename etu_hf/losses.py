@@ -48,25 +48,33 @@ class TiltedKLOutput:
     student_mass_sum: torch.Tensor
     target_mass_sum: torch.Tensor
     base_mass_sum: torch.Tensor
+    #: With ``targets``: per-position ``log pi_theta(y_i|x_i)`` (differentiable) and ``log pi_b(y_i|x_i)``.
+    student_target_logps: torch.Tensor | None = None
+    base_target_logps: torch.Tensor | None = None
 
 
 def _run_chunks(fn: Callable, tensors: list[torch.Tensor | None], n: int, chunk_size: int | None):
-    """Apply ``fn`` to row chunks of ``tensors`` and reduce: outputs are (loss, sums, mins, maxs)."""
+    """Apply ``fn`` to row chunks of ``tensors`` and reduce its outputs ``(loss, sums, mins, maxs, *per_row)``:
+    losses and sums add, mins/maxs combine, per-row outputs are concatenated."""
     step = n if not chunk_size or chunk_size >= n else chunk_size
     use_ckpt = torch.is_grad_enabled() and step < n
     loss = sums = mins = maxs = None
+    rows: list[list[torch.Tensor]] = []
     for start in range(0, max(n, 1), max(step, 1)):
         args = [t[start : start + step] if t is not None else None for t in tensors]
         out = checkpoint(fn, *args, use_reentrant=False) if use_ckpt else fn(*args)
-        c_loss, c_sums, c_mins, c_maxs = out
+        c_loss, c_sums, c_mins, c_maxs, *c_rows = out
         if loss is None:
             loss, sums, mins, maxs = c_loss, c_sums, c_mins, c_maxs
+            rows = [[r] for r in c_rows]
         else:
             loss = loss + c_loss
             sums = sums + c_sums
             mins = torch.minimum(mins, c_mins) if mins is not None else None
             maxs = torch.maximum(maxs, c_maxs) if maxs is not None else None
-    return loss, sums, mins, maxs
+            for acc, r in zip(rows, c_rows, strict=True):
+                acc.append(r)
+    return loss, sums, mins, maxs, *[torch.cat(r) if r[0] is not None else None for r in rows]
 
 
 def tilted_kl_loss(
@@ -84,6 +92,7 @@ def tilted_kl_loss(
     base_head: Head | None = None,
     chunk_size: int | None = 1024,
     normalizer: float | torch.Tensor | None = None,
+    targets: torch.Tensor | None = None,
 ) -> TiltedKLOutput:
     r"""Chunked ETU loss :math:`\frac{1}{Z}\sum_i w_i\, KL(q_{\lambda_i}(\cdot|x_i) \,\|\, \pi_\theta(\cdot|x_i))`.
 
@@ -104,6 +113,9 @@ def tilted_kl_loss(
         normalizer: ``Z`` (default ``sum_i w_i``, i.e. the mean over scored positions). The trainer
             passes the number of scored positions of the whole accumulated batch so that gradient
             accumulation gives the gradient of one large batch.
+        targets: optional ``[N]`` next-token ids; the output then also holds their log-probabilities
+            under the model (differentiable) and under the base model, from the same forward passes
+            (used by the preference terms, which so need no extra forward).
     """
     if lam is None and epsilon is None:
         raise ValueError("give either lam (global or per-position tilt) or epsilon (exact per-position tilt)")
@@ -112,7 +124,7 @@ def tilted_kl_loss(
         weights = torch.ones(n, device=student.device, dtype=torch.float32)
     per_pos = isinstance(lam, torch.Tensor) and lam.dim() > 0
 
-    def chunk(s: torch.Tensor, b: torch.Tensor, w: torch.Tensor, lam_c: torch.Tensor | None):
+    def chunk(s: torch.Tensor, b: torch.Tensor, w: torch.Tensor, lam_c: torch.Tensor | None, y: torch.Tensor | None):
         with torch.no_grad():
             zb = (base_head(b) if base_head is not None else b).to(device=s.device, dtype=torch.float32)
             if lam_c is None:
@@ -148,9 +160,16 @@ def tilted_kl_loss(
             )
             mins = torch.where(valid, lam_vec, inf).min().reshape(1)
             maxs = torch.where(valid, lam_vec, -inf).max().reshape(1)
-        return (kl * w).sum(), sums, mins, maxs
+        if y is None:
+            return (kl * w).sum(), sums, mins, maxs, None, None
+        lp_s = log_p.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+        with torch.no_grad():
+            lp_b = torch.log_softmax(zb, -1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
+        return (kl * w).sum(), sums, mins, maxs, lp_s, lp_b
 
-    loss, sums, mins, maxs = _run_chunks(chunk, [student, base, weights, lam if per_pos else None], n, chunk_size)
+    loss, sums, mins, maxs, lp_s, lp_b = _run_chunks(
+        chunk, [student, base, weights, lam if per_pos else None, targets], n, chunk_size
+    )
     if normalizer is None:
         normalizer = sums[1].clamp_min(1.0)
     return TiltedKLOutput(
@@ -163,6 +182,8 @@ def tilted_kl_loss(
         student_mass_sum=sums[3],
         target_mass_sum=sums[4],
         base_mass_sum=sums[5],
+        student_target_logps=lp_s,
+        base_target_logps=lp_b,
     )
 
 

@@ -192,7 +192,7 @@ def eval_mode(module: nn.Module) -> Iterator[None]:
 
 def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
     """The keys of a batch that go to the model's forward (labels removed; no cache)."""
-    inputs = {k: v for k, v in batch.items() if k not in NON_MODEL_KEYS}
+    inputs = {k: v for k, v in batch.items() if k not in NON_MODEL_KEYS and not k.startswith("pref_")}
     inputs["use_cache"] = False
     return inputs
 

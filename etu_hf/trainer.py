@@ -56,12 +56,20 @@ from etu_hf.modeling import (
     output_vocab_size,
     unwrap_model,
 )
+from etu_hf.preference.inloop import (
+    PREF_CHOSEN_COLUMN,
+    chosen_batch,
+    chosen_logps,
+    completion_mask,
+    preference_losses,
+    prompts_of,
+)
 from etu_hf.tilt import TiltSpec, closed_form_lambda, forbidden_mass
 
 logger = logging.getLogger(__name__)
 
 # Layout of the on-device statistics accumulators (sums over scored positions).
-_STATS = ("kl", "w_forget", "lambda", "pi_s", "q_s", "base_p_s", "retain", "w_retain")
+_STATS = ("kl", "w_forget", "lambda", "pi_s", "q_s", "base_p_s", "retain", "w_retain", "pref", "w_pref")
 
 
 @dataclass
@@ -75,6 +83,8 @@ class ScoredCounts:
     forget: torch.Tensor
     retain: torch.Tensor
     world_size: int = 1
+    #: Forget sequences with a completion (for the preference term), over the step and all processes.
+    sequences: torch.Tensor | None = None
 
 
 class _StatsAccumulator:
@@ -117,6 +127,8 @@ class _StatsAccumulator:
         }
         if s["w_retain"] > 0:
             out["etu/retain_loss"] = s["retain"] / wr
+        if s["w_pref"] > 0:
+            out["etu/pref_loss"] = s["pref"] / s["w_pref"]
         return out
 
 
@@ -235,7 +247,8 @@ class ETUTrainer(Trainer):
             self.train_dataset = ForgetRetainDataset(
                 train_dataset, retain_dataset, seed=self.args.data_seed or self.args.seed
             )
-            self.data_collator = ForgetRetainCollator(self.data_collator)
+        self.data_collator = ForgetRetainCollator(self.data_collator)
+        self._refusal_ids = self._check_preference_settings()
 
         # The base distribution pi_b.
         if ref_model is not None:
@@ -427,6 +440,8 @@ class ETUTrainer(Trainer):
         super()._set_signature_columns_if_needed()
         if self.pairs_retain and not any(c.startswith(RETAIN_PREFIX) for c in self._signature_columns):
             self._signature_columns += [RETAIN_PREFIX + c for c in self._signature_columns if c != CORPUS_ID_COLUMN]
+        if self.args.preference_weight > 0 and PREF_CHOSEN_COLUMN not in self._signature_columns:
+            self._signature_columns.append(PREF_CHOSEN_COLUMN)
 
     def get_batch_samples(
         self, epoch_iterator: Any, num_batches: int, device: torch.device
@@ -443,16 +458,20 @@ class ETUTrainer(Trainer):
                 batch_samples.append(next(epoch_iterator))
             except StopIteration:
                 break
-        counts = torch.zeros(2, dtype=torch.float32, device=device)
+        counts = torch.zeros(3, dtype=torch.float32, device=device)
         for batch in batch_samples:
             forget, retain = split_forget_retain(batch)
             counts[0] += _count_scored(forget, device)
             if retain is not None:
                 counts[1] += _count_scored(retain, device)
+            if self.args.preference_weight > 0:
+                mask, _ = scored_positions(forget["input_ids"], forget.get("attention_mask"), forget.get("labels"))
+                comp = completion_mask(mask, forget.get("attention_mask"), self.args.pref_prompt_tokens)
+                counts[2] += comp.any(1).sum().to(device=device, dtype=torch.float32)
         world = self.args.world_size
         if world > 1:
             counts = self.accelerator.reduce(counts, reduction="sum")
-        return batch_samples, ScoredCounts(forget=counts[0], retain=counts[1], world_size=world)
+        return batch_samples, ScoredCounts(forget=counts[0], retain=counts[1], world_size=world, sequences=counts[2])
 
     # ------------------------------------------------------------------ loss
     def compute_loss(
@@ -477,6 +496,11 @@ class ETUTrainer(Trainer):
         if a.lambda_mode == "global" and self.global_lambda is None:  # compute_loss outside train()
             self._setup_target()
         lam_kwargs = self.tilt_spec().loss_kwargs()
+        pref_on = a.preference_weight > 0 and model.training and self.state.global_step % a.pref_every == 0
+        targets = None
+        if pref_on:
+            targets = scored_positions(forget["input_ids"], forget.get("attention_mask"), forget.get("labels"))[1]
+            targets = targets.reshape(-1)
         kl = tilted_kl_loss(
             student,
             base,
@@ -486,9 +510,15 @@ class ETUTrainer(Trainer):
             base_head=self.base.head(device) if self._use_hidden else None,
             chunk_size=a.loss_chunk_size or None,
             normalizer=counts.forget.clamp_min(1.0) if counts is not None else None,
+            targets=targets,
             **lam_kwargs,
         )
         loss = kl.loss
+        pref_sum = torch.zeros((), device=device)
+        pref_n = torch.zeros((), device=device)
+        if pref_on:
+            p_loss, pref_sum, pref_n = self._preference_term(model, forget, retain, mask, kl, counts)
+            loss = loss + a.preference_weight * p_loss
         retain_sum = torch.zeros((), device=device)
         retain_w = torch.zeros((), device=device)
         if retain is not None and a.retain_weight > 0 and model.training:
@@ -505,6 +535,8 @@ class ETUTrainer(Trainer):
                 kl.base_mass_sum,
                 retain_sum,
                 retain_w,
+                pref_sum,
+                pref_n,
             ]
         ).float()
         if model.training:
@@ -516,6 +548,82 @@ class ETUTrainer(Trainer):
             # DDP/DeepSpeed average gradients over processes; the normaliser already counts all of them.
             loss = loss * counts.world_size
         return (loss, outputs) if return_outputs else loss
+
+    def _preference_term(
+        self,
+        model: nn.Module,
+        forget: dict[str, Any],
+        retain: dict[str, Any] | None,
+        mask: torch.Tensor,
+        kl: Any,
+        counts: ScoredCounts | None,
+    ):
+        """NPO / SimNPO / DPO on the forget completions of this micro-batch (see etu_hf.preference.inloop).
+
+        Returns ``(loss, detached sum of per-sequence losses, number of sequences)``; the loss is
+        normalised by the sequences of the whole accumulated batch, like the ETU term by its positions.
+        """
+        a = self.args
+        b = mask.shape[0]
+        comp = completion_mask(mask, forget.get("attention_mask"), a.pref_prompt_tokens)
+        w = comp.to(kl.student_target_logps.dtype)
+        policy = (kl.student_target_logps.view(b, -1) * w).sum(1)
+        ref = (kl.base_target_logps.view(b, -1) * w).sum(1)
+        lengths = comp.sum(1)
+        valid = (lengths > 0).to(policy.dtype)
+        chosen = None
+        if a.pref_format == "dpo":
+            prompts = prompts_of(forget["input_ids"], forget.get("attention_mask"), a.pref_prompt_tokens)
+            batch = chosen_batch(
+                prompts, self._chosen_ids(forget, retain, lengths.tolist()), self._pad_id(), forget["input_ids"].device
+            )
+            chosen = chosen_logps(model, self.base, batch)
+        per_seq = preference_losses(a.pref_format, a.pref_beta, a.pref_margin, policy, ref, lengths, chosen)
+        total = (per_seq * valid).sum()
+        normalizer = (
+            counts.sequences.clamp_min(1.0)
+            if counts is not None and counts.sequences is not None
+            else valid.sum().clamp_min(1.0)
+        )
+        return total / normalizer, total.detach(), valid.sum().detach()
+
+    def _chosen_ids(self, forget: dict[str, Any], retain: dict[str, Any] | None, lengths: list[int]) -> list[list[int]]:
+        """DPO's chosen completion for each forget row, from ``pref_chosen``."""
+        a = self.args
+        if a.pref_chosen == "data":
+            return [list(ids) for ids in forget[PREF_CHOSEN_COLUMN]]
+        if a.pref_chosen == "retain":
+            rows = prompts_of(retain["input_ids"], retain.get("attention_mask"), max([*lengths, 1]))
+            return [row[: max(n, 1)] for row, n in zip(rows, lengths, strict=True)]
+        return [self._refusal_ids[i % len(self._refusal_ids)] for i in range(len(lengths))]
+
+    def _pad_id(self) -> int:
+        tok = self.processing_class
+        pad = getattr(tok, "pad_token_id", None)
+        return pad if pad is not None else (getattr(tok, "eos_token_id", None) or 0)
+
+    def _check_preference_settings(self) -> list[list[int]]:
+        """Fail early on preference settings without a source of chosen completions; tokenize refusals."""
+        a = self.args
+        if a.preference_weight <= 0 or a.pref_format != "dpo":
+            return []
+        if a.pref_chosen == "retain" and not self.pairs_retain:
+            raise ValueError(
+                "pref_format='dpo' with pref_chosen='retain' needs retain data paired with the forget data: pass "
+                "retain_dataset= (and retain_weight > 0), or use --pref_chosen refusal (or data)."
+            )
+        if a.pref_chosen == "data":
+            names = getattr(self.forget_dataset, "column_names", None) or list(self.forget_dataset[0])
+            if PREF_CHOSEN_COLUMN not in names:
+                raise ValueError(
+                    f"pref_chosen='data' needs a '{PREF_CHOSEN_COLUMN}' column (token ids of an alternate answer) in "
+                    "the forget data; add it, or use --pref_chosen refusal or retain."
+                )
+            return []
+        if not callable(self.processing_class):
+            raise ValueError("pref_chosen='refusal' needs processing_class (a tokenizer) to tokenize pref_refusals")
+        ids = [self.processing_class(r, add_special_tokens=False)["input_ids"] for r in a.pref_refusals if r.strip()]
+        return [x for x in ids if x]
 
     def _student_positions(self, model: nn.Module, head: nn.Module, batch: dict[str, Any], keep_logits: bool):
         mask, _ = scored_positions(batch["input_ids"], batch.get("attention_mask"), batch.get("labels"))
