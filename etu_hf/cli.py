@@ -4,6 +4,7 @@ Commands:
     etu-hf demo      the whole pipeline offline on the embedded tiny model and generated corpora
     etu-hf unlearn   ETU on your model and corpora (every TrainingArguments flag works)
     etu-hf audit     suppression report of a base model plus an unlearned adapter or merged model
+    etu-hf refine    DPO (TRL) or NPO/SimNPO after ETU, with the base model as reference
 
 Each command parses its flags with ``transformers.HfArgumentParser`` over the same dataclasses a
 Python user fills in (:class:`~etu_hf.pipeline.ModelArguments`, :class:`~etu_hf.pipeline.DataArguments`,
@@ -43,6 +44,7 @@ commands:
   demo      run the whole pipeline offline on the embedded tiny model and generated corpora
   unlearn   unlearn your corpora from your model (`etu-hf unlearn --help` lists every flag)
   audit     suppression report of a base model plus an unlearned adapter (or merged model)
+  refine    continue an ETU adapter with DPO (TRL) or NPO/SimNPO, then audit it
 
 Run `etu-hf <command> --help` for the flags of a command.
 """
@@ -232,7 +234,50 @@ def cmd_audit(argv: Sequence[str]) -> int:
     return 0
 
 
-COMMANDS = {"unlearn": cmd_unlearn, "demo": cmd_demo, "audit": cmd_audit}
+def _flag(argv: Sequence[str], name: str, default: str) -> str:
+    for i, arg in enumerate(argv):
+        if arg == name and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(name + "="):
+            return arg.split("=", 1)[1]
+    return default
+
+
+def cmd_refine(argv: Sequence[str]) -> int:
+    """``etu-hf refine``: DPO (TRL's DPOTrainer) or NPO/SimNPO after ETU, then an audit."""
+    from transformers import HfArgumentParser
+
+    from etu_hf.preference.npo import NPOConfig
+    from etu_hf.preference.refine import RefineArguments, run_refine
+
+    method = _flag(argv, "--method", "dpo")
+    if method == "dpo":
+        from trl import DPOConfig as Config
+    else:
+        Config = NPOConfig
+    parser = HfArgumentParser((RefineArguments, Config))
+    parser.prog = "etu-hf refine"
+    argv = list(argv)
+    if method == "simnpo" and not any(a.startswith("--loss_type") for a in argv):
+        argv += ["--loss_type", "simnpo"]
+    args, config = parser.parse_args_into_dataclasses(args=argv)
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        level=logging.WARNING,
+        stream=sys.stdout,
+    )
+    if config.should_log:
+        logging.getLogger("etu_hf").setLevel(logging.INFO)
+    report = run_refine(args, config)
+    if config.should_log:
+        print()
+        print(report.summary())
+        print(f"\nartifacts: {os.path.abspath(config.output_dir)}")
+    return 0
+
+
+COMMANDS = {"unlearn": cmd_unlearn, "demo": cmd_demo, "audit": cmd_audit, "refine": cmd_refine}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -95,3 +95,29 @@ def check_metrics_schema():
                 assert key in metrics["heldout"], key
 
     return check
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, corpora, tokenizer):
+    """A LoRA adapter trained for a few steps on the tiny model, saved as an ETU output folder."""
+    from helpers import fast_args
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM
+
+    from etu_hf import ETUTrainer
+
+    out = tmp_path_factory.mktemp("trained")
+    args = fast_args(
+        str(out), max_steps=30, p_s_sample_size=16, logging_steps=10, adaptive_lambda=True, lambda_update_freq=10
+    )
+    trainer = ETUTrainer(
+        model=AutoModelForCausalLM.from_pretrained(DEMO_MODEL_DIR),
+        args=args,
+        train_dataset=corpora["forget"],
+        retain_dataset=corpora["retain"],
+        processing_class=tokenizer,
+        peft_config=LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear"),
+    )
+    trainer.train()
+    trainer.save_model()
+    return trainer, out

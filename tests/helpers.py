@@ -26,3 +26,23 @@ def fast_args(output_dir, **kwargs):
     )
     defaults.update(kwargs)
     return ETUTrainingArguments(**defaults)
+
+
+LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
+
+
+def lora_trainer(model, tokenizer, corpora, args, **kwargs):
+    """An ETUTrainer with a LoRA adapter (LORA) on the forget corpus, with retain data."""
+    from peft import LoraConfig
+
+    from etu_hf import ETUTrainer
+
+    return ETUTrainer(
+        model=model,
+        args=args,
+        train_dataset=corpora["forget"],
+        retain_dataset=corpora["retain"],
+        processing_class=tokenizer,
+        peft_config=LoraConfig(**LORA),
+        **kwargs,
+    )

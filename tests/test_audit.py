@@ -8,17 +8,13 @@ import os
 import numpy as np
 import pytest
 import torch
-from helpers import fast_args
-from peft import LoraConfig
 
-from etu_hf import ETUTrainer
 from etu_hf.audit import REPORT_FORMAT, AuditReport, audit
 from etu_hf.audit.activations import decoder_layers
 from etu_hf.bounds import bootstrap_ratio_interval, wilson_interval, wilson_upper
 from etu_hf.cli import main
 from etu_hf.data import iter_batches
 from etu_hf.demo.run import write_demo_corpora
-from etu_hf.pipeline import DEMO_MODEL_DIR
 from etu_hf.tilt import TiltSpec, forbidden_mass
 
 Z = 1.959964
@@ -57,28 +53,6 @@ def test_bootstrap_matches_a_naive_loop():
 
 
 # ------------------------------------------------------------------------------------- estimators
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, corpora, tokenizer):
-    """A LoRA adapter trained for a few steps on the tiny model, saved as an ETU output folder."""
-    from transformers import AutoModelForCausalLM
-
-    out = tmp_path_factory.mktemp("trained")
-    args = fast_args(
-        str(out), max_steps=30, p_s_sample_size=16, logging_steps=10, adaptive_lambda=True, lambda_update_freq=10
-    )
-    trainer = ETUTrainer(
-        model=AutoModelForCausalLM.from_pretrained(DEMO_MODEL_DIR),
-        args=args,
-        train_dataset=corpora["forget"],
-        retain_dataset=corpora["retain"],
-        processing_class=tokenizer,
-        peft_config=LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear"),
-    )
-    trainer.train()
-    trainer.save_model()
-    return trainer, out
-
-
 def test_report_numbers_against_direct_computation(trained, corpora, tmp_path):
     trainer, _ = trained
     held = corpora["forget_heldout"].select(range(6))

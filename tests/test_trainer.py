@@ -7,6 +7,7 @@ import os
 import datasets
 import pytest
 import torch
+from helpers import LORA, lora_trainer
 from peft import LoraConfig
 from scripts.controller_run import StopAt  # a callback that interrupts training at a step
 
@@ -14,8 +15,6 @@ from etu_hf import ETUTrainer, ETUTrainingArguments, adapters_disabled, evaluate
 from etu_hf.data import iter_batches
 from etu_hf.modeling import AdapterDisabledBase, FrozenCopyBase
 from etu_hf.tilt import forbidden_mass
-
-LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
 
 
 def padded(blocks, lengths, left=False, pad_id=1):
@@ -123,19 +122,6 @@ def test_gradient_accumulation_gives_the_gradient_of_one_large_batch(tokenizer, 
     assert norms[0] == pytest.approx(norms[1], rel=1e-4)
 
 
-def lora_trainer(model, tokenizer, corpora, args, **kwargs):
-    """An ETUTrainer with a LoRA adapter on the forget corpus, with retain data."""
-    return ETUTrainer(
-        model=model,
-        args=args,
-        train_dataset=corpora["forget"],
-        retain_dataset=corpora["retain"],
-        processing_class=tokenizer,
-        peft_config=LoraConfig(**LORA),
-        **kwargs,
-    )
-
-
 def _train_lora(model, tokenizer, corpora, make_args, retain_weight, steps=150):
     # The retain data always sets the PMI background of V_S; retain_weight=0 trains on forget data only.
     args = make_args(max_steps=steps, logging_steps=25, learning_rate=3e-3, retain_weight=retain_weight)
@@ -164,11 +150,15 @@ def test_lora_training_without_retain_reaches_epsilon_on_heldout_text(model, tok
 def test_lora_training_with_retain_keeps_perplexity_and_no_second_copy(model, tokenizer, corpora, make_args):
     from transformers import LlamaForCausalLM
 
+    def llamas():
+        gc.collect()
+        return {id(o) for o in gc.get_objects() if isinstance(o, LlamaForCausalLM)}
+
+    before = llamas()  # includes `model` (and any model other tests keep alive)
     trainer, _, after, ppl_before, ppl_after = _train_lora(model, tokenizer, corpora, make_args, retain_weight=1.0)
     assert isinstance(trainer.base, AdapterDisabledBase) and trainer.base.shares_weights
-    gc.collect()
-    llamas = [o for o in gc.get_objects() if isinstance(o, LlamaForCausalLM)]
-    assert len(llamas) == 1  # the base distribution is the same model with adapters disabled
+    assert llamas() == before  # no second model: the base is the same model with adapters disabled
+    assert trainer.base.model.get_base_model() is model
     logs = [h for h in trainer.state.log_history if "etu/loss" in h]
     assert "etu/retain_loss" in logs[-1]
     assert {"etu/lambda", "etu/pi_s", "etu/q_s"} <= set(logs[-1])
