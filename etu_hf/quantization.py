@@ -58,3 +58,30 @@ def disable_cpu_repacking(model: Any) -> int:
             module.support_avx512bf16_for_cpu = False
             changed += 1
     return changed
+
+
+def has_4bit_layers(model: Any) -> bool:
+    """True when the model holds bitsandbytes 4-bit linear layers (checked without importing bitsandbytes)."""
+    return any(type(m).__name__ == "Linear4bit" for m in model.modules())
+
+
+def prepare_4bit_model(model: Any) -> Any:
+    """What every 4-bit model needs before its first forward here: no CPU repacking (see
+    :func:`disable_cpu_repacking`), and on CPU a warning when OpenMP is left at its spinning default."""
+    import logging
+    import os
+
+    import torch
+
+    if not has_4bit_layers(model):
+        return model
+    disable_cpu_repacking(model)
+    on_cpu = all(p.device.type == "cpu" for p in model.parameters())
+    if on_cpu and not (os.environ.get("OMP_WAIT_POLICY") or os.environ.get("OMP_NUM_THREADS")):
+        logging.getLogger(__name__).warning(
+            "4-bit model on CPU: torch and bitsandbytes each bring an OpenMP runtime, which can make training much "
+            "slower; start Python with OMP_WAIT_POLICY=PASSIVE or OMP_NUM_THREADS=1 (the etu-hf command does this "
+            "itself). torch uses %d threads.",
+            torch.get_num_threads(),
+        )
+    return model

@@ -64,6 +64,7 @@ from etu_hf.preference.inloop import (
     preference_losses,
     prompts_of,
 )
+from etu_hf.quantization import prepare_4bit_model
 from etu_hf.tilt import TiltSpec, closed_form_lambda, forbidden_mass
 
 logger = logging.getLogger(__name__)
@@ -212,6 +213,7 @@ class ETUTrainer(Trainer):
             else:
                 set_seed(args.seed)
             model = get_peft_model(model, peft_config)
+        prepare_4bit_model(model)  # bitsandbytes' CPU repacking would corrupt LoRA gradients (and crash)
         check_tokenizer_matches(model, processing_class)
         if retain_dataset is not None and len(retain_dataset) == 0:
             raise ValueError("retain_dataset is empty; pass None for suppression-only training")
@@ -261,6 +263,14 @@ class ETUTrainer(Trainer):
         elif is_peft_model(self.model):
             self.base = AdapterDisabledBase(self.model)
         else:
+            from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+            if is_deepspeed_zero3_enabled():
+                raise ValueError(
+                    "full fine-tuning under DeepSpeed ZeRO-3 needs the base model as ref_model= (its parameters are "
+                    "partitioned, so the trainer cannot copy them): pass ref_model=, train LoRA (--use_lora), or use "
+                    "ZeRO-2."
+                )
             logger.info("model has no PEFT adapters: keeping a frozen copy as the base distribution")
             self.base = FrozenCopyBase(self.model, device="cpu" if self.args.frozen_on_cpu else self.args.device)
 
@@ -577,7 +587,8 @@ class ETUTrainer(Trainer):
             batch = chosen_batch(
                 prompts, self._chosen_ids(forget, retain, lengths.tolist()), self._pad_id(), forget["input_ids"].device
             )
-            chosen = chosen_logps(model, self.base, batch)
+            with self.accelerator.autocast():
+                chosen = chosen_logps(model, self.base, batch)
         per_seq = preference_losses(a.pref_format, a.pref_beta, a.pref_margin, policy, ref, lengths, chosen)
         total = (per_seq * valid).sum()
         normalizer = (
@@ -633,7 +644,9 @@ class ETUTrainer(Trainer):
         return _flatten_positions(h, mask), outputs, mask
 
     def _base_positions(self, batch: dict[str, Any], mask: torch.Tensor) -> torch.Tensor:
-        h = self.base.hidden(batch) if self._use_hidden else self.base.logits(batch)
+        # Same precision as the model's own forward: accelerate wraps only the trained model in autocast.
+        with self.accelerator.autocast():
+            h = self.base.hidden(batch) if self._use_hidden else self.base.logits(batch)
         return _flatten_positions(h, mask.to(h.device))
 
     def _retain_term(self, model: nn.Module, head: nn.Module, retain: dict[str, Any], counts: ScoredCounts | None):
@@ -796,7 +809,7 @@ class ETUTrainer(Trainer):
         it must not be training data. ``kwargs`` go to :func:`etu_hf.audit` (``overwrite``,
         ``num_samples``, ``analyze_activations``, ...). Files are written by the main process only.
         """
-        from etu_hf.audit import audit
+        from etu_hf.auditing import audit
 
         if forget_data is None:
             forget_data = self.eval_dataset if self.eval_dataset is not None else self.heldout_dataset

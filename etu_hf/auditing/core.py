@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from etu_hf.audit.activations import activation_statistics
-from etu_hf.audit.report import (
+from etu_hf.auditing.activations import activation_statistics
+from etu_hf.auditing.report import (
     ACTIVATIONS_FILE,
     HISTOGRAM_FILE,
     REPORT_FILE,
