@@ -220,6 +220,7 @@ class ETUTrainingArguments(TrainingArguments):
 
     def __post_init__(self) -> None:
         self._validate_etu()
+        _require_deepspeed_if_asked(self.deepspeed)
         super().__post_init__()
 
     # The Trainer saves its arguments with torch.save (training_args.bin, in every checkpoint and in
@@ -307,3 +308,14 @@ class ETUTrainingArguments(TrainingArguments):
             fail("pref_refusals", "is empty: give at least one refusal, or another --pref_chosen")
         if self.heldout_fraction is not None and not 0.0 < self.heldout_fraction < 1.0:
             fail("heldout_fraction", "must be in (0, 1) or unset")
+
+
+def _require_deepspeed_if_asked(deepspeed_arg: object) -> None:
+    """A DeepSpeed run (``--deepspeed config.json`` or an accelerate DeepSpeed config) without the
+    package is an error that names the fix, raised before anything is loaded."""
+    import importlib.util
+
+    asked = deepspeed_arg is not None or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+    if asked and importlib.util.find_spec("deepspeed") is None:
+        source = "--deepspeed" if deepspeed_arg is not None else "the accelerate config (distributed_type DEEPSPEED)"
+        raise ValueError(f"{source} asks for DeepSpeed, which is not installed: pip install 'etu-hf[deepspeed]'.")

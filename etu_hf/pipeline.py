@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from etu_hf.artifacts import METRICS_FILE, check_output_dir, write_json
-from etu_hf.audit.report import REPORT_FILE
+from etu_hf.auditing.report import REPORT_FILE
 from etu_hf.config import ETUTrainingArguments
 from etu_hf.data import CorpusSpec, load_corpus, parse_corpus_specs, split_documents, tokenize_and_block
 
@@ -43,6 +43,36 @@ class ModelArguments:
     lora_target_modules: str = field(
         default="all-linear", metadata={"help": "Comma-separated module names, or 'all-linear'."}
     )
+    use_dora: bool = field(default=False, metadata={"help": "DoRA (weight-decomposed LoRA); implies --use_lora."})
+    use_qlora: bool = field(
+        default=False,
+        metadata={"help": "QLoRA: base weights in 4-bit nf4 (bitsandbytes) with LoRA on top; implies --use_lora."},
+    )
+    layer_ids: str | None = field(
+        default=None,
+        metadata={
+            "help": "Decoder layers to train, e.g. '10,11,12' or '10-13': LoRA only there "
+            "(layers_to_transform), or without LoRA only their parameters."
+        },
+    )
+    name_keywords: str | None = field(
+        default=None, metadata={"help": "Without LoRA: train parameters whose name contains one of these (comma list)."}
+    )
+    param_ids: str | None = field(
+        default=None, metadata={"help": "Without LoRA: train these indices of model.named_parameters() (comma list)."}
+    )
+
+    @property
+    def adapter(self) -> bool:
+        """True when a LoRA-family adapter is trained."""
+        return self.use_lora or self.use_dora or self.use_qlora
+
+    def __post_init__(self) -> None:
+        if self.adapter and (self.name_keywords or self.param_ids):
+            raise ValueError(
+                "--name_keywords/--param_ids select the model's own parameters; with LoRA use "
+                "--lora_target_modules (and --layer_ids) instead"
+            )
 
 
 @dataclass
@@ -95,8 +125,12 @@ class UnlearnResult:
     report: Any = None
 
 
-def load_model_and_tokenizer(model_args: ModelArguments):
-    """``AutoModelForCausalLM`` and ``AutoTokenizer`` from ``model_name_or_path`` (the demo model by default)."""
+def load_model_and_tokenizer(model_args: ModelArguments, gradient_checkpointing: bool = False):
+    """``AutoModelForCausalLM`` and ``AutoTokenizer`` from ``model_name_or_path`` (the demo model by default).
+
+    With ``use_qlora`` the weights load in 4-bit nf4 and go through PEFT's
+    ``prepare_model_for_kbit_training``; bitsandbytes' CPU repacking is disabled on every 4-bit layer.
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -106,15 +140,36 @@ def load_model_and_tokenizer(model_args: ModelArguments):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     dtype = model_args.dtype if model_args.dtype == "auto" else getattr(torch, model_args.dtype)
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": model_args.trust_remote_code}
+    if model_args.use_qlora:
+        from etu_hf.quantization import four_bit_config
+
+        kwargs["quantization_config"] = four_bit_config(flag="--use_qlora")
+        kwargs["device_map"] = {"": _local_device()}
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=model_args.trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except ValueError as err:
         if "Unrecognized configuration class" in str(err):
             raise TypeError(
                 f"--model_name_or_path {path!r} is not a causal language model (AutoModelForCausalLM cannot load it)."
             ) from err
         raise
+    if model_args.use_qlora:
+        from peft import prepare_model_for_kbit_training
+
+        from etu_hf.quantization import prepare_4bit_model
+
+        prepare_4bit_model(model)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     return model, tokenizer
+
+
+def _local_device() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    return "cpu"
 
 
 def load_documents(value: str | None, text_column: str, flag: str) -> list[str]:
@@ -181,19 +236,28 @@ def prepare_corpora(data_args: DataArguments, tokenizer: Any, seed: int) -> dict
     }
 
 
-def _lora_config(model_args: ModelArguments):
-    from peft import LoraConfig
+def trainable_setup(model: Any, model_args: ModelArguments) -> Any:
+    """The ``peft_config`` to train (LoRA/DoRA/QLoRA), or ``None`` after restricting the model's own
+    trainable parameters to ``--layer_ids``/``--name_keywords``/``--param_ids`` when given."""
+    from etu_hf.adapters import lora_config, parse_ids, select_trainable
 
-    targets: str | list[str] = model_args.lora_target_modules
-    if targets != "all-linear":
-        targets = [t.strip() for t in targets.split(",") if t.strip()]
-    return LoraConfig(
-        r=model_args.lora_r,
-        lora_alpha=model_args.lora_alpha,
-        lora_dropout=model_args.lora_dropout,
-        target_modules=targets,
-        task_type="CAUSAL_LM",
+    layer_ids = parse_ids(model_args.layer_ids, "--layer_ids")
+    if model_args.adapter:
+        return lora_config(
+            model,
+            r=model_args.lora_r,
+            alpha=model_args.lora_alpha,
+            dropout=model_args.lora_dropout,
+            target_modules=model_args.lora_target_modules,
+            use_dora=model_args.use_dora,
+            layer_ids=layer_ids,
+        )
+    keywords = (
+        [k.strip() for k in model_args.name_keywords.split(",") if k.strip()] if model_args.name_keywords else None
     )
+    if layer_ids is not None or keywords or model_args.param_ids:
+        select_trainable(model, layer_ids, keywords, parse_ids(model_args.param_ids, "--param_ids"))
+    return None
 
 
 def run_unlearning(
@@ -205,7 +269,8 @@ def run_unlearning(
     from etu_hf.trainer import ETUTrainer, split_heldout
 
     check_output_dir(training_args.output_dir, training_args.overwrite_output_dir, training_args.resume_from_checkpoint)
-    model, tokenizer = load_model_and_tokenizer(model_args)
+    model, tokenizer = load_model_and_tokenizer(model_args, training_args.gradient_checkpointing)
+    peft_config = trainable_setup(model, model_args)
     data = prepare_corpora(data_args, tokenizer, training_args.seed)
     forget_train = data["forget_train"]
     heldout = None
@@ -230,7 +295,7 @@ def run_unlearning(
         retain_dataset=data["retain_train"],
         processing_class=tokenizer,
         data_collator=default_data_collator,
-        peft_config=_lora_config(model_args) if model_args.use_lora else None,
+        peft_config=peft_config,
         heldout_dataset=heldout,
     )
     trainer.extra_run_arguments = {**asdict(model_args), **asdict(data_args)}
