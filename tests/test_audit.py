@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from etu_hf.audit import REPORT_FORMAT, AuditReport, audit
-from etu_hf.audit.activations import decoder_layers
+from etu_hf.auditing import REPORT_FORMAT, AuditReport, audit
+from etu_hf.auditing.activations import decoder_layers
 from etu_hf.bounds import bootstrap_ratio_interval, wilson_interval, wilson_upper
 from etu_hf.cli import main
 from etu_hf.data import iter_batches

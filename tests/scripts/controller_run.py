@@ -29,12 +29,20 @@ class StopAt(TrainerCallback):
             control.should_training_stop = True
 
 
+def heldout_blocks(tok):
+    """Forget text the run never trains on (another seed), for the audit."""
+    return tokenize_and_block(forget_documents(12, seed=77), tok, 64)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("output_dir")
     parser.add_argument("--max_steps", type=int, default=12)
     parser.add_argument("--stop_at", type=int, default=None)
     parser.add_argument("--resume", default=None)
+    parser.add_argument("--loss_chunk_size", type=int, default=1024)
+    parser.add_argument("--gradient_checkpointing", action="store_true")
+    parser.add_argument("--audit", action="store_true", help="audit the held-out slice in-process (all ranks)")
     opts = parser.parse_args()
 
     torch.manual_seed(0)
@@ -76,8 +84,22 @@ def main():
     )
     trainer.train(resume_from_checkpoint=opts.resume)
     rank = args.process_index
+    audit_mass = None
+    if opts.audit:
+        report = trainer.audit(forget_data=heldout_blocks(tok), num_samples=0, bootstrap_samples=10)
+        audit_mass = report.updated_p_S
     with open(os.path.join(opts.output_dir, f"history_rank{rank}.json"), "w") as f:
-        json.dump({"history": trainer.lambda_controller.history, "world_size": args.world_size}, f)
+        partitioned = any(hasattr(p, "ds_id") and p.numel() == 0 for p in trainer.model.parameters())
+        json.dump(
+            {
+                "history": trainer.lambda_controller.history,
+                "world_size": args.world_size,
+                "zero3_partitioned": partitioned,
+                "audit_updated_p_S": audit_mass,
+                "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
+            },
+            f,
+        )
     trainer.save_model(os.path.join(opts.output_dir, "final"))
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
