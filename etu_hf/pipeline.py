@@ -164,6 +164,23 @@ def load_model_and_tokenizer(model_args: ModelArguments, gradient_checkpointing:
     return model, tokenizer
 
 
+def _init_deepspeed_for_zero3(training_args: ETUTrainingArguments) -> None:
+    """ZeRO-3 partitions weights while ``from_pretrained`` loads them (``zero.Init``), which needs
+    DeepSpeed's process group. ``accelerate launch`` sets it up; ``torchrun``/``deepspeed`` with a
+    ``--deepspeed`` JSON do not, and zero.Init then sees one process and fails on the batch size."""
+    if not training_args.deepspeed:
+        return
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():
+        import deepspeed
+        import torch
+
+        deepspeed.init_distributed(
+            dist_backend="nccl" if torch.cuda.is_available() and not training_args.use_cpu else "gloo"
+        )
+
+
 def _local_device() -> str:
     import torch
 
@@ -269,6 +286,7 @@ def run_unlearning(
     from etu_hf.trainer import ETUTrainer, split_heldout
 
     check_output_dir(training_args.output_dir, training_args.overwrite_output_dir, training_args.resume_from_checkpoint)
+    _init_deepspeed_for_zero3(training_args)
     model, tokenizer = load_model_and_tokenizer(model_args, training_args.gradient_checkpointing)
     peft_config = trainable_setup(model, model_args)
     data = prepare_corpora(data_args, tokenizer, training_args.seed)

@@ -140,10 +140,10 @@ def check_reference_is_base(trainer: Any) -> None:
 
 
 def run_refine(args: RefineArguments, config: Any) -> Any:
-    """Run the refinement and the final audit; returns the :class:`~etu_hf.audit.AuditReport`."""
+    """Run the refinement and the final audit; returns the :class:`~etu_hf.AuditReport`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from etu_hf.audit import audit
+    from etu_hf.auditing import audit
     from etu_hf.data import split_documents, tokenize_and_block
     from etu_hf.pipeline import DEMO_MODEL_DIR, load_documents
     from etu_hf.tilt import TiltSpec
