@@ -92,3 +92,48 @@ def test_all_launchers_follow_the_same_trajectory(tmp_path):
     assert [h["heldout_mass"] for h in z3[0]["history"]] == pytest.approx(
         [h["heldout_mass"] for h in ddp[0]["history"]], abs=1e-5
     )
+
+
+@pytest.mark.slow
+def test_cli_with_a_deepspeed_json_under_torchrun(tmp_path):
+    """`--deepspeed ds_configs/ds_zero3.json` with torchrun: DeepSpeed's process group is set up
+    before the model loads (zero.Init partitions it while loading)."""
+    pytest.importorskip("deepspeed")
+    from etu_hf.demo.run import write_demo_corpora
+
+    forget, retain = write_demo_corpora(str(tmp_path / "data"))
+    out = tmp_path / "z3json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [
+        shutil.which("torchrun") or "torchrun",
+        "--nproc_per_node",
+        "2",
+        shutil.which("etu-hf"),
+        "unlearn",
+        "--forget_corpora",
+        forget,
+        "--retain_corpora",
+        retain,
+        "--use_lora",
+        "--lora_r",
+        "8",
+        "--max_steps",
+        "3",
+        "--max_length",
+        "64",
+        "--batch_size",
+        "4",
+        "--use_cpu",
+        "--report_to",
+        "none",
+        "--disable_tqdm",
+        "true",
+        "--deepspeed",
+        os.path.join(ROOT, "ds_configs", "ds_zero3.json"),
+        "--output_dir",
+        str(out),
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert done.returncode == 0, done.stderr[-5000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 3 and (out / "suppression_report.json").exists()
