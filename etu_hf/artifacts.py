@@ -98,3 +98,16 @@ def check_output_dir(output_dir: str, overwrite_output_dir: bool, resume_from_ch
             "Pass --overwrite_output_dir to write over it, --resume_from_checkpoint to continue it, "
             "or choose another --output_dir."
         )
+
+
+def load_pyplot():
+    """matplotlib's pyplot with the non-interactive Agg backend, or ``None`` when matplotlib (the
+    ``plot`` extra) is not installed; callers then skip the figure with a warning."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt

@@ -92,19 +92,20 @@ def _parser():
     return parser
 
 
-def _setup_logging(training_args) -> None:
-    import transformers
-
-    level = logging.INFO
+def _setup_logging(progress: bool = True, verbose: bool = False) -> None:
+    """Log to stdout; etu-hf's own progress at INFO (on the main process), everything else at WARNING
+    (transformers at INFO too with ``verbose``)."""
     logging.basicConfig(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
         level=logging.WARNING,
         stream=sys.stdout,
     )
-    if training_args.should_log:
-        logging.getLogger("etu_hf").setLevel(level)
-    if training_args.log_level == "info":
+    if progress:
+        logging.getLogger("etu_hf").setLevel(logging.INFO)
+    if verbose:
+        import transformers
+
         transformers.utils.logging.set_verbosity_info()
 
 
@@ -118,7 +119,7 @@ def parse_unlearn_args(argv: Sequence[str]):
 def _run(model_args, data_args, training_args) -> int:
     from etu_hf.pipeline import run_unlearning
 
-    _setup_logging(training_args)
+    _setup_logging(training_args.should_log, training_args.log_level == "info")
     result = run_unlearning(model_args, data_args, training_args)
     if training_args.should_log:
         print()
@@ -172,13 +173,7 @@ def cmd_audit(argv: Sequence[str]) -> int:
     parser = HfArgumentParser(AuditArguments)
     parser.prog = "etu-hf audit"
     (args,) = parser.parse_args_into_dataclasses(args=["--block_size" if a == "--max_length" else a for a in argv])
-    logging.basicConfig(
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-        level=logging.WARNING,
-        stream=sys.stdout,
-    )
-    logging.getLogger("etu_hf").setLevel(logging.INFO)
+    _setup_logging()
     if os.path.exists(os.path.join(args.output_dir, REPORT_FILE)) and not args.overwrite_output_dir:
         raise ValueError(
             f"--output_dir {args.output_dir!r} already holds {REPORT_FILE}; nothing was written. Pass "
@@ -264,14 +259,7 @@ def cmd_refine(argv: Sequence[str]) -> int:
     if method == "simnpo" and not any(a.startswith("--loss_type") for a in argv):
         argv += ["--loss_type", "simnpo"]
     args, config = parser.parse_args_into_dataclasses(args=argv)
-    logging.basicConfig(
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-        level=logging.WARNING,
-        stream=sys.stdout,
-    )
-    if config.should_log:
-        logging.getLogger("etu_hf").setLevel(logging.INFO)
+    _setup_logging(config.should_log)
     report = run_refine(args, config)
     if config.should_log:
         print()

@@ -40,7 +40,7 @@ from typing import Any, ClassVar
 
 from transformers import TrainerCallback
 
-from etu_hf.artifacts import write_json
+from etu_hf.artifacts import load_pyplot, write_json
 from etu_hf.bounds import pinsker_slack, wilson_upper
 
 logger = logging.getLogger(__name__)
@@ -304,12 +304,8 @@ class AdaptiveLambdaCallback(TrainerCallback):
         matplotlib is an optional extra (``pip install etu-hf[plot]``); without it the plot is skipped
         with a warning and the JSON history remains.
         """
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
+        plt = load_pyplot()
+        if plt is None:
             logger.warning("matplotlib is not installed: skipped %s (pip install 'etu-hf[plot]')", PLOT_FILE)
             return None
         rec = self.state.history

@@ -52,6 +52,26 @@ def _device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def _scored_states(
+    model: nn.Module, head: nn.Module, batch: dict[str, Any], mask: torch.Tensor, use_hidden: bool, base: Any = None
+) -> tuple[torch.Tensor, Any]:
+    """States at the scored positions ``[n, D]`` and the function that turns them into logits:
+    final hidden states with the output head (``use_hidden``), or full logits with ``None``.
+    With ``base`` (a BaseDistribution) the states are the base model's."""
+    device = mask.device
+    if base is not None:
+        h, fn = (base.hidden(batch), base.head(device)) if use_hidden else (base.logits(batch), None)
+    elif use_hidden:
+        h, fn = forward_hidden(model, head, batch, truncate=True)[0], head_fn(head, device)
+    else:
+        h, fn = forward_hidden(model, head, batch, truncate=False)[1].logits, None
+    return h[:, :-1][mask.to(h.device)], fn
+
+
+def _logits(fn: Any, states: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return (fn(states) if fn is not None else states).to(device=device, dtype=torch.float32)
+
+
 def _chunks(model: nn.Module, batches: Iterable[dict[str, Any]], chunk_size: int):
     """Yield ``(logits [c, V] float32, targets [c], sequence index [c])`` for scored positions."""
     device = _device_of(model)
@@ -64,20 +84,13 @@ def _chunks(model: nn.Module, batches: Iterable[dict[str, Any]], chunk_size: int
             if use_hidden is None:
                 use_hidden = head_matches_logits(model, head, batch)
             mask, targets = scored_positions(batch["input_ids"], batch.get("attention_mask"), batch.get("labels"))
-            if use_hidden:
-                h, _ = forward_hidden(model, head, batch, truncate=True)
-                fn = head_fn(head, device)
-            else:
-                _, out = forward_hidden(model, head, batch, truncate=False)
-                h, fn = out.logits, None
+            sel_h, fn = _scored_states(model, head, batch, mask, use_hidden)
             rows = torch.arange(mask.shape[0], device=device).unsqueeze(1).expand_as(mask)
-            sel_h = h[:, :-1][mask]
             sel_y = targets[mask]
             sel_seq = rows[mask] + seq_offset
             seq_offset += mask.shape[0]
             for start in range(0, sel_h.shape[0], chunk_size):
-                part = sel_h[start : start + chunk_size]
-                logits = (fn(part) if fn is not None else part).float()
+                logits = _logits(fn, sel_h[start : start + chunk_size], device)
                 yield logits, sel_y[start : start + chunk_size], sel_seq[start : start + chunk_size], seq_offset
 
 
@@ -230,20 +243,11 @@ def tilt_statistic_sums(
             w = 1.0 if weights is None else float(weights[k])
             batch = {key: v.to(device) for key, v in batch.items()}
             mask, _ = scored_positions(batch["input_ids"], batch.get("attention_mask"), batch.get("labels"))
-            if use_hidden:
-                h_s, _ = forward_hidden(model, head, batch, truncate=True)
-                h_b = base.hidden(batch)
-                s_head, b_head = head_fn(head, device), base.head(device)
-            else:
-                h_s = forward_hidden(model, head, batch, truncate=False)[1].logits
-                h_b = base.logits(batch)
-                s_head = b_head = None
-            sel_s, sel_b = h_s[:, :-1][mask], h_b[:, :-1][mask.to(h_b.device)]
+            sel_s, s_head = _scored_states(model, head, batch, mask, use_hidden)
+            sel_b, b_head = _scored_states(model, head, batch, mask, use_hidden, base=base)
             for start in range(0, sel_s.shape[0], chunk_size):
-                zs = sel_s[start : start + chunk_size]
-                zb = sel_b[start : start + chunk_size]
-                zs = (s_head(zs) if s_head is not None else zs).float()
-                zb = (b_head(zb) if b_head is not None else zb).to(device=device, dtype=torch.float32)
+                zs = _logits(s_head, sel_s[start : start + chunk_size], device)
+                zb = _logits(b_head, sel_b[start : start + chunk_size], device)
                 lam = tilt.lambdas(zb, ids)
                 log_q = tilted_log_probs(zb, ids, lam)
                 log_p = torch.log_softmax(zs, -1)

@@ -12,6 +12,7 @@ frozen copy, optionally kept on CPU, or a user-given reference model).
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import copy
 import logging
@@ -204,7 +205,7 @@ def forward_hidden(model: nn.Module, head: nn.Module, batch: dict[str, Any], tru
     return cap.result(), outputs
 
 
-class BaseDistribution:
+class BaseDistribution(abc.ABC):
     """The frozen base model pi_b, as final hidden states plus an output head.
 
     Subclasses implement :meth:`_forward` (a no-grad, eval-mode forward of the base model).
@@ -213,8 +214,9 @@ class BaseDistribution:
     #: True when no second copy of the weights exists (PEFT adapters disabled).
     shares_weights: bool = False
 
+    @abc.abstractmethod
     def _forward(self, batch: dict[str, Any], truncate: bool) -> tuple[torch.Tensor, Any]:
-        raise NotImplementedError
+        """(hidden states entering the head, model outputs) of a no-grad, eval-mode base forward."""
 
     def hidden(self, batch: dict[str, Any]) -> torch.Tensor:
         """Hidden states ``[B, T, H]`` entering the base output head (no logits are computed)."""
@@ -225,9 +227,9 @@ class BaseDistribution:
         out = self._forward(batch, truncate=False)[1]
         return out.logits if hasattr(out, "logits") else out[0]
 
+    @abc.abstractmethod
     def head(self, out_device: torch.device) -> Any:
         """``h -> base logits`` on ``out_device`` (see :func:`head_fn`)."""
-        raise NotImplementedError
 
     @contextlib.contextmanager
     def as_model(self) -> Iterator[nn.Module]:

@@ -7,7 +7,6 @@ API a user calls from Python (:class:`~etu_hf.ETUTrainer`, :func:`~etu_hf.evalua
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import asdict, dataclass, field
@@ -367,8 +366,3 @@ def run_unlearning(
     if trainer.is_world_process_zero():
         write_json(os.path.join(training_args.output_dir, METRICS_FILE), metrics)
     return UnlearnResult(output_dir=training_args.output_dir, metrics=metrics, trainer=trainer, report=report)
-
-
-def load_metrics(output_dir: str) -> dict[str, Any]:
-    with open(os.path.join(output_dir, METRICS_FILE), encoding="utf-8") as f:
-        return json.load(f)

@@ -46,16 +46,20 @@ def closed_form_lambda(
         raise ValueError(f"epsilon must be in (0, 1), got {epsilon}")
     if lambda_max is not None and lambda_max <= 0:
         raise ValueError(f"lambda_max must be > 0, got {lambda_max}")
-    lower = -math.inf if allow_negative else 0.0
-    if lambda_max is not None:
-        lower = max(lower, -lambda_max)
-    upper = math.inf if lambda_max is None else lambda_max
+    lower, upper = lambda_bounds(lambda_max, allow_negative)
     if isinstance(p_s, torch.Tensor):
         p = p_s.to(torch.promote_types(p_s.dtype, torch.float32)).clamp(P_CLIP, 1.0 - P_CLIP)
         lam = torch.log(p) - torch.log1p(-p) - _logit(epsilon)
         return clamp(lam, lower if lower > -math.inf else None, upper if upper < math.inf else None)
     p = min(max(float(p_s), P_CLIP), 1.0 - P_CLIP)
     return min(max(_logit(p) - _logit(epsilon), lower), upper)
+
+
+def lambda_bounds(lambda_max: float | None, allow_negative: bool) -> tuple[float, float]:
+    """The range of lambda: ``[-lambda_max, lambda_max]``, floored at 0 unless ``allow_negative``
+    (infinite where ``lambda_max`` is ``None``)."""
+    upper = math.inf if lambda_max is None else lambda_max
+    return (-upper if allow_negative else 0.0), upper
 
 
 def clamp(t: torch.Tensor, lower: float | None, upper: float | None) -> torch.Tensor:
@@ -101,11 +105,6 @@ def tilted_log_probs(logits: torch.Tensor, forbidden_ids: torch.Tensor, lam: flo
     return torch.log_softmax(tilt_logits(logits, forbidden_ids, lam), dim=-1)
 
 
-def log_mass(log_probs: torch.Tensor, forbidden_ids: torch.Tensor) -> torch.Tensor:
-    r""":math:`\log \sum_{y \in S} p(y)` from log-probabilities ``[..., V]`` (a logsumexp over S)."""
-    return torch.logsumexp(log_probs[..., forbidden_ids], dim=-1)
-
-
 def forbidden_mass(logits: torch.Tensor, forbidden_ids: torch.Tensor) -> torch.Tensor:
     r"""Mass on S of ``softmax(logits)``: :math:`\sum_{y\in S} e^{z_y} / \sum_y e^{z_y}`, in float32 (or wider)."""
     z = logits.to(_wide(logits.dtype))
@@ -130,8 +129,8 @@ def per_position_lambda(
     lam = closed_form_lambda(forbidden_mass(base_logits, forbidden_ids), epsilon, None, allow_negative)
     if isinstance(offset, torch.Tensor) or offset != 0.0:
         lam = lam + offset
-    lower = (None if lambda_max is None else -lambda_max) if allow_negative else 0.0
-    return clamp(lam, lower, lambda_max)
+    lower, upper = lambda_bounds(lambda_max, allow_negative)
+    return clamp(lam, lower if lower > -math.inf else None, upper if upper < math.inf else None)
 
 
 def tilted_mass(p: float | torch.Tensor, lam: float | torch.Tensor) -> float | torch.Tensor:
@@ -169,8 +168,7 @@ class TiltSpec:
         """The clamped global lambda (global mode)."""
         if self.global_lambda is None:
             raise ValueError("global mode needs global_lambda (the closed form from the base mass p_S)")
-        lower = (-self.lambda_max if self.lambda_max is not None else -math.inf) if self.allow_negative else 0.0
-        upper = self.lambda_max if self.lambda_max is not None else math.inf
+        lower, upper = lambda_bounds(self.lambda_max, self.allow_negative)
         return min(max(self.global_lambda + self.offset, lower), upper)
 
     def loss_kwargs(self) -> dict:

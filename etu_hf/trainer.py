@@ -39,7 +39,7 @@ from etu_hf.data import (
     scored_positions,
     split_forget_retain,
 )
-from etu_hf.evaluation import TiltStatistics, tilt_statistic_sums, tilt_statistics
+from etu_hf.evaluation import TiltStatistics, evaluate_mass, tilt_statistic_sums, tilt_statistics
 from etu_hf.forbidden_set import FORBIDDEN_SET_FILE, ForbiddenSet, build_forbidden_set, resolve_forbidden_set
 from etu_hf.losses import chunked_nll, tilted_kl_loss
 from etu_hf.modeling import (
@@ -65,7 +65,7 @@ from etu_hf.preference.inloop import (
     prompts_of,
 )
 from etu_hf.quantization import prepare_4bit_model
-from etu_hf.tilt import TiltSpec, closed_form_lambda, forbidden_mass
+from etu_hf.tilt import TiltSpec, closed_form_lambda, lambda_bounds
 
 logger = logging.getLogger(__name__)
 
@@ -363,8 +363,8 @@ class ETUTrainer(Trainer):
         per-position mode allows ``[-lambda_max, lambda_max]``."""
         a = self.args
         if a.lambda_mode == "global":
-            lower = -a.lambda_max if a.allow_negative_lambda else 0.0
-            return lower - self.global_lambda, a.lambda_max - self.global_lambda
+            lower, upper = lambda_bounds(a.lambda_max, a.allow_negative_lambda)
+            return lower - self.global_lambda, upper - self.global_lambda
         return -a.lambda_max, a.lambda_max
 
     def measure_heldout(self) -> TiltStatistics:
@@ -417,31 +417,21 @@ class ETUTrainer(Trainer):
         k = min(self.args.p_s_sample_size, len(data))
         idx = np.sort(rng.choice(len(data), size=k, replace=False))
         device = self.args.device
-        S = self.forbidden_ids(device)
-        total, count = torch.zeros((), dtype=torch.float64, device=device), 0
-        for i, batch in enumerate(iter_batches(data, self._user_collator, self.args.per_device_eval_batch_size, idx)):
-            batch = {key: v.to(device) for key, v in batch.items()}
-            if i == 0:
-                self._use_hidden = head_matches_logits(unwrap_model(self.model), output_head(self.model), batch)
-                if not self._use_hidden:
-                    logger.warning(
-                        "the model post-processes its output head (e.g. logit soft-capping): the loss uses "
-                        "full logits, so memory grows with batch x length x |V|"
-                    )
-            mask, _ = scored_positions(batch["input_ids"], batch.get("attention_mask"), batch.get("labels"))
-            logits = self.base.logits(batch) if not self._use_hidden else None
-            if logits is None:
-                h = self.base.hidden(batch)
-                sel = h[:, :-1][mask.to(h.device)]
-                head = self.base.head(device)
-                masses = torch.cat([forbidden_mass(head(sel[j : j + 1024]), S) for j in range(0, sel.shape[0], 1024)])
-            else:
-                masses = forbidden_mass(logits[:, :-1][mask], S)
-            total += masses.double().sum()
-            count += int(mask.sum())
-        if count == 0:
+        batches = list(iter_batches(data, self._user_collator, self.args.per_device_eval_batch_size, idx))
+        first = {key: v.to(device) for key, v in batches[0].items()}
+        self._use_hidden = head_matches_logits(unwrap_model(self.model), output_head(self.model), first)
+        if not self._use_hidden:
+            logger.warning(
+                "the model post-processes its output head (e.g. logit soft-capping): the loss uses "
+                "full logits, so memory grows with batch x length x |V|"
+            )
+        with self.base.as_model() as base_model:
+            mass = evaluate_mass(
+                base_model, batches, self.forbidden_ids(device), chunk_size=self.args.loss_chunk_size or 1024
+            )
+        if mass.n_positions == 0:
             raise ValueError("the forget data has no scored position (every label is -100 or padding)")
-        return float(total) / count, count
+        return mass.mean, mass.n_positions
 
     # ------------------------------------------------------------------ batching
     def _set_signature_columns_if_needed(self) -> None:
@@ -501,16 +491,12 @@ class ETUTrainer(Trainer):
         S = self.forbidden_ids(device)
         a = self.args
 
-        student, outputs, mask = self._student_positions(model, head, forget, keep_logits=return_outputs)
+        student, outputs, mask, targets = self._student_positions(model, head, forget, keep_logits=return_outputs)
         base = self._base_positions(forget, mask)
         if a.lambda_mode == "global" and self.global_lambda is None:  # compute_loss outside train()
             self._setup_target()
         lam_kwargs = self.tilt_spec().loss_kwargs()
         pref_on = a.preference_weight > 0 and model.training and self.state.global_step % a.pref_every == 0
-        targets = None
-        if pref_on:
-            targets = scored_positions(forget["input_ids"], forget.get("attention_mask"), forget.get("labels"))[1]
-            targets = targets.reshape(-1)
         kl = tilted_kl_loss(
             student,
             base,
@@ -520,7 +506,7 @@ class ETUTrainer(Trainer):
             base_head=self.base.head(device) if self._use_hidden else None,
             chunk_size=a.loss_chunk_size or None,
             normalizer=counts.forget.clamp_min(1.0) if counts is not None else None,
-            targets=targets,
+            targets=targets.reshape(-1) if pref_on else None,  # for the preference term: same forward
             **lam_kwargs,
         )
         loss = kl.loss
@@ -637,11 +623,11 @@ class ETUTrainer(Trainer):
         return [x for x in ids if x]
 
     def _student_positions(self, model: nn.Module, head: nn.Module, batch: dict[str, Any], keep_logits: bool):
-        mask, _ = scored_positions(batch["input_ids"], batch.get("attention_mask"), batch.get("labels"))
+        mask, targets = scored_positions(batch["input_ids"], batch.get("attention_mask"), batch.get("labels"))
         h, outputs = forward_hidden(model, head, batch, truncate=self._use_hidden and not keep_logits)
         if not self._use_hidden:
             h = outputs.logits
-        return _flatten_positions(h, mask), outputs, mask
+        return _flatten_positions(h, mask), outputs, mask, targets
 
     def _base_positions(self, batch: dict[str, Any], mask: torch.Tensor) -> torch.Tensor:
         # Same precision as the model's own forward: accelerate wraps only the trained model in autocast.
@@ -652,8 +638,7 @@ class ETUTrainer(Trainer):
     def _retain_term(self, model: nn.Module, head: nn.Module, retain: dict[str, Any], counts: ScoredCounts | None):
         a = self.args
         device = retain["input_ids"].device
-        mask, targets = scored_positions(retain["input_ids"], retain.get("attention_mask"), retain.get("labels"))
-        student, _, _ = self._student_positions(model, head, retain, keep_logits=False)
+        student, _, mask, targets = self._student_positions(model, head, retain, keep_logits=False)
         weights = mask.reshape(-1).float()
         normalizer = counts.retain.clamp_min(1.0) if counts is not None else None
         student_head = head_fn(head, device) if self._use_hidden else None

@@ -9,7 +9,6 @@ output head applied chunk by chunk, and restores the model's train/eval mode.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
@@ -40,6 +39,7 @@ from etu_hf.modeling import (
     BaseDistribution,
     FrozenCopyBase,
     check_causal_lm,
+    eval_mode,
     head_matches_logits,
     is_peft_model,
     output_head,
@@ -116,9 +116,9 @@ def greedy_samples(
             attention_mask=torch.ones_like(prompt), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad
         )
         texts = {}
-        with base.as_model() as bm, _eval(bm):
+        with base.as_model() as bm, eval_mode(bm):
             texts["base"] = bm.generate(prompt.to(next(bm.parameters()).device), **kwargs)[0, len(ids) :]
-        with _eval(model):
+        with eval_mode(model):
             texts["updated"] = model.generate(input_ids=prompt, **kwargs)[0, len(ids) :]
         out.append(
             {
@@ -127,14 +127,6 @@ def greedy_samples(
             }
         )
     return out
-
-
-@contextlib.contextmanager
-def _eval(model: nn.Module):
-    from etu_hf.modeling import eval_mode
-
-    with eval_mode(model):
-        yield
 
 
 def audit(

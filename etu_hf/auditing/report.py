@@ -8,7 +8,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from etu_hf.artifacts import write_json
+from etu_hf.artifacts import load_pyplot, write_json
 
 REPORT_FORMAT = "etu-hf/suppression-report"
 REPORT_VERSION = 1
@@ -204,22 +204,11 @@ class AuditReport:
         return paths
 
 
-def _pyplot():
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    return plt
-
-
 def plot_histogram(base_positions: Any, updated_positions: Any, epsilon: float, path: str) -> str | None:
     """Histogram of per-position mass on V_S, base and unlearned, with epsilon marked (needs matplotlib)."""
     import numpy as np
 
-    plt = _pyplot()
+    plt = load_pyplot()
     if plt is None:
         return None
     bins = np.linspace(0.0, 1.0, 51)
@@ -240,7 +229,7 @@ def plot_histogram(base_positions: Any, updated_positions: Any, epsilon: float, 
 
 def plot_activations(activations: dict[str, list[dict[str, float]]], path: str) -> str | None:
     """Per-layer hidden-state norms and cosine similarity to the base model (needs matplotlib)."""
-    plt = _pyplot()
+    plt = load_pyplot()
     if plt is None:
         return None
     fig, (ax_n, ax_c) = plt.subplots(1, 2, figsize=(10, 4))
