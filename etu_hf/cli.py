@@ -156,7 +156,25 @@ def cmd_demo(argv: Sequence[str]) -> int:
 
         print(DEMO_HELP)
         return 0
-    return _run(*parse_unlearn_args(demo_argv(argv)))
+    user_dir = _flag(argv, "--output_dir", "")
+    had_data = bool(user_dir) and os.path.isdir(os.path.join(user_dir, "demo_data"))
+    full_argv = demo_argv(argv)  # writes the generated corpora into <output_dir>/demo_data
+    try:
+        return _run(*parse_unlearn_args(full_argv))
+    except BaseException:
+        if not had_data and not _flag(argv, "--forget_corpora", ""):
+            _remove_demo_data(_flag(full_argv, "--output_dir", ""))
+        raise
+
+
+def _remove_demo_data(output_dir: str) -> None:
+    """After a failed demo, remove the corpora it generated (and the output folder if that leaves it
+    empty), so the folder is as it was found."""
+    data_dir = os.path.join(output_dir, "demo_data")
+    if output_dir and os.path.isdir(data_dir):
+        shutil.rmtree(data_dir)
+        if not os.listdir(output_dir):
+            os.rmdir(output_dir)
 
 
 def cmd_audit(argv: Sequence[str]) -> int:
@@ -168,12 +186,14 @@ def cmd_audit(argv: Sequence[str]) -> int:
     from etu_hf.auditing.report import REPORT_FILE
     from etu_hf.data import tokenize_and_block
     from etu_hf.pipeline import load_documents
+    from etu_hf.run_folder import check_writable
     from etu_hf.tilt import TiltSpec
 
     parser = HfArgumentParser(AuditArguments)
     parser.prog = "etu-hf audit"
     (args,) = parser.parse_args_into_dataclasses(args=["--block_size" if a == "--max_length" else a for a in argv])
     _setup_logging()
+    check_writable(args.output_dir)
     if os.path.exists(os.path.join(args.output_dir, REPORT_FILE)) and not args.overwrite_output_dir:
         raise ValueError(
             f"--output_dir {args.output_dir!r} already holds {REPORT_FILE}; nothing was written. Pass "
@@ -188,8 +208,7 @@ def cmd_audit(argv: Sequence[str]) -> int:
         docs = load_documents(value, args.text_column, flag)
         if not docs:
             raise ValueError(f"{flag}: {value!r} holds no text; the audit needs held-out text")
-        data = tokenize_and_block(docs, tokenizer, args.block_size)
-        return data.select(range(min(len(data), args.max_sequences))) if args.max_sequences else data
+        return tokenize_and_block(docs, tokenizer, args.block_size)  # audit() samples max_sequences of the blocks
 
     tilt = TiltSpec(
         epsilon=settings["epsilon"],
@@ -219,6 +238,7 @@ def cmd_audit(argv: Sequence[str]) -> int:
         output_dir=args.output_dir,
         overwrite=args.overwrite_output_dir,
         progress=not args.disable_tqdm,
+        max_sequences=args.max_sequences or None,
         sources={
             **sources,
             "forget_corpora": args.forget_corpora,
@@ -250,7 +270,7 @@ def cmd_refine(argv: Sequence[str]) -> int:
 
     method = _flag(argv, "--method", "dpo")
     if method == "dpo":
-        from trl import DPOConfig as Config
+        from etu_hf.preference.dpo import RefineDPOConfig as Config
     else:
         Config = NPOConfig
     parser = HfArgumentParser((RefineArguments, Config))
@@ -323,6 +343,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"etu-hf {argv[0]}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # The run folder was already put back as it was found (complete checkpoints kept; see the log).
+        print(f"etu-hf {argv[0]}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
-import copy
+import dataclasses
+import math
+import numbers
 import os
+import types
+import typing
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 from transformers import TrainingArguments
 
-from etu_hf.artifacts import is_secret_key
+from etu_hf.artifacts import SecretFreeArguments
 
 
 @dataclass
-class ETUTrainingArguments(TrainingArguments):
+class ETUTrainingArguments(SecretFreeArguments, TrainingArguments):
     r"""
     Configuration of [`ETUTrainer`]: every field of `transformers.TrainingArguments`, plus the ones
     below. Using [`~transformers.HfArgumentParser`] each field becomes a command-line flag.
@@ -219,26 +224,10 @@ class ETUTrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
+        check_training_arguments(self)
         self._validate_etu()
         _require_deepspeed_if_asked(self.deepspeed)
         super().__post_init__()
-
-    # The Trainer saves its arguments with torch.save (training_args.bin, in every checkpoint and in
-    # what push_to_hub uploads); plain TrainingArguments would carry hub_token into that file. Pickled
-    # state leaves secrets out; in-memory copies keep them (push_to_hub still authenticates).
-    def __getstate__(self) -> dict[str, Any]:
-        return {k: (None if is_secret_key(k) and v else v) for k, v in self.__dict__.items()}
-
-    def __copy__(self) -> ETUTrainingArguments:
-        new = object.__new__(type(self))
-        new.__dict__.update(self.__dict__)
-        return new
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> ETUTrainingArguments:
-        new = object.__new__(type(self))
-        memo[id(self)] = new
-        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
-        return new
 
     def _validate_etu(self) -> None:
         def fail(name: str, message: str) -> None:
@@ -250,6 +239,7 @@ class ETUTrainingArguments(TrainingArguments):
             fail("lambda_max", "must be > 0, e.g. 12.0")
         if self.lambda_mode not in ("per_position", "global"):
             fail("lambda_mode", "must be 'per_position' or 'global'")
+        _check_epsilon_reachable(self.epsilon, self.lambda_max)
         if self.p_s_sample_size < 1:
             fail("p_s_sample_size", "must be >= 1")
         if self.vs_method not in ("pmi", "frequency"):
@@ -319,3 +309,78 @@ def _require_deepspeed_if_asked(deepspeed_arg: object) -> None:
     if asked and importlib.util.find_spec("deepspeed") is None:
         source = "--deepspeed" if deepspeed_arg is not None else "the accelerate config (distributed_type DEEPSPEED)"
         raise ValueError(f"{source} asks for DeepSpeed, which is not installed: pip install 'etu-hf[deepspeed]'.")
+
+
+#: A warning when contexts above this base mass on V_S cannot be tilted down to epsilon.
+REACHABLE_MASS_WARN = 0.999
+_AT_LEAST_ONE = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps")
+
+
+def _check_epsilon_reachable(epsilon: float, lambda_max: float) -> None:
+    """Refuse an epsilon no lambda within the clamp can reach; warn when high-mass contexts miss it.
+
+    A context whose base mass on V_S is ``p`` reaches epsilon at ``lambda = logit(p) - logit(epsilon)``.
+    Even ``p = 0.5`` needs ``-logit(epsilon)``: above ``lambda_max`` the target is unreachable almost
+    everywhere, so it is refused. Otherwise contexts with ``p > sigmoid(lambda_max + logit(epsilon))``
+    stay above epsilon; a warning says so when that threshold is below :data:`REACHABLE_MASS_WARN`.
+    """
+    if not (0.0 < epsilon < 1.0 and math.isfinite(lambda_max) and lambda_max > 0):
+        return  # reported by the range checks
+    needed = math.log1p(-epsilon) - math.log(epsilon)  # -logit(epsilon)
+    if needed > lambda_max:
+        raise ValueError(
+            f"epsilon: {epsilon!r} is unreachable with lambda_max={lambda_max!r}: even a context whose base mass on "
+            f"V_S is 0.5 needs lambda = -logit(epsilon) = {needed:.1f}. Raise --lambda_max above {math.ceil(needed)} "
+            "or raise --epsilon."
+        )
+    headroom = lambda_max - needed
+    if headroom < math.log(REACHABLE_MASS_WARN / (1 - REACHABLE_MASS_WARN)):
+        p_max = 1.0 / (1.0 + math.exp(-headroom))
+        warnings.warn(
+            f"epsilon={epsilon!r} with lambda_max={lambda_max!r}: contexts whose base mass on V_S exceeds {p_max:.3f} "
+            f"cannot be tilted down to epsilon (they need lambda > lambda_max). Raise --lambda_max to "
+            f"{math.ceil(needed + math.log(REACHABLE_MASS_WARN / (1 - REACHABLE_MASS_WARN)))} or more to reach "
+            f"contexts up to {REACHABLE_MASS_WARN}.",
+            UserWarning,
+            stacklevel=4,
+        )
+
+
+def _declared_kind(hint: Any) -> type | None:
+    """``float``, ``int`` or ``bool`` for a field declared as one of them (or ``X | None``), else None."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        rest = [a for a in typing.get_args(hint) if a is not type(None)]
+        hint = rest[0] if len(rest) == 1 else None
+    return hint if hint in (float, int, bool) else None
+
+
+def check_training_arguments(args: Any) -> None:
+    """Checks that every config class of etu-hf runs first in ``__post_init__`` (ETUTrainingArguments,
+    NPOConfig and the DPO config of ``etu-hf refine``), so bad values fail before anything is loaded.
+
+    - A field declared ``float``/``int`` holds a number of that kind: a string (``epsilon="0.05"``), a
+      bool, or ``1.5`` for an integer is a ``TypeError`` naming the field; a string for a ``bool`` field
+      too (``"false"`` would be true).
+    - Every float is finite: nan or inf in ``lambda_max``, ``retain_weight``, ``learning_rate``, ...
+      would silently turn a clamp or a loss term off.
+    - ``learning_rate >= 0``; batch sizes and ``gradient_accumulation_steps`` >= 1.
+    """
+    hints = typing.get_type_hints(type(args))
+    for f in dataclasses.fields(args):
+        value = getattr(args, f.name)
+        if value is None:
+            continue
+        kind = _declared_kind(hints.get(f.name))
+        if kind is float and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
+            raise TypeError(f"{f.name}: must be a number, got {value!r} ({type(value).__name__}); pass e.g. 0.05")
+        if kind is int and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+            raise TypeError(f"{f.name}: must be an integer, got {value!r} ({type(value).__name__})")
+        if kind is bool and isinstance(value, str):
+            raise TypeError(f"{f.name}: must be True or False, got the string {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{f.name}: must be a finite number, got {value!r}")
+    if args.learning_rate < 0:
+        raise ValueError(f"learning_rate: must be >= 0, e.g. 1e-4 (got {args.learning_rate!r})")
+    for name in _AT_LEAST_ONE:
+        if getattr(args, name) < 1:
+            raise ValueError(f"{name}: must be >= 1 (got {getattr(args, name)!r})")

@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import codecs
+import json
 import logging
 import os
 from collections.abc import Callable, Iterable, Sequence
@@ -98,8 +100,21 @@ def _looks_local(spec: str) -> bool:
     )
 
 
+def _split_specs(value: str | Sequence[str]) -> list[str]:
+    """Each string that names an existing file or folder is one spec, commas and all; any other string
+    is a comma-separated list of specs."""
+    out: list[str] = []
+    for item in [value] if isinstance(value, str) else list(value):
+        if os.path.exists(os.path.expanduser(item.strip())):
+            out.append(item.strip())
+        else:
+            out += item.split(",")
+    return out
+
+
 def parse_corpus_specs(value: str | Sequence[str] | None, flag: str = "--forget_corpora") -> list[CorpusSpec]:
-    """Parse a comma-separated list of corpus specs.
+    """Parse corpus specs: a comma-separated string, or a list of them (the flag given several values or
+    repeated). A path that exists is taken whole even when it contains commas.
 
     A spec is an existing local ``.txt``/``.json``/``.jsonl``/``.parquet``/``.csv`` file or a folder of
     such files; or a hub dataset ``"repo"``, ``"repo:config"`` or ``"repo:config:split"`` (for example
@@ -108,7 +123,7 @@ def parse_corpus_specs(value: str | Sequence[str] | None, flag: str = "--forget_
     """
     if value is None:
         return []
-    items = value.split(",") if isinstance(value, str) else list(value)
+    items = _split_specs(value)
     specs = []
     for item in (s.strip() for s in items):
         if not item:
@@ -158,11 +173,14 @@ def load_corpus(spec: CorpusSpec, text_column: str = "text", flag: str = "--forg
         texts: list[str] = []
         for builder in sorted({_LOCAL_SUFFIXES[os.path.splitext(f)[1].lower()] for f in files}):
             group = [f for f in files if _LOCAL_SUFFIXES[os.path.splitext(f)[1].lower()] == builder]
-            group = [f for f in group if os.path.getsize(f) > 0 and _has_text(f)]
+            group = [f for f in group if os.path.getsize(f) > 0 and (builder == "parquet" or _check_text_file(f, flag))]
             if not group:  # datasets fails obscurely on files without any content; the caller names the flag
                 continue
             kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
-            ds = datasets.load_dataset(builder, data_files=group, split="train", **kwargs)
+            try:
+                ds = datasets.load_dataset(builder, data_files=group, split="train", **kwargs)
+            except Exception as err:  # datasets wraps parser errors (row numbers buried); say which file and line
+                raise ValueError(_load_failure(builder, group, err, flag)) from err
             texts += _text_column(ds, text_column, spec, flag)
     else:
         try:
@@ -176,9 +194,86 @@ def load_corpus(spec: CorpusSpec, text_column: str = "text", flag: str = "--forg
     return [t.strip() for t in texts if t and t.strip()]
 
 
-def _has_text(path: str) -> bool:
+NEWLINE = b"\n"
+
+
+def _check_text_file(path: str, flag: str) -> bool:
+    """True when the file holds some non-blank text; ``ValueError`` naming ``flag``, the file and the
+    position when it is binary (NUL bytes) or not UTF-8, instead of a decoding traceback from datasets."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, line, has_text = 0, 1, False
     with open(path, "rb") as f:
-        return any(chunk.strip() for chunk in iter(lambda: f.read(1 << 20), b""))
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            nul = chunk.find(b"\x00")
+            if nul >= 0:
+                raise ValueError(
+                    f"{flag}: {path} looks binary (a NUL byte at byte {offset + nul}), not text. Give UTF-8 "
+                    ".txt/.json/.jsonl/.csv files or .parquet."
+                )
+            try:
+                text = decoder.decode(chunk)
+            except UnicodeDecodeError as err:
+                at = min(max(0, err.start), len(chunk) - 1)
+                where = f"line {line + chunk[:at].count(NEWLINE)}, byte {offset + at}"
+                raise ValueError(
+                    f"{flag}: {path} is not UTF-8 text (byte 0x{chunk[at]:02x} at {where}). Convert it, e.g. "
+                    "`iconv -f latin1 -t utf-8 FILE > FILE.utf8.txt`."
+                ) from err
+            has_text = has_text or bool(text.strip())
+            line += chunk.count(NEWLINE)
+            offset += len(chunk)
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{flag}: {path} is not UTF-8 text (it ends inside a multi-byte character).") from err
+    return has_text
+
+
+def _root_cause(err: BaseException) -> BaseException:
+    while err.__cause__ is not None or err.__context__ is not None:
+        err = err.__cause__ or err.__context__
+    return err
+
+
+def _bad_json_line(path: str) -> str | None:
+    """``"line N: ..."`` for the first line of a JSON Lines file that is not a JSON object, else None."""
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                return f"line {n} is not valid JSON ({err.msg}, column {err.colno})"
+            if not isinstance(row, dict):
+                return f'line {n} is not a JSON object (each line must look like {{"text": "..."}})'
+    return None
+
+
+def _json_problem(path: str) -> str | None:
+    """What makes a .json/.jsonl file unreadable, with its line, or None when it parses."""
+    with open(path, encoding="utf-8") as f:
+        try:
+            json.load(f)
+            return None  # one whole JSON document (an array of rows, say)
+        except json.JSONDecodeError as err:
+            whole = err
+    problem = _bad_json_line(path)
+    if problem and not (problem.startswith("line 1 ") and not path.endswith(".jsonl")):
+        return problem
+    return f"is not valid JSON ({whole.msg} at line {whole.lineno}, column {whole.colno})"
+
+
+def _load_failure(builder: str, files: list[str], err: Exception, flag: str) -> str:
+    """One line saying which file (and, for JSON, which line) ``datasets`` could not read."""
+    if builder == "json":
+        for path in files:
+            problem = _json_problem(path)
+            if problem:
+                return f"{flag}: {path} {problem}. Fix it (JSON Lines: one object per line)."
+    cause = _root_cause(err)
+    shown = files[0] if len(files) == 1 else f"{len(files)} {builder} files ({files[0]}, ...)"
+    return f"{flag}: could not read {shown}: {type(cause).__name__}: {cause}"
 
 
 def _text_column(ds: Any, text_column: str, spec: CorpusSpec, flag: str) -> list[str]:
@@ -343,6 +438,25 @@ class ForgetRetainCollator:
         for key, value in self.collator(retain).items():
             batch[RETAIN_PREFIX + key] = value
         return batch
+
+
+def check_token_dataset(dataset: Any, name: str) -> None:
+    """``ValueError`` naming ``name`` when ``dataset`` has no ``input_ids`` (text that was not tokenized).
+
+    Checked from ``column_names`` (``datasets``) or the first item (map-style datasets of dicts); an
+    iterable dataset without either is not checked.
+    """
+    if dataset is None:
+        return
+    columns = getattr(dataset, "column_names", None)
+    if columns is None and hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__") and len(dataset) > 0:
+        first = dataset[0]
+        columns = list(first) if isinstance(first, dict) else None
+    if columns is not None and "input_ids" not in columns:
+        raise ValueError(
+            f"{name} has no 'input_ids' column (its columns: {', '.join(map(str, columns)) or 'none'}): it needs "
+            "token ids. Tokenize the text first, e.g. etu_hf.data.tokenize_and_block(texts, tokenizer, block_size=512)."
+        )
 
 
 def split_forget_retain(inputs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from etu_hf.artifacts import atomic_write
 from etu_hf.data import scored_positions
 
 logger = logging.getLogger(__name__)
@@ -38,6 +39,30 @@ logger = logging.getLogger(__name__)
 FORBIDDEN_SET_FILE = "V_S.ids.json"
 FORMAT_NAME = "etu-hf/forbidden-set"
 FORMAT_VERSION = 1
+
+
+def token_ids(values: Any, source: str = "forbidden ids") -> list[int]:
+    """``values`` (a sequence, array or tensor of token ids) as a list of ``int``.
+
+    Anything that is not an integer (``1.5``, ``2.0``, ``true``, ``"7"``) is a ``ValueError`` naming
+    ``source``: ``int()`` would silently turn 1.5 into 1 and true into 1 (often the pad token).
+    """
+    if isinstance(values, (torch.Tensor, np.ndarray)):
+        dtype = str(values.dtype)
+        if "int" not in dtype:
+            raise ValueError(f"{source}: token ids must be integers; got an array of {dtype}")
+        values = values.reshape(-1).tolist()
+    out = []
+    for v in values:
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+            raise ValueError(
+                f"{source}: token ids must be integers; got {v!r} ({type(v).__name__}). Write ids as whole numbers, "
+                "e.g. [5, 17, 230]."
+            )
+        out.append(int(v))
+    return out
+
+
 _WORD_START_MARKERS = ("Ġ", "▁", "Ċ")
 
 
@@ -61,7 +86,7 @@ class ForbiddenSet:
     span_added: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.ids = [int(i) for i in self.ids]
+        self.ids = token_ids(self.ids)
         if len(set(self.ids)) != len(self.ids):
             raise ValueError("forbidden ids contain duplicates")
 
@@ -102,9 +127,8 @@ class ForbiddenSet:
         """Write ``V_S.ids.json`` (``path`` may be a folder). Returns the file written."""
         if os.path.isdir(path):
             path = os.path.join(path, FORBIDDEN_SET_FILE)
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=2, ensure_ascii=False)
-        return path
+        data = self.to_dict()
+        return atomic_write(path, lambda f: json.dump(data, f, indent=2, ensure_ascii=False))
 
     @classmethod
     def load(cls, path: str) -> ForbiddenSet:
@@ -114,12 +138,16 @@ class ForbiddenSet:
             path = os.path.join(path, FORBIDDEN_SET_FILE)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"forbidden set file {path!r} does not exist")
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{path} is not a valid V_S.ids.json file ({err}); rebuild V_S or fix the file") from err
         if isinstance(data, list):
-            return cls(ids=sorted(int(i) for i in data), method="list")
+            return cls(ids=sorted(token_ids(data, path)), method="list")
         if not isinstance(data, dict) or "ids" not in data:
             raise ValueError(f"{path}: not a V_S.ids.json file (expected a list of ids or an object with 'ids')")
+        token_ids(data["ids"], path)
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in data.items() if k in known})
 
@@ -384,4 +412,4 @@ def resolve_forbidden_set(value: ForbiddenSet | str | Sequence[int] | None) -> F
         return value
     if isinstance(value, (str, os.PathLike)):
         return ForbiddenSet.load(os.fspath(value))
-    return ForbiddenSet(ids=sorted(int(i) for i in value), method="list")
+    return ForbiddenSet(ids=sorted(token_ids(value, "forbidden_set")), method="list")

@@ -8,14 +8,18 @@ API a user calls from Python (:class:`~etu_hf.ETUTrainer`, :func:`~etu_hf.evalua
 from __future__ import annotations
 
 import logging
+import math
 import os
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from etu_hf.artifacts import METRICS_FILE, check_output_dir, write_json
+from etu_hf.artifacts import METRICS_FILE, write_json
+from etu_hf.auditing.core import DEFAULT_AUDIT_MAX_SEQUENCES
 from etu_hf.auditing.report import REPORT_FILE
 from etu_hf.config import ETUTrainingArguments
 from etu_hf.data import CorpusSpec, load_corpus, parse_corpus_specs, split_documents, tokenize_and_block
+from etu_hf.run_folder import RunFolder, check_output_dir, resolve_resume_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -72,23 +76,34 @@ class ModelArguments:
                 "--name_keywords/--param_ids select the model's own parameters; with LoRA use "
                 "--lora_target_modules (and --layer_ids) instead"
             )
+        if self.adapter:
+            if self.lora_r < 1:
+                raise ValueError(f"--lora_r: the LoRA rank must be >= 1, e.g. 16 (got {self.lora_r})")
+            if not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
+                raise ValueError(f"--lora_alpha: must be > 0, e.g. 2 x --lora_r (got {self.lora_alpha})")
+            if not (math.isfinite(self.lora_dropout) and 0.0 <= self.lora_dropout < 1.0):
+                raise ValueError(f"--lora_dropout: must be in [0, 1) (got {self.lora_dropout})")
 
 
 @dataclass
 class DataArguments:
     """Forget and retain corpora, and how they are cut into blocks."""
 
-    forget_corpora: str | None = field(
+    forget_corpora: list[str] | None = field(
         default=None,
         metadata={
-            "help": "Comma-separated corpus specs: local .txt/.json/.jsonl/.parquet/.csv files or folders, "
-            "or hub datasets 'repo:config[:split]'. None: the embedded demo corpora."
+            "help": "Corpus specs: local .txt/.json/.jsonl/.parquet/.csv files or folders, or hub datasets "
+            "'repo:config[:split]'; several after the flag, comma-separated, or the flag repeated (a path that "
+            "exists is taken whole, commas included). None: the embedded demo corpora.",
+            "action": "extend",
         },
     )
-    retain_corpora: str | None = field(
+    retain_corpora: list[str] | None = field(
         default=None,
         metadata={
-            "help": "Comma-separated retain specs, one per forget spec (or one with --retain_broadcast); '' for none."
+            "help": "Retain specs, given like --forget_corpora: one per forget spec (or one with "
+            "--retain_broadcast); '' for none.",
+            "action": "extend",
         },
     )
     retain_broadcast: bool = field(default=False, metadata={"help": "Reuse one retain corpus for every forget corpus."})
@@ -104,12 +119,21 @@ class DataArguments:
             "--eval_strategy evaluate on them."
         },
     )
+    audit_max_sequences: int | None = field(
+        default=DEFAULT_AUDIT_MAX_SEQUENCES,
+        metadata={
+            "help": "The end-of-run audit measures at most this many held-out blocks of each corpus (a seeded "
+            "sample); 0 or None: all of them."
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.block_size < 2:
             raise ValueError(f"block_size (--max_length): must be >= 2, got {self.block_size}")
         if not 0.0 < self.eval_fraction < 1.0:
             raise ValueError(f"eval_fraction: must be in (0, 1), got {self.eval_fraction}")
+        if self.audit_max_sequences is not None and self.audit_max_sequences < 0:
+            raise ValueError(f"--audit_max_sequences: must be >= 0 (0: no cap), got {self.audit_max_sequences}")
         if self.max_num_batches is not None and self.max_num_batches < 1:
             raise ValueError(f"max_num_batches: must be >= 1, got {self.max_num_batches}")
 
@@ -124,20 +148,32 @@ class UnlearnResult:
     report: Any = None
 
 
-def load_model_and_tokenizer(model_args: ModelArguments, gradient_checkpointing: bool = False):
-    """``AutoModelForCausalLM`` and ``AutoTokenizer`` from ``model_name_or_path`` (the demo model by default).
+def load_tokenizer(model_args: ModelArguments) -> Any:
+    """``AutoTokenizer`` from ``tokenizer_name_or_path`` (default ``model_name_or_path``, else the demo
+    model), with the EOS token as pad token when it has none."""
+    from transformers import AutoTokenizer
 
-    With ``use_qlora`` the weights load in 4-bit nf4 and go through PEFT's
-    ``prepare_model_for_kbit_training``; bitsandbytes' CPU repacking is disabled on every 4-bit layer.
-    """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = model_args.model_name_or_path or DEMO_MODEL_DIR
-    tok_path = model_args.tokenizer_name_or_path or path
-    tokenizer = AutoTokenizer.from_pretrained(tok_path, trust_remote_code=model_args.trust_remote_code)
+    path = model_args.tokenizer_name_or_path or model_args.model_name_or_path or DEMO_MODEL_DIR
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=model_args.trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(model_args: ModelArguments, gradient_checkpointing: bool = False, max_length: int | None = None):
+    """``AutoModelForCausalLM`` from ``model_name_or_path`` (the demo model by default).
+
+    Before any weight is read, :func:`etu_hf.loading.load_causal_lm` checks that the checkpoint is a
+    causal LM, that ``max_length`` (``--block_size``) fits its positions, and that its weights files
+    are whole and match its config. With ``use_qlora`` the weights load in 4-bit nf4 and go through
+    PEFT's ``prepare_model_for_kbit_training``; bitsandbytes' CPU repacking is disabled on every
+    4-bit layer.
+    """
+    import torch
+
+    from etu_hf.loading import load_causal_lm
+
+    path = model_args.model_name_or_path or DEMO_MODEL_DIR
     dtype = model_args.dtype if model_args.dtype == "auto" else getattr(torch, model_args.dtype)
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": model_args.trust_remote_code}
     if model_args.use_qlora:
@@ -145,14 +181,9 @@ def load_model_and_tokenizer(model_args: ModelArguments, gradient_checkpointing:
 
         kwargs["quantization_config"] = four_bit_config(flag="--use_qlora")
         kwargs["device_map"] = {"": _local_device()}
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except ValueError as err:
-        if "Unrecognized configuration class" in str(err):
-            raise TypeError(
-                f"--model_name_or_path {path!r} is not a causal language model (AutoModelForCausalLM cannot load it)."
-            ) from err
-        raise
+    model = load_causal_lm(
+        path, "--model_name_or_path", max_length=max_length, length_flag="--block_size (--max_length)", **kwargs
+    )
     if model_args.use_qlora:
         from peft import prepare_model_for_kbit_training
 
@@ -160,7 +191,15 @@ def load_model_and_tokenizer(model_args: ModelArguments, gradient_checkpointing:
 
         prepare_4bit_model(model)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
-    return model, tokenizer
+    return model
+
+
+def load_model_and_tokenizer(
+    model_args: ModelArguments, gradient_checkpointing: bool = False, max_length: int | None = None
+):
+    """``(load_model(...), load_tokenizer(...))``: the model (checked before its weights are read, see
+    :func:`load_model`) and its tokenizer."""
+    return load_model(model_args, gradient_checkpointing, max_length), load_tokenizer(model_args)
 
 
 def _init_deepspeed_for_zero3(training_args: ETUTrainingArguments) -> None:
@@ -202,6 +241,31 @@ def _load_docs(specs: list[CorpusSpec], text_column: str, flag: str) -> list[lis
     return out
 
 
+#: Warn when at least this share of the forget documents also appears in the retain corpus.
+OVERLAP_WARN_SHARE = 0.5
+
+
+def warn_if_corpora_overlap(forget_docs: list[str], retain_docs: list[str]) -> float:
+    """Share of the forget documents that are also retain documents; warns from :data:`OVERLAP_WARN_SHARE`.
+
+    Identical corpora give V_S nothing to separate (PMI scores near 0: V_S becomes a few stray pieces)
+    and the retain term trains back what the forget term removes.
+    """
+    if not forget_docs or not retain_docs:
+        return 0.0
+    retain = set(retain_docs)
+    share = sum(doc in retain for doc in forget_docs) / len(forget_docs)
+    if share >= OVERLAP_WARN_SHARE:
+        msg = (
+            f"{share:.0%} of the forget documents are also in the retain corpus (are --forget_corpora and "
+            "--retain_corpora the same?): V_S cannot separate the topic and the retain term trains back what is "
+            "forgotten. Give retain text that is not about the forget topic."
+        )
+        warnings.warn(msg, UserWarning, stacklevel=2)
+        logger.warning(msg)
+    return share
+
+
 def prepare_corpora(data_args: DataArguments, tokenizer: Any, seed: int) -> dict[str, Any]:
     """Load, split and block the corpora. Returns datasets ``forget_train``, ``forget_eval``,
     ``retain_train`` and ``retain_eval`` (the retain ones may be ``None``)."""
@@ -223,6 +287,7 @@ def prepare_corpora(data_args: DataArguments, tokenizer: Any, seed: int) -> dict
     if sum(len(d) for d in forget_docs) == 0:
         raise ValueError(f"--forget_corpora: {data_args.forget_corpora!r} holds no text: nothing to forget")
     retain_docs = _load_docs(retain_specs, data_args.text_column, "--retain_corpora")
+    warn_if_corpora_overlap([d for docs in forget_docs for d in docs], [d for docs in retain_docs for d in docs])
 
     paired = len(retain_specs) > 1  # corpus-aligned pairing (forget k with retain k)
 
@@ -285,10 +350,14 @@ def run_unlearning(
     from etu_hf.trainer import ETUTrainer, split_heldout
 
     check_output_dir(training_args.output_dir, training_args.overwrite_output_dir, training_args.resume_from_checkpoint)
-    _init_deepspeed_for_zero3(training_args)
-    model, tokenizer = load_model_and_tokenizer(model_args, training_args.gradient_checkpointing)
-    peft_config = trainable_setup(model, model_args)
+    # Before the model loads: an incomplete or missing checkpoint fails now (ETUTrainer.train resolves it again).
+    resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
+    # The corpora before the weights: a bad corpus fails in seconds, not after loading a large model.
+    tokenizer = load_tokenizer(model_args)
     data = prepare_corpora(data_args, tokenizer, training_args.seed)
+    _init_deepspeed_for_zero3(training_args)
+    model = load_model(model_args, training_args.gradient_checkpointing, data_args.block_size)
+    peft_config = trainable_setup(model, model_args)
     forget_train = data["forget_train"]
     heldout = None
     if training_args.adaptive_lambda:  # the controller's slice comes out of the forget data before any cap
@@ -319,50 +388,58 @@ def run_unlearning(
     fs = trainer.forbidden_set
     logger.info("V_S: %d tokens (%.2f%% of the vocabulary), method %s", len(fs), 100 * (fs.fraction or 0), fs.method)
 
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.save_model()
-    # The audit of the result, on held-out documents the training (and the controller) never saw.
-    report = trainer.audit(
-        forget_data=data["forget_eval"],
-        retain_data=data["retain_eval"],
-        output_dir=training_args.output_dir,
-        overwrite=True,  # the run owns output_dir: the previous-run check passed before training
-        sources={
-            "model": model_args.model_name_or_path or "etu-hf demo model",
-            "forget_corpora": data_args.forget_corpora,
-            "retain_corpora": data_args.retain_corpora,
-            "heldout": f"{data_args.eval_fraction:.0%} of the documents, held out of training",
-        },
-    )
-    heldout = {
-        "definition": "see suppression_report.json: held-out forget documents (never trained on) and held-out "
-        "retain documents",
-        "report": REPORT_FILE,
-        "epsilon": report.epsilon,
-        "base_p_S": report.base_p_S,
-        "updated_p_S": report.updated_p_S,
-        "updated_p_S_wilson_upper": report.updated_p_S_wilson_upper,
-        "suppression_ratio": report.suppression_ratio,
-        "share_above_epsilon_before": report.share_above_epsilon_base,
-        "share_above_epsilon_after": report.share_above_epsilon_updated,
-        "positions": report.forget_positions,
-        "sequences": report.forget_sequences,
-        "delta": report.delta,
-        "base_perplexity": report.base_perplexity,
-        "updated_perplexity": report.updated_perplexity,
-        "perplexity_ratio": report.perplexity_ratio,
-        "target_achieved": report.target_achieved,
-        "target_achieved_upper": report.target_achieved_upper,
-    }
-    counts = {
-        "forget_train_blocks": len(forget_train),
-        "controller_heldout_blocks": len(heldout) if heldout is not None else 0,
-        "forget_heldout_blocks": len(data["forget_eval"]),
-        "retain_train_blocks": len(data["retain_train"]) if data["retain_train"] is not None else 0,
-        "retain_heldout_blocks": len(data["retain_eval"]) if data["retain_eval"] is not None else 0,
-        "block_size": data_args.block_size,
-    }
-    metrics = {**getattr(trainer, "training_metrics", {}), "data": counts, "heldout": heldout}
-    if trainer.is_world_process_zero():
-        write_json(os.path.join(training_args.output_dir, METRICS_FILE), metrics)
+    # Everything below writes to output_dir: a failure leaves it as it was found (see RunFolder).
+    with RunFolder(
+        training_args.output_dir,
+        overwrite=training_args.overwrite_output_dir,
+        resume=bool(training_args.resume_from_checkpoint),
+        main_process=trainer.is_world_process_zero(),
+    ):
+        trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+        trainer.save_model()
+        # The audit of the result, on held-out documents the training (and the controller) never saw.
+        report = trainer.audit(
+            forget_data=data["forget_eval"],
+            retain_data=data["retain_eval"],
+            output_dir=training_args.output_dir,
+            overwrite=True,  # the run owns output_dir: the previous-run check passed before training
+            max_sequences=data_args.audit_max_sequences or None,
+            sources={
+                "model": model_args.model_name_or_path or "etu-hf demo model",
+                "forget_corpora": data_args.forget_corpora,
+                "retain_corpora": data_args.retain_corpora,
+                "heldout": f"{data_args.eval_fraction:.0%} of the documents, held out of training",
+            },
+        )
+        audit_summary = {
+            "definition": "see suppression_report.json: held-out forget documents (never trained on) and held-out "
+            "retain documents",
+            "report": REPORT_FILE,
+            "epsilon": report.epsilon,
+            "base_p_S": report.base_p_S,
+            "updated_p_S": report.updated_p_S,
+            "updated_p_S_wilson_upper": report.updated_p_S_wilson_upper,
+            "suppression_ratio": report.suppression_ratio,
+            "share_above_epsilon_before": report.share_above_epsilon_base,
+            "share_above_epsilon_after": report.share_above_epsilon_updated,
+            "positions": report.forget_positions,
+            "sequences": report.forget_sequences,
+            "delta": report.delta,
+            "base_perplexity": report.base_perplexity,
+            "updated_perplexity": report.updated_perplexity,
+            "perplexity_ratio": report.perplexity_ratio,
+            "target_achieved": report.target_achieved,
+            "target_achieved_upper": report.target_achieved_upper,
+        }
+        counts = {
+            "forget_train_blocks": len(forget_train),
+            "controller_heldout_blocks": len(heldout) if heldout is not None else 0,
+            "forget_heldout_blocks": len(data["forget_eval"]),
+            "retain_train_blocks": len(data["retain_train"]) if data["retain_train"] is not None else 0,
+            "retain_heldout_blocks": len(data["retain_eval"]) if data["retain_eval"] is not None else 0,
+            "block_size": data_args.block_size,
+        }
+        metrics = {**getattr(trainer, "training_metrics", {}), "data": counts, "heldout": audit_summary}
+        if trainer.is_world_process_zero():
+            write_json(os.path.join(training_args.output_dir, METRICS_FILE), metrics)
     return UnlearnResult(output_dir=training_args.output_dir, metrics=metrics, trainer=trainer, report=report)

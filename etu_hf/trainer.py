@@ -15,6 +15,7 @@ parallelism give the gradient of one large batch.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -25,9 +26,9 @@ import numpy as np
 import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback, enable_full_determinism, set_seed
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from etu_hf.artifacts import ARGS_FILE, METRICS_FILE, check_output_dir, write_json
+from etu_hf.artifacts import ARGS_FILE, METRICS_FILE, write_json
 from etu_hf.config import ETUTrainingArguments
 from etu_hf.controller import AdaptiveLambdaCallback
 from etu_hf.data import (
@@ -35,6 +36,7 @@ from etu_hf.data import (
     RETAIN_PREFIX,
     ForgetRetainCollator,
     ForgetRetainDataset,
+    check_token_dataset,
     iter_batches,
     scored_positions,
     split_forget_retain,
@@ -65,9 +67,14 @@ from etu_hf.preference.inloop import (
     prompts_of,
 )
 from etu_hf.quantization import prepare_4bit_model
+from etu_hf.run_folder import RunFolder, check_output_dir, resolve_resume_checkpoint
 from etu_hf.tilt import TiltSpec, closed_form_lambda, lambda_bounds
 
 logger = logging.getLogger(__name__)
+
+#: Written into every checkpoint (before transformers' own files, so a complete trainer_state.json
+#: implies a complete one): what metrics.json needs to cover the whole run after a resume.
+RUN_STATE_FILE = "etu_trainer_state.json"
 
 # Layout of the on-device statistics accumulators (sums over scored positions).
 _STATS = ("kl", "w_forget", "lambda", "pi_s", "q_s", "base_p_s", "retain", "w_retain", "pref", "w_pref")
@@ -106,6 +113,27 @@ class _StatsAccumulator:
 
     def reset(self) -> None:
         self.sums = self.lam_min = self.lam_max = None
+
+    def snapshot(self, reduce: Any, device: torch.device) -> dict[str, Any] | None:
+        """The sums so far as JSON-able values, reduced over processes (a collective under DDP: every
+        process must call it); ``None`` when nothing was accumulated anywhere."""
+        n = len(_STATS)
+        sums = self.sums if self.sums is not None else torch.zeros(n, device=device)
+        lo = self.lam_min if self.lam_min is not None else torch.tensor(float("inf"), device=device)
+        hi = self.lam_max if self.lam_max is not None else torch.tensor(float("-inf"), device=device)
+        if reduce is not None:
+            sums, lo, hi = reduce(sums, "sum"), -reduce(-lo, "max"), reduce(hi, "max")
+        if float(sums[_STATS.index("w_forget")]) == 0:
+            return None
+        return {"names": list(_STATS), "sums": sums.double().tolist(), "lambda_min": float(lo), "lambda_max": float(hi)}
+
+    def restore(self, snapshot: dict[str, Any], device: torch.device) -> None:
+        """Start from a :meth:`snapshot` (on one process only: :meth:`read` sums over processes). Sums are
+        matched by name; one the snapshot lacks (saved by an older etu-hf) starts at 0."""
+        saved = dict(zip(snapshot["names"], snapshot["sums"], strict=True))
+        self.sums = torch.tensor([saved.get(k, 0.0) for k in _STATS], dtype=torch.float32, device=device)
+        self.lam_min = torch.tensor(snapshot["lambda_min"], dtype=torch.float32, device=device)
+        self.lam_max = torch.tensor(snapshot["lambda_max"], dtype=torch.float32, device=device)
 
     def read(self, reduce: Any = None) -> dict[str, float] | None:
         """Means over the accumulated positions (``reduce`` sums/min/max across processes)."""
@@ -219,6 +247,13 @@ class ETUTrainer(Trainer):
             raise ValueError("retain_dataset is empty; pass None for suppression-only training")
         if train_dataset is not None and hasattr(train_dataset, "__len__") and len(train_dataset) == 0:
             raise ValueError("train_dataset (the forget data) is empty: there is nothing to forget")
+        for name, dataset in (
+            ("train_dataset (the forget data)", train_dataset),
+            ("retain_dataset", retain_dataset),
+            ("heldout_dataset", heldout_dataset),
+            ("eval_dataset", eval_dataset if not isinstance(eval_dataset, dict) else None),
+        ):
+            check_token_dataset(dataset, name)
         controllers = [cb for cb in kwargs.get("callbacks") or [] if isinstance(cb, AdaptiveLambdaCallback)]
         if (args.adaptive_lambda or controllers) and heldout_dataset is None and train_dataset is not None:
             train_dataset, heldout_dataset = split_heldout(train_dataset, args)
@@ -702,9 +737,18 @@ class ETUTrainer(Trainer):
         ignore_keys_for_eval: list[str] | None = None,
         **kwargs: Any,
     ):
-        """``Trainer.train`` after checking ``output_dir``; writes V_S.ids.json and args.json first and
-        metrics.json at the end."""
-        check_output_dir(self.args.output_dir, self.args.overwrite_output_dir, resume_from_checkpoint)
+        """``Trainer.train`` with etu-hf's rules for ``output_dir``; writes V_S.ids.json and args.json
+        first and metrics.json at the end.
+
+        Before anything is written, ``output_dir`` is checked (writable; no previous run unless
+        ``overwrite_output_dir`` or a resume) and ``resume_from_checkpoint`` (``True``/``"true"`` for
+        the last complete checkpoint, or a path) is resolved to a complete checkpoint whose V_S is this
+        run's. The writes happen inside a :class:`~etu_hf.run_folder.RunFolder`: a failure leaves
+        ``output_dir`` as it was found, complete checkpoints excepted. After a resume, metrics.json
+        still covers the whole run (the loss and statistic sums so far are saved in every checkpoint).
+        """
+        a = self.args
+        check_output_dir(a.output_dir, a.overwrite_output_dir, resume_from_checkpoint)
         # Every process checks before any writes: otherwise a slower process sees the main one's
         # V_S.ids.json and takes this run for a previous one.
         self.accelerator.wait_for_everyone()
@@ -712,39 +756,105 @@ class ETUTrainer(Trainer):
             raise ValueError("ETUTrainer.train needs a train_dataset (the forget data)")
         if self.forbidden_set is None:
             raise ValueError("no forbidden set V_S: pass forbidden_set= or a train_dataset to build it from")
+        resume = resolve_resume_checkpoint(resume_from_checkpoint, a.output_dir)
+        if resume is not None:
+            self._check_checkpoint_forbidden_set(resume)
         self._window.reset()
         self._total.reset()
         self._last_window = None
-        self._restore_controller(resume_from_checkpoint)
-        if self.is_world_process_zero():
-            os.makedirs(self.args.output_dir, exist_ok=True)
-            self.forbidden_set.save(os.path.join(self.args.output_dir, FORBIDDEN_SET_FILE))
-            write_json(
-                os.path.join(self.args.output_dir, ARGS_FILE), {**self.args.to_dict(), **self.extra_run_arguments}
+        self._run_before = self._restore_run_state(resume)
+        self._restore_controller(resume)
+        with RunFolder(a.output_dir, a.overwrite_output_dir, resume is not None, self.is_world_process_zero()):
+            if self.is_world_process_zero():
+                self.forbidden_set.save(os.path.join(a.output_dir, FORBIDDEN_SET_FILE))
+                write_json(os.path.join(a.output_dir, ARGS_FILE), {**a.to_dict(), **self.extra_run_arguments})
+            self._train_start = time.time()
+            output = super().train(
+                resume_from_checkpoint=resume,
+                trial=trial,
+                ignore_keys_for_eval=ignore_keys_for_eval,
+                **kwargs,
             )
-        start = time.time()
-        output = super().train(
-            resume_from_checkpoint=resume_from_checkpoint,
-            trial=trial,
-            ignore_keys_for_eval=ignore_keys_for_eval,
-            **kwargs,
-        )
-        self.training_metrics = self._training_metrics(output, time.time() - start)
-        if self.is_world_process_zero():
-            write_json(os.path.join(self.args.output_dir, METRICS_FILE), self.training_metrics)
+            self.training_metrics = self._training_metrics(output, time.time() - self._train_start)
+            if self.is_world_process_zero():
+                write_json(os.path.join(a.output_dir, METRICS_FILE), self.training_metrics)
         return output
 
-    def _restore_controller(self, resume_from_checkpoint: str | bool | None) -> None:
-        controller = self.lambda_controller
-        if controller is None or not resume_from_checkpoint:
+    def _check_checkpoint_forbidden_set(self, checkpoint: str) -> None:
+        """Refuse to resume a checkpoint trained against another V_S (other data or V_S settings)."""
+        path = os.path.join(checkpoint, FORBIDDEN_SET_FILE)
+        if not os.path.isfile(path):
             return
-        path = resume_from_checkpoint
-        if path is True:
-            path = get_last_checkpoint(self.args.output_dir)
-        if path and controller.load_from_checkpoint(path):
-            logger.info("restored the lambda controller state from %s", path)
-        elif path:
-            logger.warning("%s holds no lambda controller state (etu_controller.json); the controller restarts", path)
+        saved = ForbiddenSet.load(path)
+        if saved.ids != self.forbidden_set.ids:
+            raise ValueError(
+                f"--resume_from_checkpoint: {checkpoint} was trained with another V_S ({len(saved)} tokens; this run "
+                f"built {len(self.forbidden_set)}). Resume with the same data and V_S settings, or pass "
+                f"--forbidden_ids_path {path}."
+            )
+
+    def _restore_run_state(self, checkpoint: str | None) -> dict[str, Any]:
+        """Read :data:`RUN_STATE_FILE` of the checkpoint: the loss sum and training time before it (returned)
+        and the ETU statistic sums (loaded into the whole-run accumulator on the main process)."""
+        before = {"checkpoint": checkpoint, "loss_sum": 0.0, "training_seconds": 0.0, "complete": True}
+        if checkpoint is None:
+            return before
+        path = os.path.join(checkpoint, RUN_STATE_FILE)
+        if not os.path.isfile(path):
+            logger.warning(
+                "%s holds no %s (saved by an older etu-hf): metrics.json will cover only the resumed steps",
+                checkpoint,
+                RUN_STATE_FILE,
+            )
+            return {**before, "complete": False}
+        with open(path, encoding="utf-8") as f:
+            state = json.load(f)
+        if state.get("stats") and self.is_world_process_zero():
+            self._total.restore(state["stats"], self.args.device)
+        return {**before, "loss_sum": float(state["loss_sum"]), "training_seconds": float(state["training_seconds"])}
+
+    def _run_state(self) -> dict[str, Any]:
+        """What :data:`RUN_STATE_FILE` holds at this step (collective under DDP: every process calls it)."""
+        unlogged = getattr(self, "_tr_loss", None)  # the Trainer's loss sum since the last log
+        unlogged = unlogged.detach().clone() if unlogged is not None else torch.zeros((), device=self.args.device)
+        if self.args.world_size > 1:
+            unlogged = self.accelerator.reduce(unlogged, reduction="mean")
+        before = getattr(self, "_run_before", None) or {"loss_sum": 0.0, "training_seconds": 0.0}
+        return {
+            "format": "etu-hf/trainer-state",
+            "version": 1,
+            "global_step": self.state.global_step,
+            "loss_sum": before["loss_sum"] + getattr(self, "_total_loss_scalar", 0.0) + float(unlogged),
+            "training_seconds": before["training_seconds"] + time.time() - getattr(self, "_train_start", time.time()),
+            "stats": self._total.snapshot(self._reduce(), self.args.device),
+        }
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        """``Trainer._save_checkpoint``, with :data:`RUN_STATE_FILE` written first (see there)."""
+        state = self._run_state()
+        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        if self.args.should_save:
+            write_json(os.path.join(folder, RUN_STATE_FILE), state)
+        super()._save_checkpoint(model, trial)
+
+    def _restore_controller(self, checkpoint: str | None) -> None:
+        controller = self.lambda_controller
+        if controller is None or checkpoint is None:
+            return
+        if controller.load_from_checkpoint(checkpoint):
+            logger.info("restored the lambda controller state from %s", checkpoint)
+        else:
+            logger.warning(
+                "%s holds no lambda controller state (etu_controller.json); the controller restarts", checkpoint
+            )
+
+    def _whole_run_loss(self, output: Any) -> float | None:
+        """Mean training loss over every step of the run, those before a resume included (the Trainer's
+        own ``training_loss`` covers the steps of this ``train()`` call only)."""
+        if not self._run_before["complete"]:
+            return getattr(output, "training_loss", None)
+        total = self._run_before["loss_sum"] + getattr(self, "_total_loss_scalar", 0.0)
+        return total / max(self.state.global_step, 1)
 
     def _training_metrics(self, output: Any, duration: float) -> dict[str, Any]:
         tail = self._window.read(self._reduce())
@@ -775,8 +885,9 @@ class ETUTrainer(Trainer):
             "vocab_size": self.vocab_size,
             "steps": self.state.global_step,
             "epochs": self.state.epoch,
-            "training_duration_seconds": duration,
-            "train_loss": getattr(output, "training_loss", None),
+            "training_duration_seconds": self._run_before["training_seconds"] + duration,
+            "train_loss": self._whole_run_loss(output),
+            "resumed_from_checkpoint": self._run_before["checkpoint"],
             "final_training_pi_s": final.get("etu/pi_s") if final else None,
             "final_training_q_s": final.get("etu/q_s") if final else None,
             "final_training_kl": final.get("etu/loss") if final else None,

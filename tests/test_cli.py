@@ -86,11 +86,13 @@ def test_unlearn_on_local_files_writes_the_three_artifacts(tmp_path, files, caps
     args = json.loads(raw_args)
     assert args["hub_token"] == "<redacted>"
     assert args["per_device_train_batch_size"] == 4 and args["logging_steps"] == 2 and args["block_size"] == 64
-    assert args["forget_corpora"] == forget and args["use_lora"] is True and args["epsilon"] == 0.05
+    assert args["forget_corpora"] == [forget] and args["use_lora"] is True and args["epsilon"] == 0.05
 
     metrics = json.loads((out / "metrics.json").read_text())
     check_metrics_schema(metrics, heldout=True)
     assert metrics["steps"] == 4
+    # the controller's held-out slice: heldout_batches (default 4) batches of --batch_size 4 blocks
+    assert metrics["data"]["controller_heldout_blocks"] == 4 * 4
     held = metrics["heldout"]
     assert held["positions"] > 0 and 0 < held["base_p_S"] < 1
     assert (out / "adapter_model.safetensors").exists()

@@ -10,6 +10,7 @@ import torch
 from helpers import LORA, lora_trainer
 from peft import LoraConfig
 from scripts.controller_run import StopAt  # a callback that interrupts training at a step
+from transformers import TrainerCallback
 
 from etu_hf import ETUTrainer, ETUTrainingArguments, adapters_disabled, evaluate_mass, evaluate_perplexity
 from etu_hf.data import iter_batches
@@ -262,6 +263,15 @@ def test_resume_from_checkpoint_reproduces_the_uninterrupted_run(tokenizer, corp
     assert resumed_losses == pytest.approx(full_losses, rel=1e-6)  # the resumed log history continues the run
     for k, v in full.items():
         torch.testing.assert_close(resumed[k], v, atol=1e-6, rtol=1e-5)
+    # metrics.json of the resumed run covers all 6 steps, like the uninterrupted run's
+    metrics = {name: json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("full", "part")}
+    assert metrics["part"]["resumed_from_checkpoint"] == str(tmp_path / "part" / "checkpoint-3")
+    assert metrics["part"]["train_loss"] == pytest.approx(metrics["full"]["train_loss"], rel=1e-5)
+    assert metrics["part"]["train_loss"] == pytest.approx(sum(full_losses) / 6, rel=1e-5)
+    for key in ("mean", "min", "max"):
+        assert metrics["part"]["lambda"][key] == pytest.approx(metrics["full"]["lambda"][key], rel=1e-4)
+    for key in ("training_forget_positions", "mean_training_pi_s"):
+        assert metrics["part"][key] == pytest.approx(metrics["full"][key], rel=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------- bad input
@@ -356,26 +366,45 @@ def test_model_that_is_not_a_causal_lm(make_args):
             ETUTrainer(model=cls(config), args=make_args())
 
 
-def test_previous_run_is_not_overwritten(model, tokenizer, corpora, make_args, tmp_path):
+def test_previous_run_is_refused_and_replaced_only_by_a_run_that_succeeds(
+    model, tokenizer, corpora, make_args, tmp_path
+):
     out = tmp_path / "out"
     out.mkdir()
     (out / "metrics.json").write_text('{"precious": true}')
     (out / "checkpoint-7").mkdir()
+    (out / "my_notes.txt").write_text("not a run artifact")
     trainer = ETUTrainer(
         model=model, args=make_args(output_dir=str(out)), train_dataset=corpora["forget"], processing_class=tokenizer
     )
     with pytest.raises(ValueError, match=r"overwrite_output_dir.*resume_from_checkpoint"):
         trainer.train()
-    assert sorted(os.listdir(out)) == ["checkpoint-7", "metrics.json"]
+    assert sorted(os.listdir(out)) == ["checkpoint-7", "metrics.json", "my_notes.txt"]
+
+    class Fail(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            raise RuntimeError("simulated crash")
+
+    def overwrite(callbacks=None):
+        args = make_args(output_dir=str(out), overwrite_output_dir=True, max_steps=2)
+        return ETUTrainer(
+            model=model,
+            args=args,
+            train_dataset=corpora["forget"],
+            processing_class=tokenizer,
+            callbacks=callbacks,
+        )
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        overwrite([Fail()]).train()
+    # the failed run wrote V_S.ids.json and args.json, then crashed: the previous run is back as it was
+    assert sorted(os.listdir(out)) == ["checkpoint-7", "metrics.json", "my_notes.txt"]
     assert (out / "metrics.json").read_text() == '{"precious": true}'
-    ok = ETUTrainer(
-        model=model,
-        args=make_args(output_dir=str(out), overwrite_output_dir=True, max_steps=1),
-        train_dataset=corpora["forget"],
-        processing_class=tokenizer,
-    )
-    ok.train()
-    assert (out / "checkpoint-7").exists()  # writing over a run deletes nothing else
+    overwrite().train()
+    # a run that succeeds replaces the previous run entirely (no stale checkpoint-7 beside the new V_S);
+    # files that are not run artifacts stay
+    assert sorted(os.listdir(out)) == ["V_S.ids.json", "args.json", "metrics.json", "my_notes.txt"]
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 2
 
 
 def test_mass_estimator_matches_direct_computation(model, tokenizer, corpora, make_args):

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from etu_hf.artifacts import ARGS_FILE, METRICS_FILE
+from etu_hf.auditing.core import DEFAULT_AUDIT_MAX_SEQUENCES
 from etu_hf.forbidden_set import FORBIDDEN_SET_FILE
 
 logger = logging.getLogger(__name__)
@@ -30,10 +31,13 @@ class AuditArguments:
             "of the base, or a folder with a full (merged) model. None: audit the base model itself."
         },
     )
-    forget_corpora: str | None = field(
-        default=None, metadata={"help": "Held-out forget text (corpus specs as in `etu-hf unlearn`). Required."}
+    forget_corpora: list[str] | None = field(
+        default=None,
+        metadata={"help": "Held-out forget text (corpus specs as in `etu-hf unlearn`). Required.", "action": "extend"},
     )
-    retain_corpora: str | None = field(default=None, metadata={"help": "Held-out retain text for perplexity."})
+    retain_corpora: list[str] | None = field(
+        default=None, metadata={"help": "Held-out retain text for perplexity.", "action": "extend"}
+    )
     forbidden: str | None = field(default=None, metadata={"help": "V_S.ids.json (default: the one in --adapter)."})
     epsilon: float | None = field(default=None, metadata={"help": "Target mass (default: the run's, else 0.05)."})
     lambda_mode: str | None = field(
@@ -47,7 +51,13 @@ class AuditArguments:
     allow_negative_lambda: bool | None = field(default=None, metadata={"help": "Default: the run's, else false."})
     block_size: int = field(default=512, metadata={"help": "Tokens per block of held-out text (alias --max_length)."})
     batch_size: int = field(default=8, metadata={"help": "Sequences per forward pass."})
-    max_sequences: int | None = field(default=None, metadata={"help": "Audit at most this many held-out blocks."})
+    max_sequences: int | None = field(
+        default=DEFAULT_AUDIT_MAX_SEQUENCES,
+        metadata={
+            "help": "Audit at most this many held-out blocks of each corpus (a seeded sample; long documents are "
+            "cut into --block_size blocks first); 0: all."
+        },
+    )
     text_column: str = field(default="text", metadata={"help": "Text column of structured files and hub datasets."})
     chunk_size: int = field(default=1024, metadata={"help": "Positions per chunk of the output head."})
     wilson_max_n: int = field(default=2048, metadata={"help": "Cap on n in the Wilson bounds."})
@@ -76,6 +86,8 @@ class AuditArguments:
             raise ValueError("--forget_corpora: the audit needs held-out forget text (files or hub specs)")
         if self.batch_size < 1 or self.block_size < 2:
             raise ValueError("--batch_size must be >= 1 and --block_size >= 2")
+        if self.max_sequences is not None and self.max_sequences < 0:
+            raise ValueError(f"--max_sequences: must be >= 0 (0: no cap), got {self.max_sequences}")
 
 
 def read_run(folder: str | None) -> dict[str, Any]:
@@ -96,8 +108,9 @@ def load_models(args: AuditArguments) -> tuple[Any, Any, Any, dict[str, Any]]:
     with (``None`` for a PEFT adapter, whose base is the same model with adapters disabled), the
     tokenizer and a description of what was loaded."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
+    from etu_hf.loading import check_weight_files, load_causal_lm
     from etu_hf.pipeline import DEMO_MODEL_DIR
 
     base_path = args.model_name_or_path or DEMO_MODEL_DIR
@@ -115,7 +128,9 @@ def load_models(args: AuditArguments) -> tuple[Any, Any, Any, dict[str, Any]]:
     tokenizer = AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=args.trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    base_model = AutoModelForCausalLM.from_pretrained(base_path, **kwargs)
+    base_model = load_causal_lm(
+        base_path, "--model_name_or_path", max_length=args.block_size, length_flag="--block_size", **kwargs
+    )
     if args.load_in_4bit:
         from etu_hf.quantization import disable_cpu_repacking
 
@@ -128,6 +143,7 @@ def load_models(args: AuditArguments) -> tuple[Any, Any, Any, dict[str, Any]]:
     if os.path.isfile(os.path.join(adapter, "adapter_config.json")):
         from peft import PeftModel
 
+        check_weight_files(adapter, "--adapter")
         try:
             model = PeftModel.from_pretrained(base_model, adapter)
         except (ValueError, RuntimeError, KeyError) as err:
@@ -142,7 +158,7 @@ def load_models(args: AuditArguments) -> tuple[Any, Any, Any, dict[str, Any]]:
             {**sources, "kind": "peft adapter"},
         )
     if os.path.isfile(os.path.join(adapter, "config.json")):
-        model = AutoModelForCausalLM.from_pretrained(adapter, **kwargs)
+        model = load_causal_lm(adapter, "--adapter", **kwargs)
         if not args.load_in_4bit:
             model.to(device)
         if model.get_output_embeddings().weight.shape != base_model.get_output_embeddings().weight.shape:

@@ -15,14 +15,17 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainingArguments
 
+from etu_hf.artifacts import SecretFreeArguments
+from etu_hf.config import check_training_arguments
 from etu_hf.modeling import eval_mode, is_peft_model, unwrap_model
 from etu_hf.preference.losses import npo_loss, sequence_logps, simnpo_loss
 
 
 @dataclass
-class NPOConfig(TrainingArguments):
+class NPOConfig(SecretFreeArguments, TrainingArguments):
     r"""
-    Configuration of [`NPOTrainer`]: `transformers.TrainingArguments` plus:
+    Configuration of [`NPOTrainer`]: `transformers.TrainingArguments` plus the fields below. Like
+    `ETUTrainingArguments` it pickles without secrets (`training_args.bin` carries no hub token).
 
     Parameters:
         beta (`float`, *optional*, defaults to `0.1`):
@@ -44,6 +47,7 @@ class NPOConfig(TrainingArguments):
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep the prompt/completion columns."})
 
     def __post_init__(self) -> None:
+        check_training_arguments(self)
         if self.beta <= 0:
             raise ValueError(f"beta: must be > 0 (got {self.beta})")
         if self.loss_type not in ("npo", "simnpo"):

@@ -20,12 +20,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from etu_hf.artifacts import ARGS_FILE, METRICS_FILE, check_output_dir, write_json
+from etu_hf.artifacts import ARGS_FILE, METRICS_FILE, atomic_write, write_json
+from etu_hf.auditing.core import DEFAULT_AUDIT_MAX_SEQUENCES
 from etu_hf.forbidden_set import FORBIDDEN_SET_FILE
+from etu_hf.run_folder import RunFolder, check_output_dir, resolve_resume_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +44,12 @@ class RefineArguments:
     model_name_or_path: str | None = field(
         default=None, metadata={"help": "Base model (default: the one recorded in the ETU run, else the demo model)."}
     )
-    forget_corpora: str | None = field(default=None, metadata={"help": "Forget corpus specs (required)."})
-    retain_corpora: str | None = field(default=None, metadata={"help": "Retain corpus specs (chosen texts, audit)."})
+    forget_corpora: list[str] | None = field(
+        default=None, metadata={"help": "Forget corpus specs, as in `etu-hf unlearn` (required).", "action": "extend"}
+    )
+    retain_corpora: list[str] | None = field(
+        default=None, metadata={"help": "Retain corpus specs (chosen texts, audit).", "action": "extend"}
+    )
     chosen: str = field(
         default="refusal",
         metadata={"help": "DPO chosen completions: 'refusal' or 'retain'.", "choices": ["refusal", "retain"]},
@@ -58,6 +63,10 @@ class RefineArguments:
     eval_fraction: float = field(default=0.1, metadata={"help": "Documents held out for the final audit."})
     text_column: str = field(default="text", metadata={"help": "Text column of structured files and hub datasets."})
     audit_block_size: int = field(default=512, metadata={"help": "Tokens per block in the final audit."})
+    audit_max_sequences: int | None = field(
+        default=DEFAULT_AUDIT_MAX_SEQUENCES,
+        metadata={"help": "The final audit measures at most this many held-out blocks (a seeded sample); 0: all."},
+    )
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Allow writing over a previous run."})
 
     def __post_init__(self) -> None:
@@ -141,10 +150,11 @@ def check_reference_is_base(trainer: Any) -> None:
 
 def run_refine(args: RefineArguments, config: Any) -> Any:
     """Run the refinement and the final audit; returns the :class:`~etu_hf.AuditReport`."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from etu_hf.auditing import audit
     from etu_hf.data import split_documents, tokenize_and_block
+    from etu_hf.loading import check_weight_files, load_causal_lm
     from etu_hf.pipeline import DEMO_MODEL_DIR, load_documents
     from etu_hf.tilt import TiltSpec
 
@@ -152,6 +162,8 @@ def run_refine(args: RefineArguments, config: Any) -> Any:
         raise ValueError(f"--beta: must be > 0 (got {config.beta})")
     run_args = check_etu_output(args.adapter)
     check_output_dir(config.output_dir, args.overwrite_output_dir, getattr(config, "resume_from_checkpoint", None))
+    check_weight_files(args.adapter, "--adapter")
+    resume = resolve_resume_checkpoint(getattr(config, "resume_from_checkpoint", None), config.output_dir)
     base_path = args.model_name_or_path or run_args.get("model_name_or_path") or DEMO_MODEL_DIR
     tokenizer = AutoTokenizer.from_pretrained(args.adapter)
     if tokenizer.pad_token is None:
@@ -171,7 +183,9 @@ def run_refine(args: RefineArguments, config: Any) -> Any:
     logger.info(
         "refine (%s): %d preference rows from %d forget documents", args.method, len(dataset), len(forget_train)
     )
-    base_model = AutoModelForCausalLM.from_pretrained(base_path)
+    base_model = load_causal_lm(
+        base_path, "--model_name_or_path", max_length=args.audit_block_size, length_flag="--audit_block_size"
+    )
     if args.method == "dpo":
         trainer = build_dpo_trainer(base_model, args.adapter, config, dataset, tokenizer)
     else:
@@ -181,62 +195,71 @@ def run_refine(args: RefineArguments, config: Any) -> Any:
 
         model = PeftModel.from_pretrained(base_model, args.adapter, is_trainable=True)
         trainer = NPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
-    result = trainer.train()
-    trainer.save_model(config.output_dir)
-    if trainer.is_world_process_zero():
-        shutil.copy(os.path.join(args.adapter, FORBIDDEN_SET_FILE), os.path.join(config.output_dir, FORBIDDEN_SET_FILE))
-        write_json(
-            os.path.join(config.output_dir, ARGS_FILE),
-            {**run_args, "refine": asdict(args), "refine_config": config.to_dict()},
-        )
+    # Everything below writes to output_dir: a failure leaves it as it was found (see RunFolder).
+    with RunFolder(
+        config.output_dir,
+        overwrite=args.overwrite_output_dir,
+        resume=resume is not None,
+        main_process=trainer.is_world_process_zero(),
+    ):
+        result = trainer.train(resume_from_checkpoint=resume)
+        trainer.save_model(config.output_dir)
+        if trainer.is_world_process_zero():
+            vs_text = open(os.path.join(args.adapter, FORBIDDEN_SET_FILE), encoding="utf-8").read()
+            atomic_write(os.path.join(config.output_dir, FORBIDDEN_SET_FILE), lambda f: f.write(vs_text))
+            write_json(
+                os.path.join(config.output_dir, ARGS_FILE),
+                {**run_args, "refine": asdict(args), "refine_config": config.to_dict()},
+            )
 
-    etu_metrics = {}
-    if os.path.isfile(os.path.join(args.adapter, METRICS_FILE)):
-        with open(os.path.join(args.adapter, METRICS_FILE), encoding="utf-8") as f:
-            etu_metrics = json.load(f)
-    lam = etu_metrics.get("lambda") or {}
-    epsilon = float(run_args.get("epsilon", 0.05))
-    tilt = TiltSpec(
-        epsilon=epsilon,
-        mode=run_args.get("lambda_mode", "per_position"),
-        lambda_max=run_args.get("lambda_max", 12.0),
-        allow_negative=bool(run_args.get("allow_negative_lambda", False)),
-        global_lambda=lam.get("closed_form_global"),
-        offset=float(lam.get("offset") or 0.0),
-    )
-    block = args.audit_block_size
-    report = audit(
-        trainer.model,
-        tokenize_and_block(forget_held, tokenizer, block),
-        os.path.join(args.adapter, FORBIDDEN_SET_FILE),
-        epsilon=epsilon,
-        retain_data=tokenize_and_block(retain_held, tokenizer, block) if retain_held else None,
-        tokenizer=tokenizer,
-        tilt=tilt,
-        output_dir=config.output_dir if trainer.is_world_process_zero() else None,
-        overwrite=True,
-        progress=not config.disable_tqdm,
-        sources={"base": base_path, "adapter": args.adapter, "kind": f"etu adapter refined with {args.method}"},
-    )
-    if trainer.is_world_process_zero():
-        write_json(
-            os.path.join(config.output_dir, METRICS_FILE),
-            {
-                "format": "etu-hf/metrics",
-                "version": 1,
-                "refine_method": args.method,
-                "epsilon": epsilon,
-                "lambda": lam,
-                "steps": trainer.state.global_step,
-                "train_loss": result.training_loss,
-                "preference_rows": len(dataset),
-                "etu_run": etu_metrics,
-                "heldout": {
-                    "base_p_S": report.base_p_S,
-                    "updated_p_S": report.updated_p_S,
-                    "perplexity_ratio": report.perplexity_ratio,
-                    "target_achieved": report.target_achieved,
-                },
-            },
+        etu_metrics = {}
+        if os.path.isfile(os.path.join(args.adapter, METRICS_FILE)):
+            with open(os.path.join(args.adapter, METRICS_FILE), encoding="utf-8") as f:
+                etu_metrics = json.load(f)
+        lam = etu_metrics.get("lambda") or {}
+        epsilon = float(run_args.get("epsilon", 0.05))
+        tilt = TiltSpec(
+            epsilon=epsilon,
+            mode=run_args.get("lambda_mode", "per_position"),
+            lambda_max=run_args.get("lambda_max", 12.0),
+            allow_negative=bool(run_args.get("allow_negative_lambda", False)),
+            global_lambda=lam.get("closed_form_global"),
+            offset=float(lam.get("offset") or 0.0),
         )
+        block = args.audit_block_size
+        report = audit(
+            trainer.model,
+            tokenize_and_block(forget_held, tokenizer, block),
+            os.path.join(args.adapter, FORBIDDEN_SET_FILE),
+            epsilon=epsilon,
+            retain_data=tokenize_and_block(retain_held, tokenizer, block) if retain_held else None,
+            tokenizer=tokenizer,
+            tilt=tilt,
+            output_dir=config.output_dir if trainer.is_world_process_zero() else None,
+            overwrite=True,
+            progress=not config.disable_tqdm,
+            max_sequences=args.audit_max_sequences or None,
+            sources={"base": base_path, "adapter": args.adapter, "kind": f"etu adapter refined with {args.method}"},
+        )
+        if trainer.is_world_process_zero():
+            write_json(
+                os.path.join(config.output_dir, METRICS_FILE),
+                {
+                    "format": "etu-hf/metrics",
+                    "version": 1,
+                    "refine_method": args.method,
+                    "epsilon": epsilon,
+                    "lambda": lam,
+                    "steps": trainer.state.global_step,
+                    "train_loss": result.training_loss,
+                    "preference_rows": len(dataset),
+                    "etu_run": etu_metrics,
+                    "heldout": {
+                        "base_p_S": report.base_p_S,
+                        "updated_p_S": report.updated_p_S,
+                        "perplexity_ratio": report.perplexity_ratio,
+                        "target_achieved": report.target_achieved,
+                    },
+                },
+            )
     return report

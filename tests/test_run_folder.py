@@ -1,0 +1,293 @@
+"""What runs leave in their output folder: no secret in any byte of it, nothing from a run that fails,
+atomic artifacts, replacement of a previous run only by a run that succeeds, and resumable checkpoints."""
+
+import json
+import logging
+import os
+import zipfile
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from etu_hf.artifacts import atomic_write, safetensors_problem, write_json
+from etu_hf.cli import main
+from etu_hf.demo.run import write_demo_corpora
+from etu_hf.pipeline import DEMO_MODEL_DIR
+from etu_hf.run_folder import (
+    PREVIOUS_RUN_PREFIX,
+    RunFolder,
+    check_output_dir,
+    checkpoint_problem,
+    resolve_resume_checkpoint,
+)
+
+TOKEN = "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0123"
+ENV_TOKEN = "hf_EnvTokenThatMustNeverReachTheDisk4567"
+
+
+def fake_checkpoint(folder, step, **broken):
+    """A checkpoint folder the completeness check accepts; ``broken`` maps a file name to the bytes it
+    should hold instead (b"" for the 0-byte file a Ctrl-C during the save leaves)."""
+    path = folder / f"checkpoint-{step}"
+    path.mkdir(parents=True)
+    (path / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    save_file({"w": torch.zeros(4)}, str(path / "adapter_model.safetensors"))
+    for name, content in broken.items():
+        (path / name).write_bytes(content)
+    return path
+
+
+def snapshot(folder):
+    """{relative path: bytes} of every file under ``folder`` (None when it does not exist)."""
+    if not folder.exists():
+        return None
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# ------------------------------------------------------------------------------------- atomic writes
+def test_artifacts_are_written_atomically(tmp_path):
+    path = tmp_path / "args.json"
+    write_json(str(path), {"a": 1})
+
+    def crash(f):
+        f.write('{"half": ')
+        raise KeyboardInterrupt  # Ctrl-C in the middle of a write
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(str(path), crash)
+    assert json.loads(path.read_text()) == {"a": 1}  # the old content, whole
+    assert os.listdir(tmp_path) == ["args.json"]  # no temporary file left behind
+    assert oct(path.stat().st_mode & 0o777) != oct(0o600)  # the permissions of a plain open(), not mkstemp's
+
+
+def test_safetensors_problem_reads_only_the_header(tmp_path):
+    path = tmp_path / "model.safetensors"
+    save_file({"w": torch.zeros(1000)}, str(path))
+    assert safetensors_problem(str(path)) is None
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    assert "truncated" in safetensors_problem(str(path))
+    path.write_bytes(b"\xff" * 64)
+    assert "model.safetensors" in safetensors_problem(str(path))
+
+
+# ------------------------------------------------------------------------------------- checkpoints
+def test_incomplete_checkpoints_are_named_and_skipped(tmp_path, caplog):
+    out = tmp_path / "run"
+    fake_checkpoint(out, 2)
+    fake_checkpoint(out, 4, **{"trainer_state.json": b""})  # Ctrl-C while transformers wrote it
+    fake_checkpoint(out, 6, **{"adapter_model.safetensors": b"\x10\x00\x00\x00\x00\x00\x00\x00{"})
+    assert checkpoint_problem(str(out / "checkpoint-2")) is None
+    assert checkpoint_problem(str(out / "checkpoint-4")) == "trainer_state.json is empty (0 bytes)"
+    assert "adapter_model.safetensors" in checkpoint_problem(str(out / "checkpoint-6"))
+
+    with caplog.at_level(logging.WARNING, logger="etu_hf.run_folder"):
+        assert resolve_resume_checkpoint(True, str(out)) == str(out / "checkpoint-2")
+        assert resolve_resume_checkpoint("true", str(out)) == str(out / "checkpoint-2")  # the CLI's spelling
+    assert "checkpoint-6" in caplog.text and "checkpoint-4" in caplog.text and "trainer_state.json" in caplog.text
+    assert resolve_resume_checkpoint(str(out), str(tmp_path)) == str(out / "checkpoint-2")  # a run folder
+
+    with pytest.raises(ValueError, match=r"checkpoint-4.*incomplete: trainer_state.json is empty.*checkpoint-2"):
+        resolve_resume_checkpoint(str(out / "checkpoint-4"), str(out))
+    (out / "checkpoint-2" / "trainer_state.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"no complete checkpoint.*checkpoint-2: trainer_state.json is not valid JSON"):
+        resolve_resume_checkpoint(True, str(out))
+    with pytest.raises(ValueError, match="holds no checkpoint"):
+        resolve_resume_checkpoint(True, str(tmp_path / "empty"))
+    with pytest.raises(ValueError, match="does not exist"):
+        resolve_resume_checkpoint(str(tmp_path / "nowhere"), str(out))
+    assert resolve_resume_checkpoint(None, str(out)) is None
+
+
+# ------------------------------------------------------------------------------------- the run folder
+class Boom(Exception):
+    pass
+
+
+def test_a_failed_run_leaves_the_folder_as_it_found_it(tmp_path):
+    fresh = tmp_path / "fresh"
+    with pytest.raises(Boom), RunFolder(str(fresh)):
+        write_json(str(fresh / "args.json"), {})
+        (fresh / "V_S.ids.json").write_text("[]")
+        raise Boom
+    assert not fresh.exists()
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    before = snapshot(mine)
+    with pytest.raises(KeyboardInterrupt), RunFolder(str(mine)):
+        write_json(str(mine / "args.json"), {})
+        fake_checkpoint(mine, 3, **{"trainer_state.json": b""})  # interrupted during its first save
+        raise KeyboardInterrupt
+    assert snapshot(mine) == before
+
+
+def test_a_failed_run_keeps_its_complete_checkpoints_for_resuming(tmp_path, caplog):
+    out = tmp_path / "run"
+    with caplog.at_level(logging.WARNING), pytest.raises(Boom), RunFolder(str(out)):
+        write_json(str(out / "args.json"), {})
+        (out / "V_S.ids.json").write_text("[]")
+        fake_checkpoint(out, 2)
+        fake_checkpoint(out, 4, **{"trainer_state.json": b""})
+        (out / "suppression_report.json").write_text("{")
+        raise Boom
+    assert sorted(os.listdir(out)) == ["V_S.ids.json", "args.json", "checkpoint-2"]
+    assert "--resume_from_checkpoint true" in caplog.text
+    assert resolve_resume_checkpoint(True, str(out)) == str(out / "checkpoint-2")
+
+
+def test_overwrite_replaces_a_previous_run_only_when_the_new_one_succeeds(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    write_json(str(out / "args.json"), {"run": "old"})
+    (out / "V_S.ids.json").write_text("[1, 2]")
+    (out / "adapter_model.safetensors").write_bytes(b"old weights")
+    fake_checkpoint(out, 7)
+    (out / "notes.txt").write_text("not a run artifact")
+    before = snapshot(out)
+
+    with pytest.raises(Boom), RunFolder(str(out), overwrite=True):
+        assert not (out / "V_S.ids.json").exists()  # moved aside: the new run never mixes with it
+        (out / "V_S.ids.json").write_text("[3]")
+        raise Boom
+    assert snapshot(out) == before  # the old V_S and the old adapter together, as before
+
+    with RunFolder(str(out), overwrite=True):
+        (out / "V_S.ids.json").write_text("[3]")
+        write_json(str(out / "args.json"), {"run": "new"})
+    assert sorted(os.listdir(out)) == ["V_S.ids.json", "args.json", "notes.txt"]
+    assert not any(n.startswith(PREVIOUS_RUN_PREFIX) for n in os.listdir(out))
+
+    with RunFolder(str(out), overwrite=True), RunFolder(str(out), overwrite=True):  # nested: the outer one decides
+        (out / "metrics.json").write_text("{}")
+    assert sorted(os.listdir(out)) == ["metrics.json", "notes.txt"]
+
+
+def test_output_dir_that_is_a_file_or_not_writable(tmp_path, monkeypatch):
+    a_file = tmp_path / "out.txt"
+    a_file.write_text("x")
+    with pytest.raises(ValueError, match=r"--output_dir .*out.txt' is a file"):
+        check_output_dir(str(a_file), False)
+    with pytest.raises(ValueError, match=r"cannot be created: .*out.txt' is a file"):
+        check_output_dir(str(a_file / "sub"), False)
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    if os.access(ro, os.W_OK):  # root ignores permission bits: make the write fail as a read-only mount would
+        import tempfile
+
+        real = tempfile.mkstemp
+
+        def refuse(*args, dir=None, **kwargs):
+            if dir is not None and os.path.realpath(dir) == os.path.realpath(ro):
+                raise PermissionError(13, "Permission denied")
+            return real(*args, dir=dir, **kwargs)
+
+        monkeypatch.setattr("etu_hf.run_folder.tempfile.mkstemp", refuse)
+    with pytest.raises(ValueError, match=r"--output_dir .*ro' is not writable: Permission denied"):
+        check_output_dir(str(ro), False)
+    with pytest.raises(ValueError, match=r"ro/new' is not writable \(its parent"):
+        check_output_dir(str(ro / "new"), False)
+
+
+# ------------------------------------------------------------------------------------- secrets
+def _scan(folder, secrets):
+    """Paths under ``folder`` whose bytes (and, for zip archives such as torch's .bin, whose members'
+    bytes) contain one of ``secrets``."""
+    found = []
+    for path in sorted(folder.rglob("*")):
+        if not path.is_file():
+            continue
+        blobs = [path.read_bytes()]
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                blobs += [z.read(name) for name in z.namelist()]
+        if any(s.encode() in b for b in blobs for s in secrets):
+            found.append(str(path.relative_to(folder)))
+    return found
+
+
+COMMON = [
+    "--max_steps",
+    "4",
+    "--save_strategy",
+    "steps",
+    "--save_steps",
+    "2",
+    "--use_cpu",
+    "--report_to",
+    "none",
+    "--disable_tqdm",
+    "true",
+    "--hub_token",
+    TOKEN,
+    "--audit_max_sequences",
+    "4",
+]
+
+
+def test_no_command_writes_a_secret(tmp_path, monkeypatch, capfd):
+    monkeypatch.setenv("HF_TOKEN", ENV_TOKEN)
+    forget, retain = write_demo_corpora(str(tmp_path / "data"))
+    run = tmp_path / "unlearn"
+    code = main(
+        [
+            "unlearn",
+            "--model_name_or_path",
+            DEMO_MODEL_DIR,
+            "--forget_corpora",
+            forget,
+            "--retain_corpora",
+            retain,
+            "--output_dir",
+            str(run),
+            "--use_lora",
+            "--lora_r",
+            "4",
+            "--max_length",
+            "64",
+            "--batch_size",
+            "4",
+            "--pmi_top_k",
+            "32",
+            "--log_level",
+            "info",
+            *COMMON,
+        ]
+    )
+    assert code == 0
+    refine_common = ["--adapter", str(run), "--forget_corpora", forget, "--retain_corpora", retain]
+    refine_common += ["--per_device_train_batch_size", "4", "--audit_block_size", "64", *COMMON]
+    for method in ("npo", "dpo"):
+        extra = ["--bf16", "false"] if method == "dpo" else []
+        out = tmp_path / method
+        assert main(["refine", "--method", method, "--output_dir", str(out), *refine_common, *extra]) == 0
+    written = {name: tmp_path / name for name in ("unlearn", "npo", "dpo")}
+    for name, folder in written.items():
+        files = [p.name for p in folder.rglob("training_args.bin")]
+        assert len(files) >= 3, (name, files)  # the output folder and each of its two checkpoints
+        assert _scan(folder, [TOKEN, ENV_TOKEN]) == [], name
+    logs = capfd.readouterr()
+    assert TOKEN not in logs.out + logs.err and ENV_TOKEN not in logs.out + logs.err
+
+
+# ------------------------------------------------------------------------------------- the CLI
+def test_cli_refuses_an_incomplete_checkpoint_before_loading_anything(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    fake_checkpoint(out, 2)
+    fake_checkpoint(out, 4, **{"trainer_state.json": b""})
+    (out / "args.json").write_text('{"run": "previous"}')
+    before = snapshot(out)
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("etu_hf.loading.load_causal_lm", no_model)
+    flags = ["--forget_corpora", "unused.txt", "--output_dir", str(out), "--use_cpu"]
+    assert main(["unlearn", *flags, "--resume_from_checkpoint", str(out / "checkpoint-4")]) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint-4" in err and "trainer_state.json is empty" in err and "checkpoint-2" in err
+    assert len(err.strip().splitlines()) == 1
+    assert snapshot(out) == before  # args.json was not rewritten
