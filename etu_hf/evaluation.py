@@ -24,7 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from etu_hf.bounds import SequenceBound, sequence_upper_bound
 from etu_hf.data import scored_positions
+from etu_hf.losses import kl_terms
 from etu_hf.modeling import (
     eval_mode,
     forward_hidden,
@@ -189,7 +191,10 @@ class TiltStatistics:
 
     ``mean_mass`` is :math:`\frac1n\sum_i \pi_\theta(S|x_i)`; ``delta`` is the mean *per-token*
     :math:`KL(\pi_\theta(\cdot|x_i) \| q_\lambda(\cdot|x_i))` (per position, not per sequence);
-    ``mean_target_mass`` is :math:`\frac1n\sum_i q_\lambda(S|x_i)`; ``mean_lambda`` the mean tilt.
+    ``mean_target_mass`` is :math:`\frac1n\sum_i q_\lambda(S|x_i)`; ``mean_lambda`` the mean tilt;
+    ``clamped_share`` the share of positions where a lambda clamp binds. ``sequence_sums`` and
+    ``sequence_counts`` hold each sequence's summed mass and scored positions, for the
+    sequence-level bound :meth:`upper_bound`.
     """
 
     mass_sum: float
@@ -197,6 +202,9 @@ class TiltStatistics:
     target_mass_sum: float
     lambda_sum: float
     n_positions: int
+    clamped_sum: float = 0.0
+    sequence_sums: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)
+    sequence_counts: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)
 
     @property
     def mean_mass(self) -> float:
@@ -214,6 +222,18 @@ class TiltStatistics:
     def mean_lambda(self) -> float:
         return self.lambda_sum / self.n_positions if self.n_positions else math.nan
 
+    @property
+    def clamped_share(self) -> float:
+        return self.clamped_sum / self.n_positions if self.n_positions else math.nan
+
+    def upper_bound(self, seed: int = 0) -> SequenceBound:
+        """The sequence-level upper bound of :attr:`mean_mass` (:func:`etu_hf.bounds.sequence_upper_bound`)."""
+        return sequence_upper_bound(self.sequence_sums, self.sequence_counts, seed=seed)
+
+
+#: Columns of the totals returned by :func:`tilt_statistic_sums`.
+TILT_SUM_FIELDS = ("mass", "kl", "target_mass", "lambda", "positions", "clamped")
+
 
 @torch.no_grad()
 def tilt_statistic_sums(
@@ -226,17 +246,24 @@ def tilt_statistic_sums(
     chunk_size: int = 1024,
     use_hidden: bool = True,
     weights: Iterable[float] | None = None,
-) -> torch.Tensor:
-    """Sums ``[mass, KL(pi_theta || q_lam), q_lam(S), lam, positions]`` (float64, on the model's device).
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Totals and per-sequence sums of the model against its tilted target on ``batches``.
+
+    Returns ``(totals, per_sequence)``: ``totals`` is float64 ``[6]`` with the sums of
+    :data:`TILT_SUM_FIELDS` (mass on S, KL(pi_theta || q_lam), q_lam(S), lambda, positions, clamped
+    positions); ``per_sequence`` is float64 ``[k, 2]``: (summed mass, scored positions) of each
+    sequence, in batch order. Both on the model's device.
 
     ``base`` is a :class:`~etu_hf.modeling.BaseDistribution`. ``weights`` (one per batch, default 1)
     lets a process run a batch with weight 0, so that every process runs the same number of forward
-    passes (needed by sharded models). Model modes are restored afterwards.
+    passes (needed by sharded models); such a batch adds nothing and its sequences get count 0.
+    Model modes are restored afterwards.
     """
     device = _device_of(model)
     head = output_head(model)
     ids = forbidden_ids.to(device)
-    sums = torch.zeros(5, dtype=torch.float64, device=device)
+    sums = torch.zeros(len(TILT_SUM_FIELDS), dtype=torch.float64, device=device)
+    per_seq: list[torch.Tensor] = []
     weights = list(weights) if weights is not None else None
     with eval_mode(model):
         for k, batch in enumerate(batches):
@@ -245,27 +272,48 @@ def tilt_statistic_sums(
             mask, _ = scored_positions(batch["input_ids"], batch.get("attention_mask"), batch.get("labels"))
             sel_s, s_head = _scored_states(model, head, batch, mask, use_hidden)
             sel_b, b_head = _scored_states(model, head, batch, mask, use_hidden, base=base)
+            rows = torch.arange(mask.shape[0], device=device).unsqueeze(1).expand_as(mask)[mask]
+            seq = torch.zeros(mask.shape[0], 2, dtype=torch.float64, device=device)
             for start in range(0, sel_s.shape[0], chunk_size):
                 zs = _logits(s_head, sel_s[start : start + chunk_size], device)
                 zb = _logits(b_head, sel_b[start : start + chunk_size], device)
-                lam = tilt.lambdas(zb, ids)
+                lam, clamped = tilt.lambdas(zb, ids, return_clamped=True)
                 log_q = tilted_log_probs(zb, ids, lam)
                 log_p = torch.log_softmax(zs, -1)
-                kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+                kl = kl_terms(log_p.exp(), log_p, log_q).sum(-1)
+                mass = torch.exp(torch.logsumexp(log_p[:, ids], -1))
                 part = torch.stack(
                     [
-                        torch.exp(torch.logsumexp(log_p[:, ids], -1)).sum(),
+                        mass.sum(),
                         kl.sum(),
                         torch.exp(torch.logsumexp(log_q[:, ids], -1)).sum(),
                         lam.sum() if isinstance(lam, torch.Tensor) else zs.new_tensor(lam * zs.shape[0]),
                         zs.new_tensor(float(zs.shape[0])),
+                        clamped.sum(),
                     ]
                 ).double()
                 sums += w * part
-    return sums
+                r = rows[start : start + chunk_size]
+                seq[:, 0].index_add_(0, r, mass.double())
+                seq[:, 1].index_add_(0, r, torch.ones_like(mass, dtype=torch.float64))
+            per_seq.append(seq * w)
+    per_sequence = torch.cat(per_seq) if per_seq else torch.zeros(0, 2, dtype=torch.float64, device=device)
+    return sums, per_sequence
 
 
-def tilt_statistics(sums: torch.Tensor) -> TiltStatistics:
-    """:class:`TiltStatistics` from the (reduced) sums of :func:`tilt_statistic_sums`."""
-    mass, kl, q, lam, n = sums.tolist()
-    return TiltStatistics(mass_sum=mass, kl_sum=kl, target_mass_sum=q, lambda_sum=lam, n_positions=round(n))
+def tilt_statistics(sums: torch.Tensor, per_sequence: torch.Tensor | None = None) -> TiltStatistics:
+    """:class:`TiltStatistics` from the (reduced) totals and (gathered) per-sequence sums of
+    :func:`tilt_statistic_sums`; sequences with no scored position are dropped."""
+    mass, kl, q, lam, n, clamped = sums.tolist()
+    seq = per_sequence.double().cpu().numpy() if per_sequence is not None else np.zeros((0, 2))
+    seq = seq[seq[:, 1] > 0]
+    return TiltStatistics(
+        mass_sum=mass,
+        kl_sum=kl,
+        target_mass_sum=q,
+        lambda_sum=lam,
+        n_positions=round(n),
+        clamped_sum=clamped,
+        sequence_sums=seq[:, 0],
+        sequence_counts=seq[:, 1],
+    )

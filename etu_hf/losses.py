@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from etu_hf.tilt import forbidden_mass, per_position_lambda, tilted_log_probs
+from etu_hf.tilt import TiltSpec, forbidden_mass, per_position_lambda, tilted_log_probs
 
 Head = Callable[[torch.Tensor], torch.Tensor]
 
@@ -36,7 +36,8 @@ class TiltedKLOutput:
     - ``kl_sum = sum_i w_i KL(q_lam(.|x_i) || pi_theta(.|x_i))``, ``weight_sum = sum_i w_i``,
     - ``lambda_sum = sum_i w_i lam_i``, ``lambda_min``/``lambda_max`` over positions with ``w_i > 0``,
     - ``student_mass_sum = sum_i w_i pi_theta(S|x_i)`` (the model's mass on V_S),
-    - ``target_mass_sum = sum_i w_i q_lam(S|x_i)``, ``base_mass_sum = sum_i w_i pi_b(S|x_i)``.
+    - ``target_mass_sum = sum_i w_i q_lam(S|x_i)``, ``base_mass_sum = sum_i w_i pi_b(S|x_i)``,
+    - ``clamped_sum = sum_i w_i 1[a lambda clamp binds at x_i]`` (the target then misses epsilon there).
     """
 
     loss: torch.Tensor
@@ -48,6 +49,7 @@ class TiltedKLOutput:
     student_mass_sum: torch.Tensor
     target_mass_sum: torch.Tensor
     base_mass_sum: torch.Tensor
+    clamped_sum: torch.Tensor
     #: With ``targets``: per-position ``log pi_theta(y_i|x_i)`` (differentiable) and ``log pi_b(y_i|x_i)``.
     student_target_logps: torch.Tensor | None = None
     base_target_logps: torch.Tensor | None = None
@@ -77,6 +79,15 @@ def _run_chunks(fn: Callable, tensors: list[torch.Tensor | None], n: int, chunk_
     return loss, sums, mins, maxs, *[torch.cat(r) if r[0] is not None else None for r in rows]
 
 
+def kl_terms(p: torch.Tensor, log_p: torch.Tensor, log_r: torch.Tensor) -> torch.Tensor:
+    r"""Elementwise :math:`p (\log p - \log r)` with the convention :math:`0 \log 0 = 0`.
+
+    Columns where ``p = 0`` contribute exactly 0, also where ``log p`` and ``log r`` are both
+    ``-inf`` (``0 * (-inf + inf)`` would be NaN); no gradient flows through them.
+    """
+    return torch.where(p > 0, p * (log_p - log_r), p.new_zeros(()))
+
+
 def tilted_kl_loss(
     student: torch.Tensor,
     base: torch.Tensor,
@@ -87,6 +98,7 @@ def tilted_kl_loss(
     lambda_max: float | None = None,
     allow_negative: bool = False,
     lambda_offset: float | torch.Tensor = 0.0,
+    tilt: TiltSpec | None = None,
     weights: torch.Tensor | None = None,
     student_head: Head | None = None,
     base_head: Head | None = None,
@@ -105,9 +117,10 @@ def tilted_kl_loss(
         base: ``[N, D']`` base logits, or hidden states when ``base_head`` is given. No gradient
             flows into the base side.
         forbidden_ids: ``[K]`` long tensor of V_S token ids (on the logits' device).
-        lam: the tilt: a scalar (global mode) or ``[N]`` (one per position). When ``None``, the exact
-            per-position tilt :func:`~etu_hf.tilt.per_position_lambda` is computed from the base
-            logits with ``epsilon``, ``lambda_max``, ``allow_negative`` and ``lambda_offset``.
+        lam: the tilt: a scalar (global mode) or ``[N]`` (one per position). When ``None``, ``tilt``
+            (a :class:`~etu_hf.tilt.TiltSpec`) chooses it from the base logits; without ``tilt``, the
+            exact per-position tilt :func:`~etu_hf.tilt.per_position_lambda` is computed with
+            ``epsilon``, ``lambda_max``, ``allow_negative`` and ``lambda_offset``.
         weights: ``[N]`` position weights (default all 1).
         chunk_size: positions per chunk (``None`` or 0: one chunk).
         normalizer: ``Z`` (default ``sum_i w_i``, i.e. the mean over scored positions). The trainer
@@ -117,8 +130,10 @@ def tilted_kl_loss(
             under the model (differentiable) and under the base model, from the same forward passes
             (used by the preference terms, which so need no extra forward).
     """
-    if lam is None and epsilon is None:
-        raise ValueError("give either lam (global or per-position tilt) or epsilon (exact per-position tilt)")
+    if lam is None and epsilon is None and tilt is None:
+        raise ValueError(
+            "give lam (global or per-position tilt), tilt (a TiltSpec) or epsilon (exact per-position tilt)"
+        )
     n = student.shape[0]
     if weights is None:
         weights = torch.ones(n, device=student.device, dtype=torch.float32)
@@ -127,17 +142,20 @@ def tilted_kl_loss(
     def chunk(s: torch.Tensor, b: torch.Tensor, w: torch.Tensor, lam_c: torch.Tensor | None, y: torch.Tensor | None):
         with torch.no_grad():
             zb = (base_head(b) if base_head is not None else b).to(device=s.device, dtype=torch.float32)
-            if lam_c is None:
-                lam_c = (
-                    lam
-                    if lam is not None
-                    else per_position_lambda(zb, forbidden_ids, epsilon, lambda_max, allow_negative, lambda_offset)
+            clamped = None
+            if lam_c is None and lam is not None:
+                lam_c = lam
+            elif lam_c is None and tilt is not None:
+                lam_c, clamped = tilt.lambdas(zb, forbidden_ids, return_clamped=True)
+            elif lam_c is None:
+                lam_c, clamped = per_position_lambda(
+                    zb, forbidden_ids, epsilon, lambda_max, allow_negative, lambda_offset, return_clamped=True
                 )
             log_q = tilted_log_probs(zb, forbidden_ids, lam_c)
             q = log_q.exp()
         zs = (student_head(s) if student_head is not None else s).float()
         log_p = torch.log_softmax(zs, dim=-1)
-        kl = (q * (log_q - log_p)).sum(-1)
+        kl = kl_terms(q, log_q, log_p).sum(-1)
         w = w.to(kl.dtype)
         with torch.no_grad():
             # On-device fills only: a tensor built from a Python number would be a host-to-device copy,
@@ -156,6 +174,7 @@ def tilted_kl_loss(
                     (torch.exp(torch.logsumexp(log_p.detach()[:, forbidden_ids], -1)) * w).sum(),
                     (torch.exp(torch.logsumexp(log_q[:, forbidden_ids], -1)) * w).sum(),
                     (forbidden_mass(zb, forbidden_ids) * w).sum(),
+                    (clamped.to(w.dtype) * w).sum() if clamped is not None else w.new_zeros(()),
                 ]
             )
             mins = torch.where(valid, lam_vec, inf).min().reshape(1)
@@ -182,6 +201,7 @@ def tilted_kl_loss(
         student_mass_sum=sums[3],
         target_mass_sum=sums[4],
         base_mass_sum=sums[5],
+        clamped_sum=sums[6],
         student_target_logps=lp_s,
         base_target_logps=lp_b,
     )

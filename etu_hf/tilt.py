@@ -18,11 +18,17 @@ from dataclasses import dataclass
 
 import torch
 
-#: Base masses are clipped to [P_CLIP, 1 - P_CLIP] before taking logits.
-P_CLIP = 1e-6
+#: Default clamp of |lambda|. Large enough not to bind in normal use: it binds only where the base
+#: model's odds on S exceed the target's by more than e^100 (every binding is counted and logged).
+DEFAULT_LAMBDA_MAX = 100.0
 
 
 def _logit(p: float) -> float:
+    """logit(p) = log p - log(1 - p), with -inf at 0 and +inf at 1 (no clip)."""
+    if p <= 0.0:
+        return -math.inf
+    if p >= 1.0:
+        return math.inf
     return math.log(p) - math.log1p(-p)
 
 
@@ -34,25 +40,25 @@ def closed_form_lambda(
 ) -> float | torch.Tensor:
     r"""Tilt strength that brings base mass ``p_s`` on S to exactly ``epsilon``.
 
-    .. math::  \lambda = \mathrm{logit}(\mathrm{clip}(p_S)) - \mathrm{logit}(\varepsilon)
+    .. math::  \lambda = \mathrm{logit}(p_S) - \mathrm{logit}(\varepsilon)
 
-    with ``p_s`` clipped to ``[1e-6, 1 - 1e-6]``. Unless ``allow_negative``, ``lambda`` is floored at 0
-    (a context already under ``epsilon`` is left alone, giving ``q(S) = min(p, epsilon)``); negative
-    values raise the mass on S (amplification). With ``lambda_max`` the result is clamped to
-    ``[-lambda_max, lambda_max]``. Works elementwise on tensors (computed in float32 or wider) and
-    returns a Python float for a float input.
+    Unless ``allow_negative``, ``lambda`` is floored at 0 (a context already under ``epsilon`` is left
+    alone, giving ``q(S) = min(p, epsilon)``); negative values raise the mass on S (amplification).
+    With ``lambda_max`` the result is clamped to ``[-lambda_max, lambda_max]``. No probability clip:
+    ``p_s = 1`` gives ``+inf`` before the clamp. Works elementwise on tensors (computed in float32 or
+    wider) and returns a Python float for a float input. From logits, prefer :func:`base_logit_mass`,
+    which keeps the precision that ``p`` close to 1 loses.
     """
     if not 0.0 < epsilon < 1.0:
         raise ValueError(f"epsilon must be in (0, 1), got {epsilon}")
-    if lambda_max is not None and lambda_max <= 0:
+    if lambda_max is not None and not lambda_max > 0:
         raise ValueError(f"lambda_max must be > 0, got {lambda_max}")
     lower, upper = lambda_bounds(lambda_max, allow_negative)
     if isinstance(p_s, torch.Tensor):
-        p = p_s.to(torch.promote_types(p_s.dtype, torch.float32)).clamp(P_CLIP, 1.0 - P_CLIP)
-        lam = torch.log(p) - torch.log1p(-p) - _logit(epsilon)
+        p = p_s.to(torch.promote_types(p_s.dtype, torch.float32))
+        lam = torch.logit(p) - _logit(epsilon)
         return clamp(lam, lower if lower > -math.inf else None, upper if upper < math.inf else None)
-    p = min(max(float(p_s), P_CLIP), 1.0 - P_CLIP)
-    return min(max(_logit(p) - _logit(epsilon), lower), upper)
+    return min(max(_logit(float(p_s)) - _logit(epsilon), lower), upper)
 
 
 def lambda_bounds(lambda_max: float | None, allow_negative: bool) -> tuple[float, float]:
@@ -111,6 +117,18 @@ def forbidden_mass(logits: torch.Tensor, forbidden_ids: torch.Tensor) -> torch.T
     return torch.exp(torch.logsumexp(z[..., forbidden_ids], dim=-1) - torch.logsumexp(z, dim=-1))
 
 
+def base_logit_mass(logits: torch.Tensor, forbidden_ids: torch.Tensor) -> torch.Tensor:
+    r"""Exact :math:`\mathrm{logit}(p(x)) = \mathrm{logsumexp}(z_S) - \mathrm{logsumexp}(z_{V \setminus S})` in float32.
+
+    Exact where :math:`p(x)` rounds to 1 in floating point (common for word continuations), so the
+    tilt that brings such a context to ``epsilon`` is not capped by a probability clip.
+    """
+    z = logits.to(_wide(logits.dtype))
+    lse_s = torch.logsumexp(z[..., forbidden_ids], dim=-1)
+    lse_rest = torch.logsumexp(z.index_fill(-1, forbidden_ids, -math.inf), dim=-1)
+    return lse_s - lse_rest
+
+
 def per_position_lambda(
     base_logits: torch.Tensor,
     forbidden_ids: torch.Tensor,
@@ -118,19 +136,33 @@ def per_position_lambda(
     lambda_max: float | None = None,
     allow_negative: bool = False,
     offset: float | torch.Tensor = 0.0,
-) -> torch.Tensor:
-    r"""Exact per-context tilt: :math:`\lambda(x) = \max(0, \mathrm{logit}(p(x)) - \mathrm{logit}(\varepsilon))`.
+    return_clamped: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    r"""Exact per-context tilt: :math:`\lambda(x) = \max(0, \mathrm{logit}(p(x)) - \mathrm{logit}(\varepsilon) + o)`.
 
-    It gives :math:`q(S|x) = \min(p(x), \varepsilon)`: the I-projection for every context. With
-    ``allow_negative`` the floor at 0 is dropped (``q(S|x) = epsilon`` everywhere). ``offset`` (used
-    by the adaptive controller) is added after the floor; the sum is clamped to
-    ``[-lambda_max, lambda_max]`` (and floored at 0 unless ``allow_negative``).
+    With offset ``o = 0`` it gives :math:`q(S|x) = \min(p(x), \varepsilon)`: the I-projection for every
+    context. The offset (moved by the adaptive controller) is added *before* the floor, which is the
+    same as the per-context target :math:`\varepsilon' = \sigma(\mathrm{logit}(\varepsilon) - o)`:
+    :math:`q(S|x) = \min(p(x), \varepsilon')`. With ``allow_negative`` the floor at 0 is dropped
+    (``q(S|x) = epsilon'`` everywhere). The result is clamped to ``[-lambda_max, lambda_max]``;
+    ``logit(p(x))`` comes from :func:`base_logit_mass` (exact, no probability clip).
+
+    With ``return_clamped`` also returns a bool tensor: where the ``lambda_max`` clamp binds (the
+    target then misses ``epsilon'`` at that context).
     """
-    lam = closed_form_lambda(forbidden_mass(base_logits, forbidden_ids), epsilon, None, allow_negative)
+    if not 0.0 < epsilon < 1.0:
+        raise ValueError(f"epsilon must be in (0, 1), got {epsilon}")
+    raw = base_logit_mass(base_logits, forbidden_ids) - _logit(epsilon)
     if isinstance(offset, torch.Tensor) or offset != 0.0:
-        lam = lam + offset
+        raw = raw + offset
     lower, upper = lambda_bounds(lambda_max, allow_negative)
-    return clamp(lam, lower if lower > -math.inf else None, upper if upper < math.inf else None)
+    lam = clamp(raw, lower if lower > -math.inf else None, upper if upper < math.inf else None)
+    if not return_clamped:
+        return lam
+    clamped = raw > upper
+    if allow_negative:
+        clamped = clamped | (raw < lower)
+    return lam, clamped
 
 
 def tilted_mass(p: float | torch.Tensor, lam: float | torch.Tensor) -> float | torch.Tensor:
@@ -152,17 +184,25 @@ def tilted_mass(p: float | torch.Tensor, lam: float | torch.Tensor) -> float | t
 class TiltSpec:
     r"""How lambda is chosen at each position: the target of training and of measurements.
 
-    - ``mode="per_position"``: :math:`\lambda(x)` from :func:`per_position_lambda` with ``offset``.
+    - ``mode="per_position"``: :math:`\lambda(x)` from :func:`per_position_lambda` with ``offset``,
+      i.e. the target :math:`q(S|x) = \min(p(x), \varepsilon')` with
+      :math:`\varepsilon' = \sigma(\mathrm{logit}(\varepsilon) - o)` (:attr:`effective_epsilon`).
     - ``mode="global"``: one value, ``clamp(global_lambda + offset)`` to
-      ``[-lambda_max or 0, lambda_max]`` (the floor is 0 unless ``allow_negative``).
+      ``[-lambda_max or 0, lambda_max]`` (the floor is 0 unless ``allow_negative``), where
+      ``global_lambda`` is the closed form at the mean base mass p_S.
     """
 
     epsilon: float
     mode: str = "per_position"
-    lambda_max: float | None = 12.0
+    lambda_max: float | None = DEFAULT_LAMBDA_MAX
     allow_negative: bool = False
     global_lambda: float | None = None
     offset: float = 0.0
+
+    @property
+    def effective_epsilon(self) -> float:
+        r"""Per-position mode: the per-context target :math:`\varepsilon' = \sigma(\mathrm{logit}(\varepsilon) - o)`."""
+        return 1.0 / (1.0 + math.exp(self.offset - _logit(self.epsilon)))
 
     def global_value(self) -> float:
         """The clamped global lambda (global mode)."""
@@ -171,21 +211,30 @@ class TiltSpec:
         lower, upper = lambda_bounds(self.lambda_max, self.allow_negative)
         return min(max(self.global_lambda + self.offset, lower), upper)
 
-    def loss_kwargs(self) -> dict:
-        """Keyword arguments for :func:`etu_hf.losses.tilted_kl_loss`."""
-        if self.mode == "global":
-            return {"lam": self.global_value()}
-        return {
-            "epsilon": self.epsilon,
-            "lambda_max": self.lambda_max,
-            "allow_negative": self.allow_negative,
-            "lambda_offset": self.offset,
-        }
+    def global_clamped(self) -> bool:
+        """Global mode: True when ``global_lambda + offset`` lies outside the clamps (so they bind)."""
+        lower, upper = lambda_bounds(self.lambda_max, self.allow_negative)
+        raw = (self.global_lambda or 0.0) + self.offset
+        return raw > upper or (self.allow_negative and raw < lower)
 
-    def lambdas(self, base_logits: torch.Tensor, forbidden_ids: torch.Tensor) -> torch.Tensor | float:
-        """Lambda at every position of ``base_logits`` (a float in global mode)."""
+    def lambdas(
+        self, base_logits: torch.Tensor, forbidden_ids: torch.Tensor, return_clamped: bool = False
+    ) -> torch.Tensor | float | tuple[torch.Tensor | float, torch.Tensor]:
+        """Lambda at every position of ``base_logits`` (a float in global mode).
+
+        With ``return_clamped`` also a bool tensor of shape ``base_logits.shape[:-1]``: where a clamp binds.
+        """
         if self.mode == "global":
-            return self.global_value()
+            lam = self.global_value()
+            if not return_clamped:
+                return lam
+            return lam, torch.full(base_logits.shape[:-1], self.global_clamped(), device=base_logits.device)
         return per_position_lambda(
-            base_logits, forbidden_ids, self.epsilon, self.lambda_max, self.allow_negative, self.offset
+            base_logits,
+            forbidden_ids,
+            self.epsilon,
+            self.lambda_max,
+            self.allow_negative,
+            self.offset,
+            return_clamped=return_clamped,
         )

@@ -1,10 +1,12 @@
 """Chunked losses against a naive float64 implementation: values and gradients."""
 
+import math
+
 import pytest
 import torch
 
 from etu_hf import chunked_nll, tilted_kl_loss
-from etu_hf.tilt import P_CLIP
+from etu_hf.tilt import TiltSpec, base_logit_mass, per_position_lambda, tilted_log_probs
 
 
 def naive_tilted_kl(zs, zb, ids, lam=None, eps=None, weights=None):
@@ -14,7 +16,7 @@ def naive_tilted_kl(zs, zb, ids, lam=None, eps=None, weights=None):
     in_s = torch.zeros(zb.shape[-1], dtype=torch.bool)
     in_s[ids] = True
     if lam is None:
-        p = pb[:, in_s].sum(-1).clamp(P_CLIP, 1 - P_CLIP)
+        p = pb[:, in_s].sum(-1)
         lam = (torch.log(p / (1 - p)) - torch.log(torch.tensor(eps / (1 - eps), dtype=torch.float64))).clamp(min=0)
     lam = torch.as_tensor(lam, dtype=torch.float64).reshape(-1, 1) if torch.is_tensor(lam) else torch.tensor(lam)
     unnorm = pb * torch.where(in_s, torch.exp(-lam * torch.ones_like(pb)), torch.ones_like(pb))
@@ -149,3 +151,50 @@ def test_chunking_bounds_live_memory():
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         tilted_kl_loss(hs, hs.detach(), ids, lam=1.0, student_head=head, base_head=head, chunk_size=None)
     assert max(saved) >= n * v  # the unchunked path does keep them (the control)
+
+
+def test_contexts_with_mass_near_one_reach_epsilon_exactly():
+    """No probability clip: p = 1 - 5e-10 (it rounds to 1 in float32) still gets q(S) = epsilon."""
+    eps = 0.05
+    ids = torch.tensor([0, 1])
+    # base mass on S = 2 / (2 + 1e-9) = 1 - 5e-10: logit(p) = log(2) - log(1e-9) ~ 21.42
+    rest = torch.log(torch.tensor(1e-9 / 8, dtype=torch.float64))
+    zb = torch.cat([torch.zeros(1, 2, dtype=torch.float64), rest.expand(1, 8)], -1).float()
+    assert float(torch.softmax(zb, -1)[0, :2].sum()) == 1.0  # the float32 probability is useless here
+    lam = per_position_lambda(zb, ids, eps)
+    q_s = torch.exp(torch.logsumexp(tilted_log_probs(zb, ids, lam)[:, ids], -1))
+    assert float(q_s) == pytest.approx(eps, rel=1e-4)
+    assert float(base_logit_mass(zb, ids)) == pytest.approx(math.log(2.0) - math.log(1e-9), rel=1e-5)
+
+
+def test_clamped_positions_are_counted():
+    eps = 0.05
+    ids = torch.tensor([0, 1])
+    zb = torch.tensor([[0.0, 0.0, -30.0, -30.0], [0.0, 0.0, 0.0, 0.0]])  # logit(p) ~ 30.7 and 0
+    zs = torch.zeros(2, 4)
+    tight = TiltSpec(epsilon=eps, lambda_max=10.0)
+    out = tilted_kl_loss(zs, zb, ids, tilt=tight)
+    assert float(out.clamped_sum) == 1.0 and float(out.weight_sum) == 2.0
+    assert float(tilted_kl_loss(zs, zb, ids, tilt=TiltSpec(epsilon=eps)).clamped_sum) == 0.0  # default: no bind
+    lam, clamped = per_position_lambda(zb, ids, eps, lambda_max=10.0, return_clamped=True)
+    assert clamped.tolist() == [True, False] and float(lam[0]) == 10.0
+
+
+def test_kl_with_shared_minus_inf_columns_is_finite_and_exact():
+    """Columns where base and model both have -inf logits contribute 0, not NaN (0 * (-inf + inf))."""
+    ninf = float("-inf")
+    zb = torch.tensor([[1.0, 0.5, ninf, -0.3, ninf], [0.2, ninf, 0.1, 0.0, 2.0]])
+    zs = torch.tensor([[0.3, 0.1, ninf, 0.2, ninf], [0.0, ninf, 0.4, -0.1, 1.0]], requires_grad=True)
+    ids = torch.tensor([0, 3])
+    out = tilted_kl_loss(zs, zb, ids, lam=1.3, chunk_size=1)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and torch.isfinite(zs.grad).all()
+    # Reference over the finite columns only.
+    ref = []
+    for row in range(2):
+        keep = torch.isfinite(zb[row])
+        s_ids = torch.tensor([int(keep[:i].sum()) for i in ids.tolist() if keep[i]])
+        log_q = tilted_log_probs(zb[row][keep].double().unsqueeze(0), s_ids, 1.3)[0]
+        log_p = torch.log_softmax(zs[row][keep].detach().double(), -1)
+        ref.append(float((log_q.exp() * (log_q - log_p)).sum()))
+    assert float(out.loss) == pytest.approx(sum(ref) / 2, rel=1e-5)

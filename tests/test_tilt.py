@@ -66,6 +66,7 @@ def test_global_mode_equals_seed_formula():
         for eps in (0.01, 0.05, 0.1):
             assert closed_form_lambda(p_s, eps, 12.0) == pytest.approx(seed(p_s, eps, 12.0), abs=1e-12)
     assert closed_form_lambda(0.9999999, 0.001, 5.0) == 5.0  # clamped at lambda_max
+    assert closed_form_lambda(1.0, 0.05) == float("inf")  # no probability clip: only lambda_max bounds it
     assert closed_form_lambda(0.01, 0.2, 12.0) == 0.0  # floored without allow_negative
     assert closed_form_lambda(0.01, 0.2, 12.0, allow_negative=True) < 0
 
@@ -95,9 +96,9 @@ def test_tilt_is_float32_and_leaves_input_untouched():
     torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
 
 
-def test_clipping_and_bad_epsilon():
-    assert math.isfinite(closed_form_lambda(0.0, 0.05))
-    assert math.isfinite(closed_form_lambda(1.0, 0.05))
+def test_extremes_and_bad_epsilon():
+    assert closed_form_lambda(0.0, 0.05) == 0.0  # floored
+    assert closed_form_lambda(1.0, 0.05, lambda_max=100.0) == 100.0  # only the clamp bounds it
     with pytest.raises(ValueError, match="epsilon"):
         closed_form_lambda(0.5, 1.0)
     with pytest.raises(ValueError, match="lambda_max"):
