@@ -182,7 +182,7 @@ def cmd_audit(argv: Sequence[str]) -> int:
     from transformers import HfArgumentParser
 
     from etu_hf.auditing import audit
-    from etu_hf.auditing.loading import AuditArguments, load_models, read_run, resolve_settings
+    from etu_hf.auditing.loading import AuditArguments, load_models, read_run_of, resolve_settings
     from etu_hf.auditing.report import REPORT_FILE
     from etu_hf.data import tokenize_and_block
     from etu_hf.pipeline import load_documents
@@ -199,7 +199,7 @@ def cmd_audit(argv: Sequence[str]) -> int:
             f"--output_dir {args.output_dir!r} already holds {REPORT_FILE}; nothing was written. Pass "
             "--overwrite_output_dir or choose another --output_dir."
         )
-    settings = resolve_settings(args, read_run(args.adapter))
+    settings = resolve_settings(args, read_run_of(args))
     model, base, tokenizer, sources = load_models(args)
 
     def blocks(value: str | None, flag: str):

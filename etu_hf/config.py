@@ -15,6 +15,7 @@ from typing import Any
 from transformers import TrainingArguments
 
 from etu_hf.artifacts import SecretFreeArguments
+from etu_hf.tilt import DEFAULT_LAMBDA_MAX
 
 
 @dataclass
@@ -35,8 +36,10 @@ class ETUTrainingArguments(SecretFreeArguments, TrainingArguments):
             `"global"`: one `lam = logit(p_S) - logit(epsilon)` from the mean base mass `p_S` (the
             original tool's rule; by Jensen the mean target mass is then above `epsilon` when the
             masses differ across contexts).
-        lambda_max (`float`, *optional*, defaults to `12.0`):
-            `lam` is clamped to `[-lambda_max, lambda_max]`. Must be > 0.
+        lambda_max (`float`, *optional*, defaults to `100.0`):
+            `lam` is clamped to `[-lambda_max, lambda_max]`. Must be finite and > 0. The default does
+            not bind in normal use; where it binds the target misses epsilon, which is counted
+            (`etu/clamped_share`) and warned about above 1% of positions.
         allow_negative_lambda (`bool`, *optional*, defaults to `False`):
             Allow `lam < 0` (amplification: raise the mass on V_S toward `epsilon`).
         p_s_sample_size (`int`, *optional*, defaults to `512`):
@@ -54,7 +57,11 @@ class ETUTrainingArguments(SecretFreeArguments, TrainingArguments):
         pmi_top_k (`int`, *optional*, defaults to `2000`), pmi_min_count (`int`, *optional*, defaults to `20`),
         pmi_smoothing (`float`, *optional*, defaults to `1.0`):
             PMI method: keep tokens seen at least `pmi_min_count` times in the forget data with a
-            positive score, the `pmi_top_k` best; `pmi_smoothing` is the additive smoothing `a`.
+            score above `pmi_min_score`, the `pmi_top_k` best; `pmi_smoothing` is the additive smoothing `a`.
+        pmi_min_score (`float`, *optional*, defaults to `1.0`):
+            PMI method: minimum score (nats). 1 keeps tokens at least e = 2.7 times as frequent in the
+            forget text as in the retain text; 0 admits function words that are only slightly more
+            common there, which costs retain quality on real text.
         forbidden_ids_path (`str` or `None`, *optional*, defaults to `None`):
             Use this V_S.ids.json (or a flat JSON list of ids) instead of building V_S.
         span_masking (`bool`, *optional*, defaults to `False`), span_ngram_max (`int`, *optional*, defaults to `3`):
@@ -78,23 +85,24 @@ class ETUTrainingArguments(SecretFreeArguments, TrainingArguments):
         adaptive_lambda (`bool`, *optional*, defaults to `True`):
             Add an `AdaptiveLambdaCallback` that measures held-out forget data every
             `lambda_update_freq` steps and moves lambda (global mode) or a lambda offset (per-position
-            mode) to keep the held-out mass on V_S between `epsilon` and the Pinsker margin.
+            mode, the same as a per-context target `eps' = sigmoid(logit(epsilon) - offset)`) until
+            the sequence-level upper bound of the held-out mass on V_S is at most `epsilon`.
         lambda_update_freq (`int`, *optional*, defaults to `25`):
             Optimiser steps between controller updates.
-        lambda_eta (`float`, *optional*, defaults to `0.25`):
-            Step of lambda (or of the offset) per update.
-        lambda_ema (`float`, *optional*, defaults to `0.5`):
-            EMA weight of the previous value of the held-out mass: `ema = lambda_ema * ema + (1 - lambda_ema) * m`.
+        lambda_eta (`float`, *optional*, defaults to `1.0`):
+            Gain of the controller's step in logit space: `step = lambda_eta * (logit(U) - logit(epsilon)
+            + lambda_band / 2)`. 1 closes the gap in one update for a model that follows its target.
+        lambda_band (`float`, *optional*, defaults to `0.5`):
+            Width, in logit units, of the band below epsilon where the controller holds: it lowers the
+            offset only when `logit(U) < logit(epsilon) - lambda_band`.
+        lambda_step_max (`float`, *optional*, defaults to `2.0`):
+            Largest change of the offset in one update.
         use_upper_for_lambda (`bool`, *optional*, defaults to `True`):
-            Decide on the Wilson upper bound of the EMA mass instead of the EMA itself.
+            Decide on the sequence-level upper bound `U` of the held-out mass (the guarantee) instead of
+            its point estimate.
         wilson_max_n (`int`, *optional*, defaults to `2048`):
-            Cap on the number of positions `n` in the Wilson bound (positions are correlated).
-        pinsker_cap (`float` or `None`, *optional*, defaults to `None`):
-            Cap on the Pinsker slack `sqrt(delta / 2)` in the margin `epsilon + sqrt(delta / 2)`.
-        lambda_ki (`float`, *optional*, defaults to `0.0`):
-            Integral gain of the PI form of the controller (0: plain steps of `lambda_eta`).
-        lambda_integral_max (`float`, *optional*, defaults to `10.0`):
-            Clamp of the integral term (anti-windup).
+            Cap on `n` of the token-level Wilson figure reported by the audit (labelled as such; it
+            treats correlated positions as independent and is never used for a verdict).
         heldout_batches (`int`, *optional*, defaults to `4`):
             Size of the held-out forget slice the controller measures, in training batches of forget
             examples, taken out of the training data with a seeded draw (unless
@@ -140,7 +148,9 @@ class ETUTrainingArguments(SecretFreeArguments, TrainingArguments):
             "choices": ["per_position", "global"],
         },
     )
-    lambda_max: float = field(default=12.0, metadata={"help": "Clamp lambda to [-lambda_max, lambda_max]; > 0."})
+    lambda_max: float = field(
+        default=DEFAULT_LAMBDA_MAX, metadata={"help": "Clamp lambda to [-lambda_max, lambda_max]; finite, > 0."}
+    )
     allow_negative_lambda: bool = field(
         default=False, metadata={"help": "Allow lambda < 0 (amplification of the mass on V_S)."}
     )
@@ -156,6 +166,9 @@ class ETUTrainingArguments(SecretFreeArguments, TrainingArguments):
     vocab_top_k: int | None = field(default=None, metadata={"help": "Frequency method: keep the K most frequent."})
     pmi_top_k: int = field(default=2000, metadata={"help": "PMI method: keep the K best-scoring tokens."})
     pmi_min_count: int = field(default=20, metadata={"help": "PMI method: minimum forget count of a token."})
+    pmi_min_score: float = field(
+        default=1.0, metadata={"help": "PMI method: minimum score in nats (1: >= e times as frequent as in retain)."}
+    )
     pmi_smoothing: float = field(default=1.0, metadata={"help": "PMI method: additive smoothing a > 0."})
     forbidden_ids_path: str | None = field(
         default=None, metadata={"help": "Load V_S from this V_S.ids.json (or flat JSON list) instead of building it."}
@@ -181,15 +194,17 @@ class ETUTrainingArguments(SecretFreeArguments, TrainingArguments):
         default=True, metadata={"help": "Adapt lambda during training from held-out forget data (controller)."}
     )
     lambda_update_freq: int = field(default=25, metadata={"help": "Optimiser steps between lambda updates."})
-    lambda_eta: float = field(default=0.25, metadata={"help": "Lambda (or offset) step per update."})
-    lambda_ema: float = field(default=0.5, metadata={"help": "EMA weight of the previous held-out mass, in [0, 1)."})
-    use_upper_for_lambda: bool = field(
-        default=True, metadata={"help": "Decide on the Wilson upper bound of the held-out mass."}
+    lambda_eta: float = field(
+        default=1.0, metadata={"help": "Gain of the offset step in logit space (1: one update for a model on target)."}
     )
-    wilson_max_n: int = field(default=2048, metadata={"help": "Cap on n in the Wilson bound."})
-    pinsker_cap: float | None = field(default=None, metadata={"help": "Cap on the Pinsker slack sqrt(delta/2)."})
-    lambda_ki: float = field(default=0.0, metadata={"help": "Integral gain of the PI controller (0: off)."})
-    lambda_integral_max: float = field(default=10.0, metadata={"help": "Anti-windup clamp of the integral term."})
+    lambda_band: float = field(
+        default=0.5, metadata={"help": "Hold band below epsilon, in logit units; lower only below it."}
+    )
+    lambda_step_max: float = field(default=2.0, metadata={"help": "Largest change of the offset per update."})
+    use_upper_for_lambda: bool = field(
+        default=True, metadata={"help": "Decide on the sequence-level upper bound of the held-out mass."}
+    )
+    wilson_max_n: int = field(default=2048, metadata={"help": "Cap on n of the audit's token-level Wilson figure."})
     heldout_batches: int = field(
         default=4, metadata={"help": "Training batches of forget data held out for the controller."}
     )
@@ -235,8 +250,8 @@ class ETUTrainingArguments(SecretFreeArguments, TrainingArguments):
 
         if not 0.0 < self.epsilon < 1.0:
             fail("epsilon", "must be strictly between 0 and 1, e.g. 0.05")
-        if self.lambda_max <= 0:
-            fail("lambda_max", "must be > 0, e.g. 12.0")
+        if not (math.isfinite(self.lambda_max) and self.lambda_max > 0):
+            fail("lambda_max", f"must be finite and > 0, e.g. {DEFAULT_LAMBDA_MAX}")
         if self.lambda_mode not in ("per_position", "global"):
             fail("lambda_mode", "must be 'per_position' or 'global'")
         _check_epsilon_reachable(self.epsilon, self.lambda_max)
@@ -254,6 +269,8 @@ class ETUTrainingArguments(SecretFreeArguments, TrainingArguments):
             fail("pmi_top_k", "must be >= 1")
         if self.pmi_min_count < 1:
             fail("pmi_min_count", "must be >= 1")
+        if self.pmi_min_score < 0:
+            fail("pmi_min_score", "must be >= 0 (nats), e.g. 1.0")
         if self.pmi_smoothing <= 0:
             fail("pmi_smoothing", "must be > 0")
         if self.forbidden_ids_path is not None and not os.path.exists(self.forbidden_ids_path):
@@ -268,18 +285,14 @@ class ETUTrainingArguments(SecretFreeArguments, TrainingArguments):
             fail("loss_chunk_size", "must be >= 0 (0 = unchunked)")
         if self.lambda_update_freq < 1:
             fail("lambda_update_freq", "must be >= 1 (optimiser steps between lambda updates)")
-        if self.lambda_eta <= 0:
-            fail("lambda_eta", "must be > 0, e.g. 0.25")
-        if not 0.0 <= self.lambda_ema < 1.0:
-            fail("lambda_ema", "must be in [0, 1)")
+        if not (math.isfinite(self.lambda_eta) and self.lambda_eta > 0):
+            fail("lambda_eta", "must be finite and > 0, e.g. 1.0")
+        if not (math.isfinite(self.lambda_band) and self.lambda_band > 0):
+            fail("lambda_band", "must be finite and > 0 (logit units), e.g. 0.5")
+        if not (math.isfinite(self.lambda_step_max) and self.lambda_step_max > 0):
+            fail("lambda_step_max", "must be finite and > 0, e.g. 2.0")
         if self.wilson_max_n < 1:
             fail("wilson_max_n", "must be >= 1")
-        if self.pinsker_cap is not None and self.pinsker_cap <= 0:
-            fail("pinsker_cap", "must be > 0 or unset")
-        if self.lambda_ki < 0:
-            fail("lambda_ki", "must be >= 0")
-        if self.lambda_integral_max <= 0:
-            fail("lambda_integral_max", "must be > 0")
         if self.heldout_batches < 1:
             fail("heldout_batches", "must be >= 1")
         if self.preference_weight < 0:

@@ -1,32 +1,44 @@
-r"""``AdaptiveLambdaCallback``: keeps the held-out mass on V_S between epsilon and the Pinsker margin.
+r"""``AdaptiveLambdaCallback``: enforces the mass bound on held-out forget text.
 
-The update rule (ETU_SPEC.md, section 5). Every ``lambda_update_freq`` optimiser steps ``k``, on the
-held-out forget slice (never on training batches; statistics summed over processes):
+Training fits the tilted target on *training* positions; the guarantee is about text the model has
+not seen. Every ``lambda_update_freq`` optimiser steps the controller measures a held-out slice of
+the forget data (never trained on; statistics combined over processes) and tightens or relaxes the
+target. The rule (``s`` is clipped to ``[1e-12, 1 - 1e-12]`` before the logit):
 
 .. code-block:: text
 
-    m_k      = mean over scored positions of pi_theta(S|x)
-    delta_k  = mean over scored positions of KL(pi_theta(.|x) || q_lam(.|x))       (per token)
-    ema_k    = m_k at the first update, else  beta * ema_{k-1} + (1 - beta) * m_k   (beta = lambda_ema)
-    s_k      = wilson_upper(ema_k, min(n_k, wilson_max_n)) if use_upper_for_lambda else ema_k
-    margin_k = epsilon + min(sqrt(delta_k / 2), pinsker_cap)
-    e_k      = s_k - margin_k   if s_k > margin_k    "raise"  (mass above what training error explains)
-               s_k - epsilon    if s_k < epsilon     "lower"  (over-suppressed: relax toward the base model)
-               0                otherwise            "hold"
-    I_k      = clip(I_{k-1} + e_k / epsilon, +-lambda_integral_max)   (frozen while the offset is clamped
-                                                                       in the direction of e_k: anti-windup)
-    u_k      = lambda_eta * sign(e_k) + lambda_ki * I_k
-    offset_k = clip(offset_{k-1} + u_k, offset bounds)
+    m_k  = mean over held-out positions of pi_theta(S|x)                  (point estimate)
+    U_k  = sequence-level upper confidence bound of m_k                    (etu_hf.bounds.sequence_upper_bound)
+    s_k  = U_k if use_upper_for_lambda else m_k
+    e_k  = logit(s_k) - logit(epsilon)                                     (> 0: the bound is not met)
+    set  = -lambda_band / 2                                                (aim inside the certified band)
+    decision: "raise"  if e_k > 0:
+                  step = min(lambda_eta * (e_k - set), lambda_step_max)               (> 0)
+              "lower"  if e_k < -lambda_band and e_{k-1} < -lambda_band and offset > floor:
+                  step = max(lambda_eta / 2 * (e_k - set), -lambda_step_max)          (< 0)
+              "hold"   otherwise (certified within the band, first measurement below it, or at the floor)
+    offset_k = clip(offset_{k-1} + step, floor, ceiling)
 
-Global mode: the tilt is ``lam = clamp(lam_closed_form + offset)`` to ``[lower, lambda_max]`` with
-``lower = -lambda_max`` if ``allow_negative_lambda`` else 0, and the offset is bounded so that ``lam``
-stays inside. Per-position mode: ``offset`` is added to every ``lam(x)`` (each clamped the same way),
-bounded to ``[-lambda_max, lambda_max]``. With ``lambda_ki = 0`` (default) this is the original
-tool's rule: steps of ``lambda_eta`` with a dead band between ``epsilon`` and the margin.
+Why logit space: in per-position mode the offset ``o`` is the same as the per-context target
+``eps' = sigmoid(logit(epsilon) - o)`` (each context gets ``q(S|x) = min(p(x), eps')``), so a model
+that follows its target moves ``logit(m)`` about one for one with ``o``; with ``lambda_eta = 1`` one
+update then closes the gap, and a model that lags gets a smaller correction each time because its
+error shrinks (velocity form: there is no integral state to wind up; the clip of the offset is the
+anti-windup). The hold band lies *below* epsilon: the controller holds only when the bound is met.
+Relaxing is not what the guarantee needs, so it is cautious: only after two measurements in a row
+below the band, at half the gain; a model that responds slowly (2% of the way to its target per
+step) then settles without turning back up (tests/test_controller.py simulates it).
 
-The state (offset, EMA, integral, history) is written to ``etu_controller.json`` in every checkpoint
-and read back by ``ETUTrainer.train(resume_from_checkpoint=...)``, so a resumed run continues the
-same trajectory. The history also goes to ``lambda_history.json`` and ``lambda_history.png``.
+Ranges of the offset. Per-position mode: ``[0, lambda_max]`` (``[-lambda_max, lambda_max]`` with
+``allow_negative_lambda``); at the floor 0 every context's target is ``min(p(x), epsilon)``, so the
+target never exceeds epsilon. Global mode: the offset moves the single ``lam = lam_0 + o`` (``lam_0``
+the closed form at the mean base mass), kept inside the lambda clamps.
+
+The Pinsker bound ``mean q_lam(S) + sqrt(delta/2)`` (how well the model fits its target) is logged
+and recorded but does not gate the rule. The state (offset, history) is written to
+``etu_controller.json`` in every checkpoint and read back by
+``ETUTrainer.train(resume_from_checkpoint=...)``, so a resumed run continues the same trajectory. The
+history also goes to ``lambda_history.json`` and ``lambda_history.png``.
 """
 
 from __future__ import annotations
@@ -41,28 +53,44 @@ from typing import Any, ClassVar
 from transformers import TrainerCallback
 
 from etu_hf.artifacts import load_pyplot, write_json
-from etu_hf.bounds import pinsker_slack, wilson_upper
+from etu_hf.bounds import pinsker_slack
 
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "etu_controller.json"
 HISTORY_FILE = "lambda_history.json"
 PLOT_FILE = "lambda_history.png"
+#: Share of clamped positions above which the controller warns (the target misses epsilon there).
+CLAMP_WARN_SHARE = 0.01
+
+
+def _logit(p: float) -> float:
+    p = min(max(p, 1e-12), 1.0 - 1e-12)
+    return math.log(p) - math.log1p(-p)
 
 
 @dataclass
 class ControllerSettings:
-    """The controller's gains and thresholds (defaults come from ``ETUTrainingArguments``)."""
+    """The controller's gains and band (defaults come from ``ETUTrainingArguments``; see the module docstring)."""
 
     epsilon: float
     update_freq: int = 25
-    eta: float = 0.25
-    ema: float = 0.5
+    eta: float = 1.0
+    band: float = 0.5
+    step_max: float = 2.0
     use_upper: bool = True
-    wilson_max_n: int = 2048
-    pinsker_cap: float | None = None
-    ki: float = 0.0
-    integral_max: float = 10.0
+
+    def __post_init__(self) -> None:
+        checks = {
+            "lambda_update_freq (update_freq)": self.update_freq >= 1,
+            "lambda_eta (eta)": math.isfinite(self.eta) and self.eta > 0,
+            "lambda_band (band)": math.isfinite(self.band) and self.band > 0,
+            "lambda_step_max (step_max)": math.isfinite(self.step_max) and self.step_max > 0,
+            "epsilon": 0.0 < self.epsilon < 1.0,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"AdaptiveLambdaCallback: {name} is out of range (got {self!r}); see the docstring")
 
 
 @dataclass
@@ -70,95 +98,101 @@ class ControllerState:
     """What a checkpoint must hold to continue the same trajectory."""
 
     offset: float = 0.0
-    ema: float | None = None
-    integral: float = 0.0
+    #: e_{k-1}, the previous update's logit error (None before the first update).
+    last_error: float | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class HeldoutMeasurement:
+    """What the controller needs from one held-out measurement (see :class:`etu_hf.evaluation.TiltStatistics`)."""
+
+    mass: float
+    upper: float
+    delta: float = math.nan
+    mean_target_mass: float = math.nan
+    positions: int = 0
+    sequences: int = 0
+    clamped_share: float = 0.0
 
 
 def controller_step(
     state: ControllerState,
     settings: ControllerSettings,
-    mass: float,
-    delta: float,
-    n_positions: int,
+    measurement: HeldoutMeasurement,
     offset_bounds: tuple[float, float],
 ) -> tuple[ControllerState, dict[str, Any]]:
     """One update of the rule in the module docstring. Returns the new state and the record."""
     eps = settings.epsilon
-    ema = mass if state.ema is None else settings.ema * state.ema + (1 - settings.ema) * mass
-    n_eff = min(n_positions, settings.wilson_max_n)
-    upper = wilson_upper(ema, n_eff)
-    s = upper if settings.use_upper else ema
-    slack = pinsker_slack(delta, settings.pinsker_cap)
-    margin = eps + slack
-    if s > margin:
-        error, decision = s - margin, "raise"
-    elif s < eps:
-        error, decision = s - eps, "lower"
+    s = measurement.upper if settings.use_upper else measurement.mass
+    floor, ceiling = offset_bounds
+    if not math.isfinite(s):
+        error, decision, step = math.nan, "hold", 0.0  # nothing measured (no held-out position)
     else:
-        error, decision = 0.0, "hold"
-    lo, hi = offset_bounds
-    saturated = (state.offset >= hi and error > 0) or (state.offset <= lo and error < 0)
-    integral = state.integral
-    if settings.ki > 0 and not saturated:
-        integral = min(max(integral + error / eps, -settings.integral_max), settings.integral_max)
-    sign = (error > 0) - (error < 0)
-    offset = min(max(state.offset + settings.eta * sign + settings.ki * integral, lo), hi)
+        error = _logit(s) - _logit(eps)
+        below = error < -settings.band
+        was_below = state.last_error is not None and state.last_error < -settings.band
+        if error > 0:
+            decision, step = "raise", min(settings.eta * (error + settings.band / 2), settings.step_max)
+        elif below and was_below and state.offset > floor:
+            decision, step = "lower", max(settings.eta / 2 * (error + settings.band / 2), -settings.step_max)
+        else:
+            decision, step = "hold", 0.0
+    offset = min(max(state.offset + step, floor), ceiling)
+    slack = pinsker_slack(measurement.delta) if math.isfinite(measurement.delta) else math.nan
     record = {
-        "ema_mass": ema,
-        "heldout_mass": mass,
-        "wilson_upper": upper,
-        "wilson_n": n_eff,
-        "delta": delta,
-        "pinsker_slack": slack,
-        "margin": margin,
+        "heldout_mass": measurement.mass,
+        "heldout_upper": measurement.upper,
+        "decided_on": "upper" if settings.use_upper else "point",
+        "sequences": measurement.sequences,
+        "positions": measurement.positions,
+        "delta": measurement.delta,
+        "mean_target_mass": measurement.mean_target_mass,
+        "pinsker_bound": measurement.mean_target_mass + slack,
+        "clamped_share": measurement.clamped_share,
+        "error_logit": error,
         "decision": decision,
-        "error": error,
-        "integral": integral,
+        "offset_before": state.offset,
         "offset": offset,
+        "offset_at_bound": offset in (floor, ceiling) and decision != "hold",
     }
-    return ControllerState(offset=offset, ema=ema, integral=integral, history=state.history), record
+    last_error = error if math.isfinite(error) else state.last_error
+    return ControllerState(offset=offset, last_error=last_error, history=state.history), record
 
 
 class AdaptiveLambdaCallback(TrainerCallback):
-    """Adapts lambda from held-out forget data; see the module docstring for the exact rule.
+    """Enforces the mass bound on held-out forget data; see the module docstring for the exact rule.
 
     ``ETUTrainer`` adds one automatically when ``adaptive_lambda=True`` (the default) and binds any
     instance passed in ``callbacks=``. Keyword arguments override the matching
-    ``ETUTrainingArguments`` fields (``lambda_update_freq``, ``lambda_eta``, ``lambda_ema``,
-    ``use_upper_for_lambda``, ``wilson_max_n``, ``pinsker_cap``, ``lambda_ki``, ``lambda_integral_max``).
+    ``ETUTrainingArguments`` fields (``lambda_update_freq``, ``lambda_eta``, ``lambda_band``,
+    ``lambda_step_max``, ``use_upper_for_lambda``).
 
-    Logged at the next logging step after an update: ``etu/heldout_pi_s``, ``etu/heldout_upper``,
-    ``etu/delta``, ``etu/margin``, ``etu/lambda_offset`` and, in global mode, ``etu/lambda_global``.
+    Logged at the next logging step after an update: ``etu/heldout_pi_s`` (point estimate),
+    ``etu/heldout_upper`` (sequence-level upper bound), ``etu/delta``, ``etu/pinsker_bound``,
+    ``etu/heldout_clamped_share``, ``etu/lambda_offset``, ``etu/effective_epsilon`` (per-position
+    mode) or ``etu/lambda_global`` (global mode).
     """
 
     _ARG_NAMES: ClassVar[dict[str, str]] = {
         "update_freq": "lambda_update_freq",
         "eta": "lambda_eta",
-        "ema": "lambda_ema",
+        "band": "lambda_band",
+        "step_max": "lambda_step_max",
         "use_upper": "use_upper_for_lambda",
-        "wilson_max_n": "wilson_max_n",
-        "pinsker_cap": "pinsker_cap",
-        "ki": "lambda_ki",
-        "integral_max": "lambda_integral_max",
     }
 
     def __init__(
         self,
         update_freq: int | None = None,
         eta: float | None = None,
-        ema: float | None = None,
+        band: float | None = None,
+        step_max: float | None = None,
         use_upper: bool | None = None,
-        wilson_max_n: int | None = None,
-        pinsker_cap: float | None = None,
-        ki: float | None = None,
-        integral_max: float | None = None,
     ):
         self.overrides = {k: v for k, v in locals().items() if k in self._ARG_NAMES and v is not None}
-        if self.overrides.get("update_freq", 1) < 1:
-            raise ValueError("AdaptiveLambdaCallback: update_freq (lambda_update_freq) must be >= 1")
-        if self.overrides.get("eta", 1.0) <= 0:
-            raise ValueError("AdaptiveLambdaCallback: eta (lambda_eta) must be > 0")
+        # Validate the overrides now (epsilon is checked again at binding).
+        ControllerSettings(epsilon=0.5, **self.overrides)
         self.trainer: Any = None
         self.settings: ControllerSettings | None = None
         self.state = ControllerState()
@@ -186,14 +220,16 @@ class AdaptiveLambdaCallback(TrainerCallback):
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        return {"format": "etu-hf/controller-state", "version": 1, **asdict(self.state)}
+        return {"format": "etu-hf/controller-state", "version": 2, **asdict(self.state)}
 
     def load_state_dict(self, data: dict[str, Any]) -> None:
+        if data.get("version", 1) < 2:
+            raise ValueError(
+                "etu_controller.json was written by an older etu-hf whose controller rule differs; the trajectory "
+                "cannot be continued. Resume without the controller state (delete the file) or start a new run."
+            )
         self.state = ControllerState(
-            offset=float(data["offset"]),
-            ema=data["ema"],
-            integral=float(data["integral"]),
-            history=list(data["history"]),
+            offset=float(data["offset"]), last_error=data.get("last_error"), history=list(data["history"])
         )
         if self.trainer is not None:
             self.trainer.lambda_offset = self.state.offset
@@ -238,45 +274,72 @@ class AdaptiveLambdaCallback(TrainerCallback):
         self._require_trainer()
         trainer = self.trainer
         stats = trainer.measure_heldout()
-        new_state, record = controller_step(
-            self.state, self.settings, stats.mean_mass, stats.delta, stats.n_positions, trainer.offset_bounds()
+        bound = stats.upper_bound(seed=trainer.args.seed)
+        measurement = HeldoutMeasurement(
+            mass=stats.mean_mass,
+            upper=bound.upper,
+            delta=stats.delta,
+            mean_target_mass=stats.mean_target_mass,
+            positions=stats.n_positions,
+            sequences=bound.sequences,
+            clamped_share=stats.clamped_share,
         )
+        tilt_before = trainer.tilt_spec()
+        new_state, record = controller_step(self.state, self.settings, measurement, trainer.offset_bounds())
         trainer.lambda_offset = new_state.offset
         tilt = trainer.tilt_spec()
         record = {
             "step": step,
+            **record,
+            # the target in effect during this measurement, and after this update
+            "effective_epsilon_measured": tilt_before.effective_epsilon if tilt.mode == "per_position" else None,
+            "effective_epsilon": tilt.effective_epsilon if tilt.mode == "per_position" else None,
             # global mode: the lambda in effect after this update; per-position mode has no single lambda
             "lam": tilt.global_value() if tilt.mode == "global" else None,
             # mean lambda over the held-out positions during this measurement (offset before the update)
             "mean_lam_measured": stats.mean_lambda,
-            "mean_target_mass": stats.mean_target_mass,
-            "positions": stats.n_positions,
-            **record,
+            "bound": bound.to_dict(),
         }
         new_state.history = [*self.state.history, record]
         self.state = new_state
-        trainer.record_controller_log(
-            {
-                "etu/heldout_pi_s": record["heldout_mass"],
-                "etu/heldout_upper": record["wilson_upper"],
-                "etu/delta": record["delta"],
-                "etu/margin": record["margin"],
-                "etu/lambda_offset": record["offset"],
-                **({"etu/lambda_global": record["lam"]} if tilt.mode == "global" else {}),
-            }
-        )
+        logs = {
+            "etu/heldout_pi_s": record["heldout_mass"],
+            "etu/heldout_upper": record["heldout_upper"],
+            "etu/delta": record["delta"],
+            "etu/pinsker_bound": record["pinsker_bound"],
+            "etu/heldout_clamped_share": record["clamped_share"],
+            "etu/lambda_offset": record["offset"],
+        }
+        if tilt.mode == "global":
+            logs["etu/lambda_global"] = record["lam"]
+        else:
+            logs["etu/effective_epsilon"] = record["effective_epsilon"]
+        trainer.record_controller_log(logs)
         logger.info(
-            "[lambda-update] step %d: held-out mass %.4f (EMA %.4f, upper %.4f), delta %.4f, margin %.4f -> %s, "
-            "offset %.3f",
+            "[lambda-update] step %d: held-out mass %.4f (upper %.4f over %d sequences), epsilon %.4g -> %s, "
+            "offset %.3f -> %.3f%s",
             step,
             record["heldout_mass"],
-            record["ema_mass"],
-            record["wilson_upper"],
-            record["delta"],
-            record["margin"],
+            record["heldout_upper"],
+            record["sequences"],
+            self.settings.epsilon,
             record["decision"],
+            record["offset_before"],
             record["offset"],
+            f" (eps' = {record['effective_epsilon']:.4g})" if record["effective_epsilon"] is not None else "",
         )
+        if math.isfinite(stats.clamped_share) and stats.clamped_share > CLAMP_WARN_SHARE:
+            logger.warning(
+                "the lambda clamp binds at %.1f%% of held-out positions: the target cannot reach epsilon there. "
+                "Raise --lambda_max (now %s).",
+                100 * stats.clamped_share,
+                trainer.args.lambda_max,
+            )
+        if record["offset_at_bound"] and record["decision"] == "raise":
+            logger.warning(
+                "the lambda offset is at its ceiling (lambda_max = %s) and the held-out bound is still above epsilon",
+                trainer.args.lambda_max,
+            )
         if trainer.args.should_save:
             self.write_history(trainer.args.output_dir)
         return record
@@ -289,7 +352,7 @@ class AdaptiveLambdaCallback(TrainerCallback):
             os.path.join(output_dir, HISTORY_FILE),
             {
                 "format": "etu-hf/lambda-history",
-                "version": 1,
+                "version": 2,
                 "mode": trainer.args.lambda_mode,
                 "epsilon": self.settings.epsilon,
                 "closed_form_lambda": trainer.global_lambda,
@@ -310,24 +373,32 @@ class AdaptiveLambdaCallback(TrainerCallback):
             return None
         rec = self.state.history
         steps = [r["step"] for r in rec]
+        eps = self.settings.epsilon
         fig, (ax_l, ax_m) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
         if self.trainer.args.lambda_mode == "global":
             ax_l.plot(steps, [r["lam"] for r in rec], marker="o", label="lambda (after update)")
         ax_l.plot(steps, [r["mean_lam_measured"] for r in rec], marker="x", label="mean lambda over held-out positions")
-        ax_l.plot(steps, [r["offset"] for r in rec], marker=".", linestyle="--", label="offset")
+        ax_l.plot(steps, [r["offset"] for r in rec], marker=".", linestyle="--", label="offset (after update)")
         ax_l.set_ylabel("lambda")
         ax_l.legend(loc="best")
         ax_m.plot(steps, [r["heldout_mass"] for r in rec], marker="o", label="held-out mass on V_S")
-        ax_m.plot(steps, [r["wilson_upper"] for r in rec], linestyle="--", label="Wilson upper (EMA)")
-        ax_m.plot(steps, [r["margin"] for r in rec], linestyle=":", label="margin eps + sqrt(delta/2)")
-        ax_m.axhline(self.settings.epsilon, color="red", label=f"epsilon = {self.settings.epsilon}")
+        ax_m.plot(steps, [r["heldout_upper"] for r in rec], marker="^", linestyle="--", label="upper bound U")
+        if self.trainer.args.lambda_mode == "per_position":
+            ax_m.plot(
+                steps,
+                [r["effective_epsilon_measured"] for r in rec],
+                drawstyle="steps-post",
+                linestyle=":",
+                label="per-context target eps' while measured",
+            )
+        ax_m.axhline(eps, color="red", label=f"epsilon = {eps}")
         ax_m.set_xlabel("optimiser step")
         ax_m.set_ylabel("mass")
-        top = max(
-            [self.settings.epsilon * 3]
-            + [r[key] for r in rec for key in ("heldout_mass", "wilson_upper", "margin") if math.isfinite(r[key])]
-        )
-        ax_m.set_ylim(0, min(1.0, top * 1.1 if math.isfinite(top) else 1.0))
+        finite = [
+            r[k] for r in rec for k in ("heldout_mass", "heldout_upper") if r[k] is not None and math.isfinite(r[k])
+        ]
+        top = max([eps * 3, *finite])
+        ax_m.set_ylim(0, min(1.0, top * 1.1))
         ax_m.legend(loc="best")
         fig.suptitle("ETU adaptive lambda")
         fig.tight_layout()

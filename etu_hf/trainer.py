@@ -15,6 +15,7 @@ parallelism give the gradient of one large batch.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -30,7 +31,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from etu_hf.artifacts import ARGS_FILE, METRICS_FILE, write_json
 from etu_hf.config import ETUTrainingArguments
-from etu_hf.controller import AdaptiveLambdaCallback
+from etu_hf.controller import CLAMP_WARN_SHARE, AdaptiveLambdaCallback
 from etu_hf.data import (
     CORPUS_ID_COLUMN,
     RETAIN_PREFIX,
@@ -77,7 +78,7 @@ logger = logging.getLogger(__name__)
 RUN_STATE_FILE = "etu_trainer_state.json"
 
 # Layout of the on-device statistics accumulators (sums over scored positions).
-_STATS = ("kl", "w_forget", "lambda", "pi_s", "q_s", "base_p_s", "retain", "w_retain", "pref", "w_pref")
+_STATS = ("kl", "w_forget", "lambda", "pi_s", "q_s", "base_p_s", "clamped", "retain", "w_retain", "pref", "w_pref")
 
 
 @dataclass
@@ -152,6 +153,7 @@ class _StatsAccumulator:
             "etu/base_p_s": s["base_p_s"] / wf,
             "etu/lambda_min": float(lo),
             "etu/lambda_max": float(hi),
+            "etu/clamped_share": s["clamped"] / wf,
             "etu/forget_positions": s["w_forget"],
         }
         if s["w_retain"] > 0:
@@ -356,6 +358,7 @@ class ETUTrainer(Trainer):
             vocab_top_k=a.vocab_top_k,
             pmi_top_k=a.pmi_top_k,
             pmi_min_count=a.pmi_min_count,
+            pmi_min_score=a.pmi_min_score,
             pmi_smoothing=a.pmi_smoothing,
             span_masking=a.span_masking,
             span_ngram_max=a.span_ngram_max,
@@ -394,19 +397,22 @@ class ETUTrainer(Trainer):
         )
 
     def offset_bounds(self) -> tuple[float, float]:
-        """Range of :attr:`lambda_offset`: global mode keeps ``lam0 + offset`` inside the lambda clamps;
-        per-position mode allows ``[-lambda_max, lambda_max]``."""
+        """Range of :attr:`lambda_offset`. Global mode keeps ``lam0 + offset`` inside the lambda clamps;
+        per-position mode allows ``[0, lambda_max]`` (``[-lambda_max, lambda_max]`` with
+        ``allow_negative_lambda``): at 0 every context's target is ``min(p(x), epsilon)``."""
         a = self.args
+        lower, upper = lambda_bounds(a.lambda_max, a.allow_negative_lambda)
         if a.lambda_mode == "global":
-            lower, upper = lambda_bounds(a.lambda_max, a.allow_negative_lambda)
             return lower - self.global_lambda, upper - self.global_lambda
-        return -a.lambda_max, a.lambda_max
+        return lower, upper
 
     def measure_heldout(self) -> TiltStatistics:
-        """Mass on V_S and delta = mean per-token KL(pi_theta || q_lam) on the held-out forget slice.
+        """Mass on V_S (point estimate, per-sequence sums for the sequence-level bound), delta = mean
+        per-token KL(pi_theta || q_lam) and the clamped share on the held-out forget slice.
 
-        Held-out batches are split across processes and the sums reduced, so every process gets the
-        same numbers; a process with fewer batches runs a weight-0 batch so all run as many forwards.
+        Held-out batches are split across processes; totals are summed and per-sequence sums gathered,
+        so every process gets the same numbers. A process with fewer batches runs a weight-0 batch so
+        all run as many forwards (sharded models need that); its sequences count 0 and are dropped.
         """
         if self.heldout_dataset is None:
             raise ValueError("no held-out forget data: pass heldout_dataset= or set adaptive_lambda=True")
@@ -417,7 +423,7 @@ class ETUTrainer(Trainer):
         weights = [1.0] * len(mine) + [0.0] * (per_process - len(mine))
         mine = mine + [batches[0]] * (per_process - len(mine))
         device = self.args.device
-        sums = tilt_statistic_sums(
+        sums, per_seq = tilt_statistic_sums(
             unwrap_model(self.model),
             self.base,
             mine,
@@ -429,7 +435,8 @@ class ETUTrainer(Trainer):
         )
         if world > 1:
             sums = self.accelerator.reduce(sums, reduction="sum")
-        return tilt_statistics(sums)
+            per_seq = self.accelerator.gather(self.accelerator.pad_across_processes(per_seq, dim=0))
+        return tilt_statistics(sums, per_seq)
 
     def record_controller_log(self, values: dict[str, float]) -> None:
         """Values to add to the next training log (used by the controller; no device sync)."""
@@ -440,7 +447,8 @@ class ETUTrainer(Trainer):
         p_s, n = self.estimate_base_mass()
         self.base_p_s, self.base_p_s_positions = p_s, n
         a = self.args
-        self.global_lambda = float(closed_form_lambda(p_s, a.epsilon, a.lambda_max, a.allow_negative_lambda))
+        # Unclamped (the floor at 0 aside): TiltSpec.global_value applies lambda_max, so a binding clamp is counted.
+        self.global_lambda = float(closed_form_lambda(p_s, a.epsilon, None, a.allow_negative_lambda))
         logger.info("base p_S = %.4f over %d forget positions; closed-form lambda = %.3f", p_s, n, self.global_lambda)
 
     @torch.no_grad()
@@ -530,7 +538,6 @@ class ETUTrainer(Trainer):
         base = self._base_positions(forget, mask)
         if a.lambda_mode == "global" and self.global_lambda is None:  # compute_loss outside train()
             self._setup_target()
-        lam_kwargs = self.tilt_spec().loss_kwargs()
         pref_on = a.preference_weight > 0 and model.training and self.state.global_step % a.pref_every == 0
         kl = tilted_kl_loss(
             student,
@@ -542,7 +549,7 @@ class ETUTrainer(Trainer):
             chunk_size=a.loss_chunk_size or None,
             normalizer=counts.forget.clamp_min(1.0) if counts is not None else None,
             targets=targets.reshape(-1) if pref_on else None,  # for the preference term: same forward
-            **lam_kwargs,
+            tilt=self.tilt_spec(),
         )
         loss = kl.loss
         pref_sum = torch.zeros((), device=device)
@@ -564,6 +571,7 @@ class ETUTrainer(Trainer):
                 kl.student_mass_sum,
                 kl.target_mass_sum,
                 kl.base_mass_sum,
+                kl.clamped_sum,
                 retain_sum,
                 retain_w,
                 pref_sum,
@@ -712,6 +720,13 @@ class ETUTrainer(Trainer):
             if stats is not None:
                 self._last_window = stats
                 logs.update(stats)
+                if stats["etu/clamped_share"] > CLAMP_WARN_SHARE:
+                    logger.warning(
+                        "the lambda clamp binds at %.1f%% of the training positions: the target misses epsilon "
+                        "there. Raise --lambda_max (now %s).",
+                        100 * stats["etu/clamped_share"],
+                        self.args.lambda_max,
+                    )
             logs.update(self._controller_logs)
             self._controller_logs = {}
         super().log(logs, start_time)
@@ -862,6 +877,9 @@ class ETUTrainer(Trainer):
         total = self._total.read(self._reduce()) or {}
         a = self.args
         fs = self.forbidden_set
+        tilt = self.tilt_spec()
+        controller = self.lambda_controller
+        last_update = controller.history[-1] if controller and controller.history else None
         return {
             "format": "etu-hf/metrics",
             "version": 1,
@@ -874,7 +892,12 @@ class ETUTrainer(Trainer):
                 "closed_form_global": self.global_lambda,
                 "offset": self.lambda_offset,
                 "adaptive": self.lambda_controller is not None,
-                "controller_updates": len(self.lambda_controller.history) if self.lambda_controller else 0,
+                "controller_updates": len(controller.history) if controller else 0,
+                "effective_epsilon": tilt.effective_epsilon if tilt.mode == "per_position" else None,
+                "global_value": (
+                    tilt.global_value() if tilt.mode == "global" and self.global_lambda is not None else None
+                ),
+                "last_update": last_update,
                 "mean": total.get("etu/lambda"),
                 "min": total.get("etu/lambda_min"),
                 "max": total.get("etu/lambda_max"),
@@ -892,6 +915,7 @@ class ETUTrainer(Trainer):
             "final_training_q_s": final.get("etu/q_s") if final else None,
             "final_training_kl": final.get("etu/loss") if final else None,
             "mean_training_pi_s": total.get("etu/pi_s"),
+            "training_clamped_share": total.get("etu/clamped_share"),
             "training_forget_positions": total.get("etu/forget_positions"),
         }
 
@@ -944,12 +968,36 @@ class ETUTrainer(Trainer):
         if self.forbidden_set is not None and self.args.should_save and os.path.isdir(target):
             self.forbidden_set.save(os.path.join(target, FORBIDDEN_SET_FILE))
 
+    def _save(self, output_dir: str | None = None, state_dict: Any = None) -> None:
+        """``Trainer._save``; for a LoRA on the output head, the adapter without a copy of the head.
+
+        PEFT's ``save_embedding_layers="auto"`` stores the full base weights of a targeted output head
+        (``|V| x hidden``, hundreds of MB on a real model) in case the vocabulary was resized. When it
+        was not, those weights are the base model's own and the LoRA factors are all the adapter needs.
+        """
+        model = unwrap_model(self.model)
+        if not (is_peft_model(model) and _output_head_adapted_without_resize(model)):
+            return super()._save(output_dir, state_dict)
+        model.save_pretrained = functools.partial(model.save_pretrained, save_embedding_layers=False)
+        try:
+            return super()._save(output_dir, state_dict)
+        finally:
+            del model.save_pretrained  # back to the class's method
+
     def create_model_card(self, *args: Any, **kwargs: Any) -> None:
         """``Trainer.create_model_card`` with the ``etu-hf`` and ``unlearning`` tags added."""
         tags = kwargs.get("tags") or []
         tags = [tags] if isinstance(tags, str) else list(tags)
         kwargs["tags"] = tags + [t for t in self._tag_names if t not in tags]
         return super().create_model_card(*args, **kwargs)
+
+
+def _output_head_adapted_without_resize(model: nn.Module) -> bool:
+    """True when a PEFT model adapts its output head and the vocabulary has its configured size."""
+    base = model.get_base_model()
+    head = base.get_output_embeddings()
+    adapted = head is not None and any(hasattr(head, attr) for attr in ("lora_A", "lora_magnitude_vector"))
+    return adapted and head.weight.shape[0] == getattr(base.config, "vocab_size", -1)
 
 
 def _count_scored(batch: dict[str, Any], device: torch.device) -> torch.Tensor:

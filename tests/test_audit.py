@@ -11,7 +11,7 @@ import torch
 
 from etu_hf.auditing import REPORT_FORMAT, AuditReport, audit
 from etu_hf.auditing.activations import decoder_layers
-from etu_hf.bounds import bootstrap_ratio_interval, wilson_interval, wilson_upper
+from etu_hf.bounds import bootstrap_ratio_interval, sequence_upper_bound, wilson_interval, wilson_upper
 from etu_hf.cli import main
 from etu_hf.data import iter_batches
 from etu_hf.demo.run import write_demo_corpora
@@ -55,7 +55,7 @@ def test_bootstrap_matches_a_naive_loop():
 # ------------------------------------------------------------------------------------- estimators
 def test_report_numbers_against_direct_computation(trained, corpora, tmp_path):
     trainer, _ = trained
-    held = corpora["forget_heldout"].select(range(6))
+    held = corpora["forget_heldout"].select(range(10))
     report = trainer.audit(
         forget_data=held,
         retain_data=corpora["retain_heldout"].select(range(6)),
@@ -64,7 +64,7 @@ def test_report_numbers_against_direct_computation(trained, corpora, tmp_path):
         bootstrap_samples=200,
     )
     S = torch.tensor(trainer.forbidden_set.ids)
-    batch = next(iter_batches(held, None, 6))
+    batch = next(iter_batches(held, None, 10))
     model = trainer.model
     with torch.no_grad():
         z = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
@@ -76,9 +76,18 @@ def test_report_numbers_against_direct_computation(trained, corpora, tmp_path):
     assert report.updated_p_S == pytest.approx(float(upd.mean()), abs=1e-6)
     assert report.base_p_S == pytest.approx(float(base.mean()), abs=1e-6)
     assert report.share_above_epsilon_updated == pytest.approx(float((upd > 0.05).double().mean()))
-    assert report.wilson_n == min(report.forget_positions, 2048)
-    assert report.updated_p_S_wilson_upper == pytest.approx(wilson_upper(report.updated_p_S, report.wilson_n))
+    assert report.token_wilson_n == min(report.forget_positions, 2048)
+    assert report.updated_p_S_token_wilson_upper == pytest.approx(
+        wilson_upper(report.updated_p_S, report.token_wilson_n)
+    )
     assert report.target_achieved == (report.updated_p_S <= 0.05)
+    # the verdict's bound: recomputed here from the per-sequence masses (each row of the batch a sequence)
+    seq_sums = (forbidden_mass(z, S).double() * mask).sum(1).numpy()
+    seq_counts = mask.sum(1).numpy()
+    independent = sequence_upper_bound(seq_sums, seq_counts, seed=trainer.args.seed)
+    assert report.updated_p_S_upper == pytest.approx(independent.upper, rel=1e-6)
+    assert report.upper_bound["sequences"] == 10 and report.updated_p_S_upper >= report.updated_p_S
+    assert report.target_achieved_upper == (report.updated_p_S_upper <= 0.05)
     # perplexity = exp(mean NLL) on the retain text, base = adapters disabled
     rb = next(iter_batches(corpora["retain_heldout"].select(range(6)), None, 6))
     with torch.no_grad(), model.disable_adapter():
@@ -172,16 +181,20 @@ def test_report_files_schema_samples_and_activation_hooks(trained, corpora, tmp_
     )
     assert all(len(layer._forward_hooks) == 0 for layer in layers)  # hooks removed
     data = json.loads((tmp_path / "suppression_report.json").read_text())
-    assert data["format"] == REPORT_FORMAT and data["version"] == 1
+    assert data["format"] == REPORT_FORMAT and data["version"] == 2
     for key in (
         "epsilon",
         "V_S_size",
         "V_S_fraction",
         "base_p_S",
         "updated_p_S",
-        "base_p_S_wilson_upper",
-        "updated_p_S_wilson_upper",
-        "wilson_n",
+        "base_p_S_upper",
+        "updated_p_S_upper",
+        "upper_bound",
+        "base_p_S_token_wilson_upper",
+        "updated_p_S_token_wilson_upper",
+        "token_wilson_n",
+        "clamped_share",
         "wilson_max_n",
         "base_p_S_bootstrap_95",
         "updated_p_S_bootstrap_95",
@@ -201,7 +214,10 @@ def test_report_files_schema_samples_and_activation_hooks(trained, corpora, tmp_
         "definitions",
     ):
         assert key in data, key
-    assert "bootstrap" in data["definitions"]["*_bootstrap_95"] and "Wilson" in data["definitions"]["*_wilson_upper"]
+    assert "bootstrap" in data["definitions"]["*_bootstrap_95"]
+    assert (
+        "TOKEN-LEVEL" in data["definitions"]["*_token_wilson_upper"] and "verdict" in data["definitions"]["*_p_S_upper"]
+    )
     assert AuditReport.load(str(tmp_path)).updated_p_S == report.updated_p_S
     md = (tmp_path / "suppression_report.md").read_text()
     assert "illustration only" in md and "Wilson" in md

@@ -1,5 +1,6 @@
 """The adaptive-lambda controller: the rule, its effect on a tiny model, resume and multi-process."""
 
+import itertools
 import json
 import math
 import os
@@ -7,14 +8,15 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from peft import LoraConfig
 from safetensors.torch import load_file
 
 from etu_hf import AdaptiveLambdaCallback, ETUTrainer
-from etu_hf.bounds import wilson_upper
-from etu_hf.controller import ControllerSettings, ControllerState, controller_step
+from etu_hf.bounds import sequence_upper_bound
+from etu_hf.controller import ControllerSettings, ControllerState, HeldoutMeasurement, controller_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "tests", "scripts", "controller_run.py")
@@ -22,51 +24,116 @@ LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
 
 
 # ------------------------------------------------------------------------------------- the rule itself
-def test_rule_raises_lowers_and_holds():
-    s = ControllerSettings(epsilon=0.05, eta=0.25, ema=0.0, use_upper=False)
-    bounds = (-12.0, 12.0)
-    # delta = 0.0008 -> slack sqrt(0.0004) = 0.02 -> margin 0.07
-    _, rec = controller_step(ControllerState(), s, mass=0.09, delta=0.0008, n_positions=1000, offset_bounds=bounds)
-    assert rec["decision"] == "raise" and rec["offset"] == 0.25 and rec["margin"] == pytest.approx(0.07)
-    _, rec = controller_step(ControllerState(), s, mass=0.06, delta=0.0008, n_positions=1000, offset_bounds=bounds)
+def _logit(p):
+    return math.log(p) - math.log1p(-p)
+
+
+def _sigmoid(x):
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+def test_rule_raises_lowers_and_holds_in_logit_space():
+    s = ControllerSettings(epsilon=0.05, eta=1.0, band=0.5, step_max=2.0, use_upper=True)
+    bounds = (0.0, 100.0)
+    m = HeldoutMeasurement(mass=0.05, upper=0.08)  # upper above epsilon: raise to the middle of the band
+    _, rec = controller_step(ControllerState(), s, m, bounds)
+    expected = _logit(0.08) - _logit(0.05) + 0.25
+    assert rec["decision"] == "raise" and rec["offset"] == pytest.approx(expected)
+    # certified and inside the band: hold
+    _, rec = controller_step(ControllerState(offset=1.0), s, HeldoutMeasurement(mass=0.03, upper=0.045), bounds)
+    assert rec["decision"] == "hold" and rec["offset"] == 1.0
+    # far below the band: hold once, and lower at half gain only when the next measurement confirms it
+    low = HeldoutMeasurement(mass=0.005, upper=0.02)
+    st, rec = controller_step(ControllerState(offset=3.0), s, low, bounds)
+    assert rec["decision"] == "hold" and st.offset == 3.0
+    _, rec = controller_step(st, s, low, bounds)
+    assert rec["decision"] == "lower"
+    assert rec["offset"] == pytest.approx(3.0 + 0.5 * (_logit(0.02) - _logit(0.05) + 0.25))
+    # ... but never below the floor: a model already under epsilon at offset 0 keeps min(p, epsilon)
+    st = ControllerState(offset=0.0, last_error=-3.0)
+    _, rec = controller_step(st, s, HeldoutMeasurement(mass=0.005, upper=0.01), bounds)
     assert rec["decision"] == "hold" and rec["offset"] == 0.0
-    _, rec = controller_step(ControllerState(), s, mass=0.03, delta=0.0008, n_positions=1000, offset_bounds=bounds)
-    assert rec["decision"] == "lower" and rec["offset"] == -0.25
+    # the step is capped
+    _, rec = controller_step(ControllerState(), s, HeldoutMeasurement(mass=0.5, upper=0.6), bounds)
+    assert rec["offset"] == 2.0
+    # and the offset is clamped at the ceiling
+    _, rec = controller_step(ControllerState(offset=99.5), s, HeldoutMeasurement(mass=0.5, upper=0.6), bounds)
+    assert rec["offset"] == 100.0 and rec["offset_at_bound"]
 
 
-def test_rule_uses_the_wilson_upper_bound_of_the_ema_with_capped_n():
-    s = ControllerSettings(epsilon=0.05, ema=0.5, use_upper=True, wilson_max_n=100)
-    st, _ = controller_step(ControllerState(), s, 0.04, 0.0, 5000, (-1, 1))
-    st, rec = controller_step(st, s, 0.06, 0.0, 5000, (-1, 1))
-    assert rec["ema_mass"] == pytest.approx(0.5 * 0.04 + 0.5 * 0.06)
-    assert rec["wilson_n"] == 100
-    assert rec["wilson_upper"] == pytest.approx(wilson_upper(0.05, 100))
-    assert rec["decision"] == "raise"  # the point EMA equals epsilon, but its upper bound is above the margin
+def test_point_estimate_decides_without_use_upper():
+    s = ControllerSettings(epsilon=0.05, use_upper=False)
+    _, rec = controller_step(ControllerState(), s, HeldoutMeasurement(mass=0.04, upper=0.09), (0.0, 100.0))
+    assert rec["decision"] == "hold" and rec["decided_on"] == "point"
 
 
-def test_rule_clamps_and_integral_has_anti_windup():
-    s = ControllerSettings(epsilon=0.05, eta=0.5, ema=0.0, use_upper=False, ki=0.1, integral_max=3.0)
-    st = ControllerState(offset=1.0)
-    for _ in range(20):  # mass far above the margin: pushes against the upper clamp
-        st, rec = controller_step(st, s, 0.9, 0.0, 1000, (-1.0, 1.0))
-    assert st.offset == 1.0  # clamped
-    assert rec["integral"] == 0.0  # not integrated while saturated
-    st = ControllerState(offset=0.0)
-    for _ in range(50):
-        st, rec = controller_step(st, s, 0.9, 0.0, 1000, (-100.0, 100.0))
-    assert rec["integral"] == 3.0  # clamped at +-integral_max
-    assert math.isclose(st.offset, sum([0.5] * 50) + 0.1 * sum(min(3.0, 0.85 / 0.05 * k) for k in range(1, 51)))
+def _per_context_target(p, offset, eps):
+    """The per-position target mass min(p, eps') with eps' = sigmoid(logit(eps) - offset) (before any training)."""
+    return np.minimum(p, _sigmoid(_logit(eps) - offset))
 
 
-def test_pinsker_cap_bounds_the_margin():
-    s = ControllerSettings(epsilon=0.05, ema=0.0, use_upper=False, pinsker_cap=0.01)
-    _, rec = controller_step(ControllerState(), s, 0.07, 2.0, 1000, (-1, 1))
-    assert rec["margin"] == pytest.approx(0.06) and rec["decision"] == "raise"
+def _sequence_masses(position_mass, n_seq):
+    """Per-sequence (sum, count) for positions dealt round-robin into ``n_seq`` sequences."""
+    owner = np.arange(len(position_mass)) % n_seq
+    return np.bincount(owner, weights=position_mass, minlength=n_seq), np.bincount(owner, minlength=n_seq)
+
+
+def _measure(position_mass, n_seq=64):
+    sums, counts = _sequence_masses(position_mass, n_seq)
+    bound = sequence_upper_bound(sums, counts)
+    return HeldoutMeasurement(mass=float(position_mass.mean()), upper=bound.upper, sequences=n_seq)
+
+
+@pytest.mark.parametrize("high_p", [0.5, 0.999999])
+def test_perfect_model_offset_stays_at_its_floor_and_targets_stay_under_epsilon(high_p):
+    """A model that always equals its target: 90% of contexts at p = 0.001 and 10% at a high p. The old rule
+    drove the offset negative here (mean target mass mean(min(p, eps)) < eps) and left high-p contexts with
+    a target of 0.39; now the offset never goes below 0 and every context's target is <= epsilon."""
+    eps = 0.05
+    p = np.where(np.arange(4096) % 10 == 0, high_p, 0.001)
+    s = ControllerSettings(epsilon=eps)
+    state = ControllerState()
+    for _ in range(20):
+        target = _per_context_target(p, state.offset, eps)
+        state, rec = controller_step(state, s, _measure(target), (0.0, 100.0))
+        assert state.offset >= 0.0
+        assert _per_context_target(p, state.offset, eps).max() <= eps + 1e-12
+    assert rec["heldout_upper"] <= eps
+
+
+@pytest.mark.parametrize("fraction,gap", [(0.05, 0.5), (0.2, 1.0), (0.02, 0.3), (0.01, 0.3)])
+def test_lagging_model_meets_the_bound_within_six_updates_without_oscillating(fraction, gap):
+    """The model moves a fixed ``fraction`` of the way (in logit space) toward its target each step, and
+    held-out text sits ``gap`` logits above what it fits (a generalisation gap). With updates every 25
+    steps the upper bound is <= epsilon within 6 updates, and the offset never turns back up after
+    coming down (no oscillation)."""
+    eps = 0.05
+    rng = np.random.default_rng(0)
+    p = rng.beta(0.6, 0.9, size=4096)  # many contexts far above epsilon, some near 1
+    logit_model = np.log(p) - np.log1p(-p)
+    s = ControllerSettings(epsilon=eps)
+    state = ControllerState()
+    offsets, uppers = [], []
+    for _ in range(12):
+        for _ in range(25):
+            target = _per_context_target(p, state.offset, eps)
+            logit_target = np.log(target) - np.log1p(-target)
+            logit_model += fraction * (logit_target - logit_model)
+        heldout = 1.0 / (1.0 + np.exp(-(logit_model + gap)))
+        state, rec = controller_step(state, s, _measure(heldout), (0.0, 100.0))
+        offsets.append(state.offset)
+        uppers.append(rec["heldout_upper"])
+    first = next(i for i, u in enumerate(uppers) if u <= eps)
+    assert first < 6, uppers
+    assert all(u <= eps for u in uppers[first:]), uppers  # stays certified
+    moves = np.sign(np.diff([0.0, *offsets]))
+    moves = moves[moves != 0]
+    assert not any(a < 0 < b for a, b in itertools.pairwise(moves)), offsets  # no down-then-up
 
 
 # ------------------------------------------------------------------------------------- on a tiny model
 def controller_trainer(model, tokenizer, corpora, make_args, **args):
-    defaults = dict(adaptive_lambda=True, lambda_update_freq=5, lambda_eta=0.5, logging_steps=5, learning_rate=3e-3)
+    defaults = dict(adaptive_lambda=True, lambda_update_freq=5, logging_steps=5, learning_rate=3e-3)
     defaults.update(args)
     return ETUTrainer(
         model=model,
@@ -78,17 +145,18 @@ def controller_trainer(model, tokenizer, corpora, make_args, **args):
     )
 
 
-def test_global_mode_controller_raises_lambda_until_under_the_margin(model, tokenizer, corpora, make_args):
+def test_global_mode_controller_raises_lambda_until_the_bound_is_met(model, tokenizer, corpora, make_args):
     trainer = controller_trainer(model, tokenizer, corpora, make_args, lambda_mode="global", max_steps=60)
     trainer.train()
     hist = trainer.lambda_controller.history
     lam0 = trainer.global_lambda
     assert len(hist) == 12 and hist[0]["step"] == 5
     # the closed form leaves the held-out mass far above epsilon (Jensen gap), so the controller raises
-    assert hist[0]["heldout_mass"] > hist[0]["margin"] and hist[0]["decision"] == "raise"
+    assert hist[0]["heldout_upper"] > 0.05 and hist[0]["decision"] == "raise"
     assert hist[-1]["lam"] > lam0 + 1.0
-    assert hist[-1]["wilson_upper"] <= hist[-1]["margin"]  # and stops once the upper bound is under the margin
-    assert hist[-1]["decision"] == "hold"
+    for rec in hist:  # the rule, as documented: raise exactly while the upper bound is above epsilon
+        assert (rec["heldout_upper"] > 0.05) == (rec["decision"] == "raise")
+        assert rec["heldout_upper"] >= rec["heldout_mass"]
     assert hist[-1]["heldout_mass"] < hist[0]["heldout_mass"]
     assert all(h["positions"] == hist[0]["positions"] > 0 for h in hist)  # always the same held-out slice
     # the training loss used the moved lambda
@@ -109,9 +177,12 @@ def test_amplification_lowers_lambda_below_zero_and_mass_rises(model, tokenizer,
     trainer.train()
     hist = trainer.lambda_controller.history
     assert trainer.base_p_s < 0.6
-    assert all(h["decision"] == "lower" for h in hist)
+    assert hist[0]["decision"] == "hold"  # below the band once: wait for a second measurement
+    assert hist[1]["decision"] == "lower" and "raise" not in {h["decision"] for h in hist}
+    band_edge = 1 / (1 + math.exp(-(_logit(0.6) - 0.5)))
+    for prev, h in itertools.pairwise(hist):  # lowers exactly when this and the previous bound are under the band
+        assert (h["decision"] == "lower") == (h["heldout_upper"] < band_edge and prev["heldout_upper"] < band_edge)
     assert hist[-1]["lam"] < trainer.global_lambda < 0
-    assert hist[-1]["heldout_mass"] > hist[0]["heldout_mass"] > trainer.base_p_s - 0.05
 
 
 def test_without_use_upper_the_point_estimate_decides(model, tokenizer, corpora, make_args):
@@ -120,7 +191,8 @@ def test_without_use_upper_the_point_estimate_decides(model, tokenizer, corpora,
     )
     trainer.train()
     for rec in trainer.lambda_controller.history:
-        assert (rec["ema_mass"] > rec["margin"]) == (rec["decision"] == "raise")
+        assert rec["decided_on"] == "point"
+        assert (rec["heldout_mass"] > 0.05) == (rec["decision"] == "raise")
 
 
 def test_history_files_logs_and_checkpoint_state(model, tokenizer, corpora, make_args, tmp_path):
@@ -132,17 +204,25 @@ def test_history_files_logs_and_checkpoint_state(model, tokenizer, corpora, make
     hist = json.loads(open(os.path.join(out, "lambda_history.json")).read())
     assert hist["format"] == "etu-hf/lambda-history" and hist["mode"] == "per_position"
     rec = hist["records"][0]
-    for key in ("step", "lam", "offset", "ema_mass", "heldout_mass", "wilson_upper", "delta", "margin", "decision"):
+    for key in ("step", "offset", "effective_epsilon", "heldout_mass", "heldout_upper", "delta", "decision", "bound"):
         assert key in rec, key
-    assert rec["delta"] >= 0 and rec["margin"] == pytest.approx(0.05 + math.sqrt(rec["delta"] / 2))
+    assert rec["delta"] >= 0
+    assert rec["pinsker_bound"] == pytest.approx(rec["mean_target_mass"] + math.sqrt(rec["delta"] / 2))
+    assert rec["effective_epsilon"] == pytest.approx(_sigmoid(_logit(0.05) - rec["offset"]))
+    assert rec["effective_epsilon"] <= 0.05  # the offset never relaxes the target above epsilon
     assert os.path.getsize(os.path.join(out, "lambda_history.png")) > 1000
     state = json.loads(open(os.path.join(out, "checkpoint-10", "etu_controller.json")).read())
     assert state["history"] == hist["records"] and state["offset"] == trainer.lambda_offset
     logged = [h for h in trainer.state.log_history if "etu/heldout_pi_s" in h]
     assert len(logged) == 2
-    assert {"etu/lambda", "etu/delta", "etu/margin", "etu/heldout_upper"} <= set(logged[-1])
+    assert {"etu/lambda", "etu/delta", "etu/heldout_upper", "etu/effective_epsilon", "etu/clamped_share"} <= set(
+        logged[-1]
+    )
     metrics = json.loads(open(os.path.join(out, "metrics.json")).read())
     assert metrics["lambda"]["adaptive"] is True and metrics["lambda"]["controller_updates"] == 2
+    assert metrics["lambda"]["offset"] == trainer.lambda_offset == state["offset"]
+    assert metrics["lambda"]["effective_epsilon"] == pytest.approx(_sigmoid(_logit(0.05) - trainer.lambda_offset))
+    assert metrics["lambda"]["last_update"]["heldout_upper"] == hist["records"][-1]["heldout_upper"]
 
 
 def test_measurement_restores_train_and_eval_modes(model, tokenizer, corpora, make_args):
@@ -173,7 +253,13 @@ def test_heldout_slice_is_never_trained_on(model, tokenizer, corpora, make_args)
     [
         ("lambda_update_freq", 0),
         ("lambda_eta", 0.0),
-        ("lambda_ema", 1.0),
+        ("lambda_eta", float("nan")),
+        ("lambda_band", 0.0),
+        ("lambda_band", float("inf")),
+        ("lambda_step_max", -1.0),
+        ("lambda_max", 0.0),
+        ("lambda_max", -3.0),
+        ("lambda_max", float("inf")),
         ("heldout_batches", 0),
         ("heldout_fraction", 1.5),
         ("wilson_max_n", 0),

@@ -27,11 +27,16 @@ def test_demo_reaches_target_within_three_minutes(tmp_path):
     elapsed = time.time() - start
     assert done.returncode == 0, done.stderr[-3000:]
     assert elapsed < 180, f"demo took {elapsed:.0f}s"
-    assert "held-out forget mass on V_S" in done.stdout and "reached" in done.stdout
+    assert "held-out forget mass on V_S" in done.stdout
+    # the verdict line says "reached" only when the sequence-level upper bound is <= epsilon
+    assert "target pi_theta(S) <= 0.05: reached (upper bound" in done.stdout, done.stdout[-3000:]
+    assert "NOT reached" not in done.stdout
     metrics = json.loads((out / "metrics.json").read_text())
     held = metrics["heldout"]
-    assert held["updated_p_S"] <= 0.05 < held["base_p_S"]
-    assert held["perplexity_ratio"] <= 1.5
+    assert held["updated_p_S"] <= held["updated_p_S_upper"] <= 0.05 < held["base_p_S"]
+    assert held["target_achieved_upper"] is True
+    assert held["perplexity_ratio"] <= 1.10
+    assert metrics["data"]["controller_heldout_blocks"] == 32  # heldout_batches 4 x batch size 8
     for name in ("V_S.ids.json", "args.json", "adapter_model.safetensors", "demo_data/forget.txt"):
         assert (out / name).exists(), name
 
@@ -46,3 +51,24 @@ def test_demo_never_overwrites_a_previous_run(tmp_path, monkeypatch):
     assert argv[argv.index("--output_dir") + 1] == f"{DEFAULT_OUTPUT_DIR}-2"
     with pytest.raises(ValueError, match="overwrite_output_dir"):
         demo_argv(["--output_dir", DEFAULT_OUTPUT_DIR])
+
+
+def test_verdict_line_says_reached_only_under_the_upper_bound():
+    """What test_demo reads: a report whose point estimate is under epsilon but whose bound is not must not
+    print "reached" on its own."""
+    from etu_hf.auditing.report import AuditReport
+
+    fields = {f: None for f in AuditReport.__dataclass_fields__}
+    fields.update(epsilon=0.05, forget_positions=100, forget_sequences=10, updated_p_S=0.045)
+    report = AuditReport(
+        **{**fields, "target_achieved": True, "target_achieved_upper": False, "updated_p_S_upper": 0.06}
+    )
+    assert "NOT reached" in report.verdict() and ": reached" not in report.verdict()
+    report = AuditReport(
+        **{**fields, "target_achieved": True, "target_achieved_upper": True, "updated_p_S_upper": 0.049}
+    )
+    assert "0.05: reached (upper bound 0.0490)" in report.verdict()
+    report = AuditReport(
+        **{**fields, "target_achieved": False, "target_achieved_upper": False, "updated_p_S_upper": 0.2}
+    )
+    assert "NOT reached" in report.verdict()

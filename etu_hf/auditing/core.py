@@ -30,7 +30,7 @@ from etu_hf.auditing.report import (
     plot_activations,
     plot_histogram,
 )
-from etu_hf.bounds import bootstrap_ratio_interval, pinsker_slack, wilson_upper
+from etu_hf.bounds import bootstrap_ratio_interval, pinsker_slack, sequence_upper_bound, wilson_upper
 from etu_hf.data import iter_batches, tokenize_and_block
 from etu_hf.evaluation import evaluate_mass, evaluate_perplexity, tilt_statistic_sums, tilt_statistics
 from etu_hf.forbidden_set import ForbiddenSet, resolve_forbidden_set
@@ -244,7 +244,7 @@ def audit(
     if tilt.mode == "global" and tilt.global_lambda is None:  # not from a run: the closed form at the base mass
         lam0 = closed_form_lambda(base_mass.mean, epsilon, tilt.lambda_max, tilt.allow_negative)
         tilt = replace(tilt, global_lambda=float(lam0))
-    sums = tilt_statistic_sums(
+    sums, per_seq = tilt_statistic_sums(
         unwrap_model(model),
         base_dist,
         batches(forget, "audit: delta"),
@@ -253,7 +253,7 @@ def audit(
         chunk_size=chunk_size,
         use_hidden=use_hidden,
     )
-    stats = tilt_statistics(sums)
+    stats = tilt_statistics(sums, per_seq)
 
     ppl_base = ppl_updated = None
     if retain is not None:
@@ -262,6 +262,8 @@ def audit(
             ppl_base = evaluate_perplexity(bm, batches(retain, "audit: base perplexity"), chunk_size=chunk_size)
 
     n_wilson = min(updated.n_positions, wilson_max_n)
+    updated_bound = sequence_upper_bound(updated.sequence_sums, updated.sequence_counts, seed=seed)
+    base_bound = sequence_upper_bound(base_mass.sequence_sums, base_mass.sequence_counts, seed=seed)
     slack = pinsker_slack(stats.delta)
     activations = None
     if analyze_activations:
@@ -283,9 +285,12 @@ def audit(
         forget_positions=updated.n_positions,
         base_p_S=base_mass.mean,
         updated_p_S=updated.mean,
-        base_p_S_wilson_upper=wilson_upper(base_mass.mean, n_wilson),
-        updated_p_S_wilson_upper=wilson_upper(updated.mean, n_wilson),
-        wilson_n=n_wilson,
+        base_p_S_upper=base_bound.upper,
+        updated_p_S_upper=updated_bound.upper,
+        upper_bound=updated_bound.to_dict(),
+        base_p_S_token_wilson_upper=wilson_upper(base_mass.mean, n_wilson),
+        updated_p_S_token_wilson_upper=wilson_upper(updated.mean, n_wilson),
+        token_wilson_n=n_wilson,
         wilson_max_n=wilson_max_n,
         base_p_S_bootstrap_95=bootstrap_ratio_interval(
             base_mass.sequence_sums, base_mass.sequence_counts, bootstrap_samples, seed
@@ -307,7 +312,8 @@ def audit(
         updated_perplexity=ppl_updated.perplexity if ppl_updated else None,
         perplexity_ratio=ppl_updated.perplexity / ppl_base.perplexity if ppl_base else None,
         target_achieved=bool(updated.mean <= epsilon),
-        target_achieved_upper=bool(wilson_upper(updated.mean, n_wilson) <= epsilon),
+        target_achieved_upper=bool(updated_bound.upper <= epsilon),
+        clamped_share=stats.clamped_share,
         tilt={
             "mode": tilt.mode,
             "epsilon": tilt.epsilon,
@@ -315,6 +321,7 @@ def audit(
             "allow_negative": tilt.allow_negative,
             "global_lambda": tilt.global_lambda,
             "offset": tilt.offset,
+            "effective_epsilon": tilt.effective_epsilon if tilt.mode == "per_position" else None,
         },
         seconds=0.0,
         samples=samples,

@@ -11,6 +11,7 @@ from typing import Any
 from etu_hf.artifacts import ARGS_FILE, METRICS_FILE
 from etu_hf.auditing.core import DEFAULT_AUDIT_MAX_SEQUENCES
 from etu_hf.forbidden_set import FORBIDDEN_SET_FILE
+from etu_hf.tilt import DEFAULT_LAMBDA_MAX
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ class AuditArguments:
             "choices": ["per_position", "global", None],
         },
     )
-    lambda_max: float | None = field(default=None, metadata={"help": "Default: the run's, else 12.0."})
+    lambda_max: float | None = field(default=None, metadata={"help": f"Default: the run's, else {DEFAULT_LAMBDA_MAX}."})
     allow_negative_lambda: bool | None = field(default=None, metadata={"help": "Default: the run's, else false."})
     block_size: int = field(default=512, metadata={"help": "Tokens per block of held-out text (alias --max_length)."})
     batch_size: int = field(default=8, metadata={"help": "Sequences per forward pass."})
@@ -100,6 +101,16 @@ def read_run(folder: str | None) -> dict[str, Any]:
         if os.path.isfile(path):
             with open(path, encoding="utf-8") as f:
                 run[name] = json.load(f)
+    return run
+
+
+def read_run_of(args: AuditArguments) -> dict[str, Any]:
+    """The run whose settings the audit uses: ``--adapter`` when it is an ETU run folder, else the
+    folder of ``--forbidden`` when that is one (a merged model audited with its run's V_S.ids.json gets
+    that run's epsilon and tilt, offset included). Explicit flags still win."""
+    run = read_run(args.adapter)
+    if not run and args.forbidden:
+        run = read_run(os.path.dirname(os.path.abspath(args.forbidden)))
     return run
 
 
@@ -191,7 +202,7 @@ def resolve_settings(args: AuditArguments, run: dict[str, Any]) -> dict[str, Any
         "epsilon": pick(args.epsilon, "epsilon", 0.05),
         "forbidden": forbidden,
         "mode": mode,
-        "lambda_max": pick(args.lambda_max, "lambda_max", 12.0),
+        "lambda_max": pick(args.lambda_max, "lambda_max", DEFAULT_LAMBDA_MAX),
         "allow_negative": bool(pick(args.allow_negative_lambda, "allow_negative_lambda", False)),
         "global_lambda": lam.get("closed_form_global"),
         "offset": float(lam.get("offset") or 0.0),

@@ -11,7 +11,7 @@ from typing import Any
 from etu_hf.artifacts import load_pyplot, write_json
 
 REPORT_FORMAT = "etu-hf/suppression-report"
-REPORT_VERSION = 1
+REPORT_VERSION = 2
 REPORT_FILE = "suppression_report.json"
 MARKDOWN_FILE = "suppression_report.md"
 HISTOGRAM_FILE = "suppression_histogram.png"
@@ -21,8 +21,14 @@ ACTIVATIONS_FILE = "activation_stats.png"
 DEFINITIONS = {
     "positions": "scored positions: next-token predictions whose target is attended and not -100; padding never counts",
     "base_p_S / updated_p_S": "mean over held-out forget positions of the probability mass on V_S, base and unlearned",
-    "*_wilson_upper": "Wilson score 95% upper bound (z=1.959964) treating the mean mass as a proportion over "
-    "n = min(positions, wilson_max_n) positions; positions within a sequence are correlated, hence the cap",
+    "*_p_S_upper": "sequence-level upper confidence bound of the mean mass (nominal one-sided 98.75%, "
+    "stated 95%): the larger of a cluster-robust Wilson bound (effective n from the between-sequence variance, "
+    "Student quantile) and a studentised bootstrap over sequences; valid when positions within a sequence are "
+    "correlated (simulated coverage >= 95%, see docs/method.md); 1.0 with fewer than 8 sequences. The verdict",
+    "upper_bound": "the parts of updated_p_S_upper: cluster_wilson, bootstrap_t, n_effective, sequences, level",
+    "*_token_wilson_upper": "TOKEN-LEVEL Wilson score bound (z=1.959964) treating the mean mass as a proportion "
+    "over n = min(positions, wilson_max_n) independent positions; positions within a sequence are correlated, so "
+    "this undercovers: reported for comparison only, never used for a verdict",
     "*_bootstrap_95": "95% percentile bootstrap interval of the mean mass, resampling whole sequences "
     "(accounts for the within-sequence correlation)",
     "suppression_ratio": "updated_p_S / base_p_S",
@@ -36,7 +42,8 @@ DEFINITIONS = {
     "share_above_epsilon_*": "share of held-out forget positions whose mass on V_S exceeds epsilon",
     "*_perplexity": "exp(mean next-token NLL) over held-out retain positions; perplexity_ratio = updated / base",
     "target_achieved": "updated_p_S <= epsilon (point estimate)",
-    "target_achieved_upper": "updated_p_S_wilson_upper <= epsilon",
+    "target_achieved_upper": "updated_p_S_upper <= epsilon (the guarantee: sequence-level upper bound)",
+    "clamped_share": "share of held-out forget positions where a lambda clamp binds (the target misses epsilon)",
     "samples": "greedy continuations of a few held-out forget prompts, base and unlearned: an illustration only",
 }
 
@@ -58,9 +65,12 @@ class AuditReport:
     forget_positions: int
     base_p_S: float
     updated_p_S: float
-    base_p_S_wilson_upper: float
-    updated_p_S_wilson_upper: float
-    wilson_n: int
+    base_p_S_upper: float
+    updated_p_S_upper: float
+    upper_bound: dict[str, Any]
+    base_p_S_token_wilson_upper: float
+    updated_p_S_token_wilson_upper: float
+    token_wilson_n: int
     wilson_max_n: int
     base_p_S_bootstrap_95: tuple[float, float]
     updated_p_S_bootstrap_95: tuple[float, float]
@@ -79,6 +89,7 @@ class AuditReport:
     perplexity_ratio: float | None
     target_achieved: bool
     target_achieved_upper: bool
+    clamped_share: float
     tilt: dict[str, Any]
     seconds: float
     samples: list[dict[str, str]] = field(default_factory=list)
@@ -101,6 +112,11 @@ class AuditReport:
             data = json.load(f)
         if data.get("format") != REPORT_FORMAT:
             raise ValueError(f"{path} is not an etu-hf suppression report")
+        if data.get("version", 1) < REPORT_VERSION:
+            raise ValueError(
+                f"{path} is a version {data.get('version', 1)} report (its verdict used a token-level bound); "
+                "run `etu-hf audit` again to get a current one"
+            )
         known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in data.items() if k in known})
 
@@ -115,10 +131,16 @@ class AuditReport:
         return [
             ("held-out forget mass on V_S", f(self.base_p_S), f(self.updated_p_S), f"<= {self.epsilon}"),
             (
-                "  Wilson 95% upper bound",
-                f(self.base_p_S_wilson_upper),
-                f(self.updated_p_S_wilson_upper),
-                f"n = {self.wilson_n}",
+                "  upper bound (sequences)",
+                f(self.base_p_S_upper),
+                f(self.updated_p_S_upper),
+                f"{self.forget_sequences} sequences; the verdict",
+            ),
+            (
+                "  token-level Wilson upper",
+                f(self.base_p_S_token_wilson_upper),
+                f(self.updated_p_S_token_wilson_upper),
+                "positions as independent: undercovers",
             ),
             ("  bootstrap 95% (sequences)", ci(self.base_p_S_bootstrap_95), ci(self.updated_p_S_bootstrap_95), ""),
             (
@@ -147,12 +169,17 @@ class AuditReport:
         return "\n".join(lines)
 
     def verdict(self) -> str:
-        point = "reached" if self.target_achieved else "NOT reached"
-        upper = "also" if self.target_achieved_upper else "not"
-        return (
-            f"target pi_theta(S) <= {self.epsilon}: {point} (point estimate); {upper} under the Wilson upper bound "
-            f"({self.forget_positions} positions in {self.forget_sequences} held-out sequences)"
-        )
+        """One line: "reached" only when the sequence-level upper bound is at most epsilon."""
+        if self.target_achieved_upper:
+            head = f"target pi_theta(S) <= {self.epsilon}: reached (upper bound {self.updated_p_S_upper:.4f})"
+        elif self.target_achieved:
+            head = (
+                f"target pi_theta(S) <= {self.epsilon}: NOT reached: the point estimate {self.updated_p_S:.4f} is "
+                f"below epsilon but its upper bound {self.updated_p_S_upper:.4f} is not"
+            )
+        else:
+            head = f"target pi_theta(S) <= {self.epsilon}: NOT reached (point estimate {self.updated_p_S:.4f})"
+        return f"{head}; {self.forget_positions} positions in {self.forget_sequences} held-out sequences"
 
     def to_markdown(self) -> str:
         lines = [

@@ -27,6 +27,7 @@ from etu_hf.artifacts import ARGS_FILE, METRICS_FILE, atomic_write, write_json
 from etu_hf.auditing.core import DEFAULT_AUDIT_MAX_SEQUENCES
 from etu_hf.forbidden_set import FORBIDDEN_SET_FILE
 from etu_hf.run_folder import RunFolder, check_output_dir, resolve_resume_checkpoint
+from etu_hf.tilt import DEFAULT_LAMBDA_MAX
 
 logger = logging.getLogger(__name__)
 
@@ -221,7 +222,7 @@ def run_refine(args: RefineArguments, config: Any) -> Any:
         tilt = TiltSpec(
             epsilon=epsilon,
             mode=run_args.get("lambda_mode", "per_position"),
-            lambda_max=run_args.get("lambda_max", 12.0),
+            lambda_max=run_args.get("lambda_max", DEFAULT_LAMBDA_MAX),
             allow_negative=bool(run_args.get("allow_negative_lambda", False)),
             global_lambda=lam.get("closed_form_global"),
             offset=float(lam.get("offset") or 0.0),
