@@ -61,6 +61,12 @@ def _module_suffixes(model: nn.Module) -> set[str]:
     return {name.split(".")[-1] for name, _ in model.named_modules() if name}
 
 
+def _all_linear_names(model: nn.Module) -> list[str]:
+    """What PEFT's ``"all-linear"`` selects: the names of the linear layers, without the output head."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return sorted({n.split(".")[-1] for n, m in model.named_modules() if _is_linear(m) and m is not head})
+
+
 def lora_config(
     model: nn.Module,
     *,
@@ -83,6 +89,8 @@ def lora_config(
     targets: str | list[str] = target_modules
     if target_modules != "all-linear":
         targets = [t.strip() for t in target_modules.split(",") if t.strip()]
+        if "all-linear" in targets:  # e.g. "all-linear,lm_head": PEFT's all-linear set plus the named modules
+            targets = sorted(set(_all_linear_names(model)) | {t for t in targets if t != "all-linear"})
         missing = [t for t in targets if t not in _module_suffixes(model)]
         if missing or not targets:
             linear = sorted({n.split(".")[-1] for n, m in model.named_modules() if _is_linear(m)})

@@ -9,7 +9,11 @@ Python.
   function-like tokens), keep the ``vocab_top_k`` most frequent of the rest.
 - PMI: :math:`\mathrm{score}(t) = \log\frac{c_f + a}{N_f + a|V|} - \log\frac{c_r + a}{N_r + a|V|}`
   (background :math:`1/|V|` without retain data); keep :math:`c_f \ge` ``pmi_min_count`` and
-  score > 0, then the ``pmi_top_k`` best.
+  score > ``pmi_min_score``, then the ``pmi_top_k`` best. The default ``pmi_min_score = 1`` asks
+  a token to be at least :math:`e \approx 2.7` times as frequent in the forget text as in the
+  retain text: on real text a threshold of 0 admits function words and single letters that are
+  only slightly more common in the forget text ("of", "e", "may"), whose suppression then costs
+  retain quality (measured in BENCHMARKS.md).
 - Both drop special tokens and pieces with no letter at all (whitespace-, punctuation- or digit-only
   pieces, for byte-level BPE ``Ġ`` and SentencePiece ``▁`` tokenizers alike).
 - Span masking: for every word of the forget data that the tokenizer splits into 2 to
@@ -285,10 +289,16 @@ def pmi_scores(forget_counts: np.ndarray, retain_counts: np.ndarray | None, smoo
 
 
 def pmi_selection(
-    scores: np.ndarray, forget_counts: np.ndarray, allowed: np.ndarray, pmi_min_count: int, pmi_top_k: int
+    scores: np.ndarray,
+    forget_counts: np.ndarray,
+    allowed: np.ndarray,
+    pmi_min_count: int,
+    pmi_top_k: int,
+    pmi_min_score: float = 0.0,
 ) -> np.ndarray:
-    """Ids with ``c_f >= pmi_min_count`` and score > 0, the ``pmi_top_k`` highest scores (ties: count, id)."""
-    keep = np.flatnonzero((forget_counts >= max(pmi_min_count, 1)) & (scores > 0) & allowed)
+    """Ids with ``c_f >= pmi_min_count`` and score > ``pmi_min_score``, the ``pmi_top_k`` highest scores
+    (ties: count, id)."""
+    keep = np.flatnonzero((forget_counts >= max(pmi_min_count, 1)) & (scores > pmi_min_score) & allowed)
     order = np.lexsort((keep, -forget_counts[keep], -scores[keep]))
     return np.sort(keep[order][:pmi_top_k])
 
@@ -309,6 +319,7 @@ def build_forbidden_set(
     pmi_top_k: int = 2000,
     pmi_min_count: int = 20,
     pmi_smoothing: float = 1.0,
+    pmi_min_score: float = 1.0,
     span_masking: bool = False,
     span_ngram_max: int = 3,
 ) -> ForbiddenSet:
@@ -357,15 +368,17 @@ def build_forbidden_set(
         params = {"vs_freq_rate": vs_freq_rate, "vs_abs_cap": vs_abs_cap, "vocab_top_k": vocab_top_k}
     else:
         scores = pmi_scores(fc.counts, retain_counts, pmi_smoothing)
-        ids = pmi_selection(scores, fc.counts, allowed, pmi_min_count, pmi_top_k)
+        ids = pmi_selection(scores, fc.counts, allowed, pmi_min_count, pmi_top_k, pmi_min_score)
         hint = (
-            "lower --pmi_min_count (tokens must occur that often in the forget data), raise --pmi_top_k, "
+            "lower --pmi_min_count (tokens must occur that often in the forget data), lower --pmi_min_score, "
+            "raise --pmi_top_k, "
             "give more forget data or retain data that differs from it, or use --vs_method frequency"
         )
         params = {
             "pmi_top_k": pmi_top_k,
             "pmi_min_count": pmi_min_count,
             "pmi_smoothing": pmi_smoothing,
+            "pmi_min_score": pmi_min_score,
             "background": "retain" if rc is not None else "uniform",
         }
     if len(ids) == 0:

@@ -51,7 +51,7 @@ def test_pmi_rule_matches_formula():
     retain = [rng.integers(10, 40, size=50) for _ in range(20)]
     a = 1.0
     fs = build_forbidden_set(
-        forget, retain, vocab_size=40, method="pmi", pmi_min_count=3, pmi_top_k=100, pmi_smoothing=a
+        forget, retain, vocab_size=40, method="pmi", pmi_min_count=3, pmi_top_k=100, pmi_smoothing=a, pmi_min_score=0
     )
     cf = Counter(int(t) for s in forget for t in s[1:])
     cr = Counter(int(t) for s in retain for t in s[1:])
@@ -64,14 +64,18 @@ def test_pmi_rule_matches_formula():
     assert fs.ids == expected
     for t, s in zip(fs.ids, fs.scores, strict=True):
         assert s == pytest.approx(score(t), rel=1e-12)
+    # the minimum score (default 1 nat: at least e times as frequent in forget as in retain text)
+    strict = build_forbidden_set(forget, retain, vocab_size=40, pmi_min_count=3, pmi_top_k=100)
+    assert strict.ids == sorted(t for t in expected if score(t) > 1.0) and strict.parameters["pmi_min_score"] == 1.0
+    assert 0 < len(strict) < len(fs)
     # uniform background without retain data: score = log((c+a)/(N+a|V|)) + log|V|
     with pytest.warns(UserWarning, match="uniform background"):
-        fs_u = build_forbidden_set(forget, vocab_size=40, pmi_min_count=1)
+        fs_u = build_forbidden_set(forget, vocab_size=40, pmi_min_count=1, pmi_min_score=0)
     s_u = pmi_scores(np.bincount([t for s in forget for t in s[1:]], minlength=40), None, 1.0)
     assert s_u[5] == pytest.approx(math.log((cf[5] + 1) / (nf + 40)) + math.log(40))
     assert fs_u.parameters["background"] == "uniform"
     # top-k keeps the best scores
-    best = build_forbidden_set(forget, retain, vocab_size=40, pmi_min_count=3, pmi_top_k=4)
+    best = build_forbidden_set(forget, retain, vocab_size=40, pmi_min_count=3, pmi_top_k=4, pmi_min_score=0)
     assert sorted(best.ids) == sorted(sorted(expected, key=lambda t: -score(t))[:4])
 
 
