@@ -111,9 +111,15 @@ def _setup_logging(progress: bool = True, verbose: bool = False) -> None:
 
 def parse_unlearn_args(argv: Sequence[str]):
     """Parse ``etu-hf unlearn`` flags into ``(ModelArguments, DataArguments, ETUTrainingArguments)``."""
+    from etu_hf.pipeline import ADAPTER_LEARNING_RATE
+
     parser = _parser()
     parser.prog = "etu-hf unlearn"
-    return parser.parse_args_into_dataclasses(args=rewrite_aliases(argv))
+    argv = rewrite_aliases(argv)
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    if model_args.adapter and not any(a == "--learning_rate" or a.startswith("--learning_rate=") for a in argv):
+        training_args.learning_rate = ADAPTER_LEARNING_RATE  # an adapter's default, not full fine-tuning's 5e-5
+    return model_args, data_args, training_args
 
 
 def _run(model_args, data_args, training_args) -> int:

@@ -100,6 +100,9 @@ class ETUTrainingArguments(SecretFreeArguments, TrainingArguments):
         use_upper_for_lambda (`bool`, *optional*, defaults to `True`):
             Decide on the sequence-level upper bound `U` of the held-out mass (the guarantee) instead of
             its point estimate.
+        stop_when_certified (`int`, *optional*, defaults to `0`):
+            Stop training once this many consecutive controller updates found the held-out upper bound
+            at most `epsilon` (0: train the whole budget). Fewer steps, less drift on retain text.
         wilson_max_n (`int`, *optional*, defaults to `2048`):
             Cap on `n` of the token-level Wilson figure reported by the audit (labelled as such; it
             treats correlated positions as independent and is never used for a verdict).
@@ -204,6 +207,13 @@ class ETUTrainingArguments(SecretFreeArguments, TrainingArguments):
     use_upper_for_lambda: bool = field(
         default=True, metadata={"help": "Decide on the sequence-level upper bound of the held-out mass."}
     )
+    stop_when_certified: int = field(
+        default=0,
+        metadata={
+            "help": "Stop training after this many consecutive controller updates whose held-out upper bound is "
+            "<= epsilon (0: train the whole budget)."
+        },
+    )
     wilson_max_n: int = field(default=2048, metadata={"help": "Cap on n of the audit's token-level Wilson figure."})
     heldout_batches: int = field(
         default=4, metadata={"help": "Training batches of forget data held out for the controller."}
@@ -293,6 +303,8 @@ class ETUTrainingArguments(SecretFreeArguments, TrainingArguments):
             fail("lambda_step_max", "must be finite and > 0, e.g. 2.0")
         if self.wilson_max_n < 1:
             fail("wilson_max_n", "must be >= 1")
+        if self.stop_when_certified < 0:
+            fail("stop_when_certified", "must be >= 0 (0: never stop early)")
         if self.heldout_batches < 1:
             fail("heldout_batches", "must be >= 1")
         if self.preference_weight < 0:

@@ -79,6 +79,7 @@ class ControllerSettings:
     band: float = 0.5
     step_max: float = 2.0
     use_upper: bool = True
+    stop_when_certified: int = 0
 
     def __post_init__(self) -> None:
         checks = {
@@ -87,6 +88,7 @@ class ControllerSettings:
             "lambda_band (band)": math.isfinite(self.band) and self.band > 0,
             "lambda_step_max (step_max)": math.isfinite(self.step_max) and self.step_max > 0,
             "epsilon": 0.0 < self.epsilon < 1.0,
+            "stop_when_certified": self.stop_when_certified >= 0,
         }
         for name, ok in checks.items():
             if not ok:
@@ -180,6 +182,7 @@ class AdaptiveLambdaCallback(TrainerCallback):
         "band": "lambda_band",
         "step_max": "lambda_step_max",
         "use_upper": "use_upper_for_lambda",
+        "stop_when_certified": "stop_when_certified",
     }
 
     def __init__(
@@ -189,6 +192,7 @@ class AdaptiveLambdaCallback(TrainerCallback):
         band: float | None = None,
         step_max: float | None = None,
         use_upper: bool | None = None,
+        stop_when_certified: int | None = None,
     ):
         self.overrides = {k: v for k, v in locals().items() if k in self._ARG_NAMES and v is not None}
         # Validate the overrides now (epsilon is checked again at binding).
@@ -256,6 +260,25 @@ class AdaptiveLambdaCallback(TrainerCallback):
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if state.global_step > 0 and state.global_step % self.settings.update_freq == 0:
             self.update(state.global_step)
+            n = self.settings.stop_when_certified
+            if n and self.certified_streak() >= n:
+                logger.info(
+                    "[lambda-update] step %d: the held-out upper bound has been <= epsilon for %d updates in a row: "
+                    "training stops (--stop_when_certified %d)",
+                    state.global_step,
+                    n,
+                    n,
+                )
+                control.should_training_stop = True
+
+    def certified_streak(self) -> int:
+        """Consecutive updates, up to the last, whose held-out upper bound was <= epsilon."""
+        k = 0
+        for rec in reversed(self.state.history):
+            if not (rec["heldout_upper"] <= self.settings.epsilon):
+                break
+            k += 1
+        return k
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if args.should_save:

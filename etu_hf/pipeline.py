@@ -23,6 +23,10 @@ from etu_hf.run_folder import RunFolder, check_output_dir, resolve_resume_checkp
 
 logger = logging.getLogger(__name__)
 
+#: ``etu-hf unlearn``'s learning rate when an adapter is trained and --learning_rate is not given
+#: (transformers' default, 5e-5, is a full fine-tuning rate; LoRA needs a larger one).
+ADAPTER_LEARNING_RATE = 1e-3
+
 DEMO_MODEL_DIR = os.path.join(os.path.dirname(__file__), "demo", "assets", "tiny-llama")
 
 
@@ -44,7 +48,11 @@ class ModelArguments:
     lora_alpha: int = field(default=512, metadata={"help": "LoRA scaling alpha."})
     lora_dropout: float = field(default=0.1, metadata={"help": "LoRA dropout."})
     lora_target_modules: str = field(
-        default="all-linear", metadata={"help": "Comma-separated module names, or 'all-linear'."}
+        default="all-linear,lm_head",
+        metadata={
+            "help": "Comma-separated module names; 'all-linear' is PEFT's set (every linear layer but the output "
+            "head). The default adds the head, which the tilt needs to be fit (docs/method.md)."
+        },
     )
     use_dora: bool = field(default=False, metadata={"help": "DoRA (weight-decomposed LoRA); implies --use_lora."})
     use_qlora: bool = field(

@@ -299,6 +299,14 @@ class ETUTrainer(Trainer):
             )
         elif is_peft_model(self.model):
             self.base = AdapterDisabledBase(self.model)
+            if not _output_head_trainable(unwrap_model(self.model)):
+                logger.warning(
+                    "the adapter leaves the output head (%s) frozen: the tilted target lowers the logits of V_S by a "
+                    "context-dependent amount, which adapters on the transformer layers alone generally cannot fit "
+                    "(held-out mass then stays above epsilon). Add it to the LoRA target_modules (e.g. "
+                    "target_modules=['q_proj', ..., 'lm_head'], or --lora_target_modules all-linear,lm_head).",
+                    _output_head_name(unwrap_model(self.model)),
+                )
         else:
             from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
@@ -990,6 +998,19 @@ class ETUTrainer(Trainer):
         tags = [tags] if isinstance(tags, str) else list(tags)
         kwargs["tags"] = tags + [t for t in self._tag_names if t not in tags]
         return super().create_model_card(*args, **kwargs)
+
+
+def _output_head_name(model: nn.Module) -> str:
+    head = model.get_output_embeddings()
+    return next((name.split(".")[-1] for name, m in model.named_modules() if m is head), "lm_head")
+
+
+def _output_head_trainable(model: nn.Module) -> bool:
+    """True when some parameter of the output head module (LoRA factors, modules_to_save, ...) is trained."""
+    head = model.get_output_embeddings()
+    if head is None:
+        return True  # nothing to say about a model without one
+    return any(p.requires_grad for p in head.parameters())
 
 
 def _output_head_adapted_without_resize(model: nn.Module) -> bool:

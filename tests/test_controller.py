@@ -379,3 +379,24 @@ def controller_heldout_positions():
         int(scored_positions(b["input_ids"], b["attention_mask"], b["labels"])[0].sum())
         for b in iter_batches(held, None, 4)
     )
+
+
+def test_stop_when_certified_stops_after_n_certified_updates_in_a_row():
+    from transformers import TrainerControl, TrainerState
+
+    cb = AdaptiveLambdaCallback(update_freq=5, stop_when_certified=2)
+    cb.settings = ControllerSettings(epsilon=0.05, update_freq=5, stop_when_certified=2)
+    uppers = iter([0.08, 0.04, 0.06, 0.045, 0.03])
+    cb.update = lambda step: cb.state.history.append({"step": step, "heldout_upper": next(uppers)})
+    state, control = TrainerState(), TrainerControl()
+    stopped_at = None
+    for step in range(1, 26):
+        state.global_step = step
+        cb.on_step_end(None, state, control)
+        if control.should_training_stop:
+            stopped_at = step
+            break
+    assert stopped_at == 25  # 0.045 then 0.03: two in a row (0.04 alone was not enough)
+    assert cb.certified_streak() == 2
+    with pytest.raises(ValueError, match="stop_when_certified"):
+        AdaptiveLambdaCallback(stop_when_certified=-1)

@@ -422,3 +422,46 @@ def test_mass_estimator_matches_direct_computation(model, tokenizer, corpora, ma
     ppl = evaluate_perplexity(model, iter_batches(data, None, 2), chunk_size=10)
     nll = torch.nn.functional.cross_entropy(logits[:, :-1][mask], batch["labels"][:, 1:][mask])
     assert ppl.perplexity == pytest.approx(float(torch.exp(nll)), rel=1e-5)
+
+
+def test_adapter_on_the_output_head_is_saved_without_a_copy_of_the_head(model, tokenizer, corpora, make_args):
+    """PEFT's save_embedding_layers='auto' would store the base head (|V| x hidden) in the adapter; the trainer
+    saves only the LoRA factors, and the reloaded adapter gives the same logits."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from etu_hf.pipeline import DEMO_MODEL_DIR
+
+    trainer = ETUTrainer(
+        model=model,
+        args=make_args(max_steps=2, adaptive_lambda=False),
+        train_dataset=corpora["forget"],
+        processing_class=tokenizer,
+        peft_config=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "lm_head"]),
+    )
+    trainer.train()
+    trainer.save_model()
+    out = trainer.args.output_dir
+    keys = set(load_file(os.path.join(out, "adapter_model.safetensors")))
+    assert any("lm_head.lora_A" in k for k in keys)
+    assert not [k for k in keys if "lora_" not in k]  # no base weights (no lm_head.weight, no embed_tokens)
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(DEMO_MODEL_DIR), out).eval()
+    batch = next(iter_batches(corpora["forget_heldout"], None, 2))
+    trainer.model.eval()
+    with torch.no_grad():
+        a = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        b = reloaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(a, b)
+
+
+def test_adapter_that_leaves_the_head_frozen_is_warned_about(model, tokenizer, corpora, make_args, caplog):
+    with caplog.at_level("WARNING", logger="etu_hf.trainer"):
+        ETUTrainer(
+            model=model,
+            args=make_args(max_steps=1),
+            train_dataset=corpora["forget"],
+            processing_class=tokenizer,
+            peft_config=LoraConfig(r=4, target_modules="all-linear"),
+        )
+    assert "leaves the output head (lm_head) frozen" in caplog.text
