@@ -406,15 +406,18 @@ class AdaptiveLambdaCallback(TrainerCallback):
         ax_l.legend(loc="best")
         ax_m.plot(steps, [r["heldout_mass"] for r in rec], marker="o", label="held-out mass on V_S")
         ax_m.plot(steps, [r["heldout_upper"] for r in rec], marker="^", linestyle="--", label="upper bound U")
-        if self.trainer.args.lambda_mode == "per_position":
+        ax_m.axhline(eps, color="red", label=f"epsilon = {eps}")
+        if self.trainer.args.lambda_mode == "per_position":  # drawn over epsilon, which it equals at offset 0
             ax_m.plot(
                 steps,
                 [r["effective_epsilon_measured"] for r in rec],
                 drawstyle="steps-post",
                 linestyle=":",
+                linewidth=2,
+                color="black",
+                zorder=3,
                 label="per-context target eps' while measured",
             )
-        ax_m.axhline(eps, color="red", label=f"epsilon = {eps}")
         ax_m.set_xlabel("optimiser step")
         ax_m.set_ylabel("mass")
         finite = [

@@ -46,3 +46,44 @@ def lora_trainer(model, tokenizer, corpora, args, **kwargs):
         peft_config=LoraConfig(**LORA),
         **kwargs,
     )
+
+
+def cli_flags(tmp_path, forget, retain, *extra, steps=2):
+    """`etu-hf unlearn` flags for a tiny CPU run of the demo model on the given corpora (``extra`` last)."""
+    from etu_hf.pipeline import DEMO_MODEL_DIR
+
+    return [
+        "--model_name_or_path",
+        DEMO_MODEL_DIR,
+        "--forget_corpora",
+        forget,
+        "--retain_corpora",
+        retain,
+        "--output_dir",
+        str(tmp_path / "run"),
+        "--max_steps",
+        str(steps),
+        "--batch_size",
+        "4",
+        "--max_length",
+        "64",
+        *extra,
+    ]
+
+
+def make_read_only(path, monkeypatch):
+    """chmod 555 ``path``; as root (which ignores permission bits) make etu-hf's write probe there fail as
+    a read-only mount would."""
+    import os
+    import tempfile
+
+    path.chmod(0o555)
+    if os.access(path, os.W_OK):
+        real = tempfile.mkstemp
+
+        def refuse(*args, dir=None, **kwargs):
+            if dir is not None and os.path.realpath(dir) == os.path.realpath(path):
+                raise PermissionError(13, "Permission denied")
+            return real(*args, dir=dir, **kwargs)
+
+        monkeypatch.setattr("etu_hf.run_folder.tempfile.mkstemp", refuse)

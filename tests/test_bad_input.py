@@ -10,6 +10,7 @@ import warnings
 
 import datasets
 import pytest
+from helpers import cli_flags, make_read_only
 
 from etu_hf import ETUTrainer, ETUTrainingArguments
 from etu_hf.auditing import audit
@@ -26,28 +27,7 @@ def corpora(tmp_path):
 
 
 def flags(tmp_path, forget, retain, *extra):
-    return [
-        "--model_name_or_path",
-        DEMO_MODEL_DIR,
-        "--forget_corpora",
-        forget,
-        "--retain_corpora",
-        retain,
-        "--output_dir",
-        str(tmp_path / "run"),
-        "--max_steps",
-        "2",
-        "--batch_size",
-        "4",
-        "--max_length",
-        "64",
-        "--use_cpu",
-        "--report_to",
-        "none",
-        "--disable_tqdm",
-        "true",
-        *extra,
-    ]
+    return cli_flags(tmp_path, forget, retain, "--use_cpu", "--report_to", "none", "--disable_tqdm", "true", *extra)
 
 
 def refused(capsys, argv, message):
@@ -137,18 +117,7 @@ def test_output_dir_that_is_a_file(tmp_path, corpora, capsys, no_model_load):
 def test_read_only_output_dir_is_refused_before_the_model_loads(tmp_path, corpora, capsys, no_model_load, monkeypatch):
     ro = tmp_path / "run"
     ro.mkdir()
-    ro.chmod(0o555)
-    if os.access(ro, os.W_OK):  # running as root: simulate the read-only mount
-        import tempfile
-
-        real = tempfile.mkstemp
-
-        def refuse(*args, dir=None, **kwargs):
-            if dir is not None and os.path.realpath(dir) == os.path.realpath(ro):
-                raise PermissionError(13, "Permission denied")
-            return real(*args, dir=dir, **kwargs)
-
-        monkeypatch.setattr("etu_hf.run_folder.tempfile.mkstemp", refuse)
+    make_read_only(ro, monkeypatch)
     refused(capsys, ["unlearn", *flags(tmp_path, *corpora)], "is not writable: Permission denied")
     ro.chmod(0o755)
     assert os.listdir(ro) == []

@@ -6,10 +6,10 @@ import subprocess
 import sys
 
 import pytest
+from helpers import cli_flags
 
 from etu_hf.cli import main, rewrite_aliases
 from etu_hf.demo.run import write_demo_corpora
-from etu_hf.pipeline import DEMO_MODEL_DIR
 
 TOKEN = "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123"
 
@@ -27,21 +27,10 @@ def files(tmp_path):
 
 
 def base_flags(tmp_path, forget, retain):
-    return [
-        "--model_name_or_path",
-        DEMO_MODEL_DIR,
-        "--forget_corpora",
+    return cli_flags(
+        tmp_path,
         forget,
-        "--retain_corpora",
         retain,
-        "--output_dir",
-        str(tmp_path / "run"),
-        "--max_steps",
-        "4",
-        "--batch_size",
-        "4",
-        "--max_length",
-        "64",
         "--log_every",
         "2",
         "--use_lora",
@@ -64,7 +53,8 @@ def base_flags(tmp_path, forget, retain):
         "true",
         "--dataloader_pin_memory",
         "false",
-    ]
+        steps=4,
+    )
 
 
 def test_unlearn_on_local_files_writes_the_three_artifacts(tmp_path, files, capsys, check_metrics_schema):

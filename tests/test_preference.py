@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 
 import datasets
 import pytest
@@ -292,6 +293,15 @@ def test_refine_bad_input(trained, tmp_path, capsys):
         == 2
     )
     assert "--chosen retain needs --retain_corpora" in capsys.readouterr().err
+    # an adapter on the output head (etu-hf unlearn's default) cannot go through TRL's DPOTrainer
+    with_head = tmp_path / "with_head"
+    shutil.copytree(adapter, with_head)
+    config = json.loads((with_head / "adapter_config.json").read_text())
+    config["target_modules"] = [*config["target_modules"], "lm_head"]
+    (with_head / "adapter_config.json").write_text(json.dumps(config))
+    assert main(["refine", "--method", "dpo", "--bf16", "false", "--adapter", str(with_head), *common]) == 2
+    err = capsys.readouterr().err
+    assert "adapts the output head (lm_head)" in err and "--method npo" in err
     assert not (tmp_path / "x").exists()
 
 

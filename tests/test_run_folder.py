@@ -8,6 +8,7 @@ import zipfile
 
 import pytest
 import torch
+from helpers import make_read_only
 from safetensors.torch import save_file
 
 from etu_hf.artifacts import atomic_write, safetensors_problem, write_json
@@ -174,18 +175,7 @@ def test_output_dir_that_is_a_file_or_not_writable(tmp_path, monkeypatch):
         check_output_dir(str(a_file / "sub"), False)
     ro = tmp_path / "ro"
     ro.mkdir()
-    ro.chmod(0o555)
-    if os.access(ro, os.W_OK):  # root ignores permission bits: make the write fail as a read-only mount would
-        import tempfile
-
-        real = tempfile.mkstemp
-
-        def refuse(*args, dir=None, **kwargs):
-            if dir is not None and os.path.realpath(dir) == os.path.realpath(ro):
-                raise PermissionError(13, "Permission denied")
-            return real(*args, dir=dir, **kwargs)
-
-        monkeypatch.setattr("etu_hf.run_folder.tempfile.mkstemp", refuse)
+    make_read_only(ro, monkeypatch)
     with pytest.raises(ValueError, match=r"--output_dir .*ro' is not writable: Permission denied"):
         check_output_dir(str(ro), False)
     with pytest.raises(ValueError, match=r"ro/new' is not writable \(its parent"):
@@ -244,6 +234,8 @@ def test_no_command_writes_a_secret(tmp_path, monkeypatch, capfd):
             "--output_dir",
             str(run),
             "--use_lora",
+            "--lora_target_modules",
+            "all-linear",  # the DPO stage below (TRL) cannot take an adapter on the output head
             "--lora_r",
             "4",
             "--max_length",

@@ -290,23 +290,14 @@ def sha256_texts(texts: list[str]) -> str:
 # Tokenizer, blocks, model
 # ---------------------------------------------------------------------------------------------
 def train_tokenizer(texts: list[str], vocab_size: int):
-    """Byte-level BPE (as etu_hf/demo/pretrain.py), wrapped as a transformers fast tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    """The demo's byte-level BPE tokenizer trainer (etu_hf.demo.pretrain), same special tokens."""
+    from etu_hf.demo.pretrain import EOS_TOKEN as DEMO_EOS
+    from etu_hf.demo.pretrain import PAD_TOKEN as DEMO_PAD
+    from etu_hf.demo.pretrain import train_tokenizer as demo_train_tokenizer
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[EOS_TOKEN, PAD_TOKEN],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN, pad_token=PAD_TOKEN, model_max_length=512
-    )
+    if (DEMO_EOS, DEMO_PAD) != (EOS_TOKEN, PAD_TOKEN):  # the model config written below relies on these
+        raise RuntimeError(f"special tokens differ from etu_hf.demo.pretrain: {(DEMO_EOS, DEMO_PAD)}")
+    return demo_train_tokenizer(texts, vocab_size)
 
 
 def token_stream(texts: list[str], tokenizer) -> list[int]:

@@ -128,6 +128,16 @@ def build_dpo_trainer(base_model: Any, adapter: str, config: Any, dataset: Any, 
 
     peft_config = PeftConfig.from_pretrained(adapter)
     peft_config.inference_mode = False
+    head = base_model.get_output_embeddings()
+    head_name = next((n.split(".")[-1] for n, m in base_model.named_modules() if m is head), "lm_head")
+    targets = peft_config.target_modules or []
+    if head_name in ({targets} if isinstance(targets, str) else set(targets)):
+        raise ValueError(
+            f"--method dpo: the adapter {adapter!r} adapts the output head ({head_name}), and TRL's DPOTrainer "
+            f"computes log-probabilities from {head_name}.weight directly, so it cannot train or apply that part. "
+            "Use --method npo or --method simnpo (etu-hf's trainer, which supports it), or unlearn with "
+            "--lora_target_modules all-linear for a DPO stage (the ETU fit is then weaker: docs/method.md)."
+        )
     trainer = DPOTrainer(
         model=base_model, args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config
     )
