@@ -5,7 +5,7 @@ logits, so that no ``[B, T, |V|]`` tensor is ever built. :class:`HeadInputCaptur
 input during an ordinary forward through the (possibly DDP/DeepSpeed-wrapped) model and, with
 ``truncate=True``, hands the head an empty slice so that the model computes no logits at all.
 
-The base distribution pi_b (ETU_SPEC.md, section 4) comes from :class:`AdapterDisabledBase` for PEFT
+The base distribution pi_b (docs/method.md, "The loss") comes from :class:`AdapterDisabledBase` for PEFT
 models (the same model under ``disable_adapter()``, no second copy) or :class:`FrozenCopyBase` (a
 frozen copy, optionally kept on CPU, or a user-given reference model).
 """
@@ -75,6 +75,12 @@ def check_causal_lm(model: nn.Module) -> None:
 def output_head(model: nn.Module) -> nn.Module:
     """The module that maps final hidden states to logits (``lm_head``; a PEFT wrapper if adapted)."""
     return causal_lm_of(model).get_output_embeddings()
+
+
+def output_head_name(model: nn.Module) -> str:
+    """The attribute name of the output head (``lm_head`` for most causal LMs)."""
+    head = output_head(model)
+    return next((n.split(".")[-1] for n, m in causal_lm_of(model).named_modules() if m is head), "lm_head")
 
 
 def base_head_module(head: nn.Module) -> nn.Module:

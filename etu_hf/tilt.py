@@ -1,6 +1,6 @@
 r"""The exponential tilt: closed-form lambda and the tilted target distribution.
 
-Pure tensor maths, no transformers import. Notation (see ETU_SPEC.md, section 2): ``S`` is the
+Pure tensor maths, no transformers import. Notation (see docs/method.md): ``S`` is the
 forbidden token set V_S, ``pi_b`` the base model, ``p(x) = sum_{y in S} pi_b(y|x)`` the base mass on
 ``S`` at context ``x``. The problem
 

@@ -1,7 +1,7 @@
 r"""``ETUTrainer``: a drop-in ``transformers.Trainer`` that trains toward the exponential tilt.
 
 Swap ``Trainer``/``TrainingArguments`` for ``ETUTrainer``/``ETUTrainingArguments``; the
-``train_dataset`` is then the forget data. The objective (ETU_SPEC.md, section 3) is
+``train_dataset`` is then the forget data. The objective (docs/method.md, "The loss") is
 
 .. math::
     L = \frac{1}{N_f}\sum_{i \in \text{forget}} KL\big(q_{\lambda_i}(\cdot|x_i) \,\|\, \pi_\theta(\cdot|x_i)\big)
@@ -56,6 +56,7 @@ from etu_hf.modeling import (
     head_matches_logits,
     is_peft_model,
     output_head,
+    output_head_name,
     output_vocab_size,
     unwrap_model,
 )
@@ -305,7 +306,7 @@ class ETUTrainer(Trainer):
                     "context-dependent amount, which adapters on the transformer layers alone generally cannot fit "
                     "(held-out mass then stays above epsilon). Add it to the LoRA target_modules (e.g. "
                     "target_modules=['q_proj', ..., 'lm_head'], or --lora_target_modules all-linear,lm_head).",
-                    _output_head_name(unwrap_model(self.model)),
+                    output_head_name(unwrap_model(self.model)),
                 )
         else:
             from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
@@ -998,11 +999,6 @@ class ETUTrainer(Trainer):
         tags = [tags] if isinstance(tags, str) else list(tags)
         kwargs["tags"] = tags + [t for t in self._tag_names if t not in tags]
         return super().create_model_card(*args, **kwargs)
-
-
-def _output_head_name(model: nn.Module) -> str:
-    head = model.get_output_embeddings()
-    return next((name.split(".")[-1] for name, m in model.named_modules() if m is head), "lm_head")
 
 
 def _output_head_trainable(model: nn.Module) -> bool:

@@ -128,8 +128,9 @@ def build_dpo_trainer(base_model: Any, adapter: str, config: Any, dataset: Any, 
 
     peft_config = PeftConfig.from_pretrained(adapter)
     peft_config.inference_mode = False
-    head = base_model.get_output_embeddings()
-    head_name = next((n.split(".")[-1] for n, m in base_model.named_modules() if m is head), "lm_head")
+    from etu_hf.modeling import output_head_name
+
+    head_name = output_head_name(base_model)
     targets = peft_config.target_modules or []
     if head_name in ({targets} if isinstance(targets, str) else set(targets)):
         raise ValueError(
