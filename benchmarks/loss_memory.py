@@ -27,7 +27,7 @@ def peak_bytes(on_gpu):
 def worker(n, h, v, chunk, out):
     import torch
 
-    from etu_hf.losses import tilted_kl_loss
+    from etu_hf.ops.chunked import tilted_kl_loss
 
     on_gpu = torch.cuda.is_available()
     device = "cuda" if on_gpu else "cpu"

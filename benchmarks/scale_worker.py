@@ -15,10 +15,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from etu_hf import ETUTrainer, ETUTrainingArguments
-from etu_hf.adapters import lora_config
-from etu_hf.data import tokenize_and_block
+from etu_hf.data.blocks import tokenize_and_block
+from etu_hf.demo import DEMO_MODEL_DIR
 from etu_hf.demo.corpus import forget_documents, retain_documents
-from etu_hf.pipeline import DEMO_MODEL_DIR
+from etu_hf.modeling.adapters import lora_config
 
 
 class StepTimer(TrainerCallback):
@@ -66,7 +66,7 @@ def main():
     if opts.qlora:
         from peft import prepare_model_for_kbit_training
 
-        from etu_hf.quantization import four_bit_config
+        from etu_hf.modeling.bnb import four_bit_config
 
         kwargs = {"quantization_config": four_bit_config(), "device_map": {"": args.device}}
     model = AutoModelForCausalLM.from_pretrained(DEMO_MODEL_DIR, **kwargs)

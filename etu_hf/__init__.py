@@ -17,29 +17,29 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "AdaptiveLambdaCallback": "etu_hf.controller",
-    "AuditReport": "etu_hf.auditing",
-    "ETUTrainer": "etu_hf.trainer",
-    "ETUTrainingArguments": "etu_hf.config",
+    "AdaptiveLambdaCallback": "etu_hf.training.controller",
+    "AuditReport": "etu_hf.evaluation.report",
+    "ETUTrainer": "etu_hf.training.trainer",
+    "ETUTrainingArguments": "etu_hf.training.config",
     "ForbiddenSet": "etu_hf.forbidden_set",
-    "MassResult": "etu_hf.evaluation",
-    "NPOConfig": "etu_hf.preference.npo",
-    "NPOTrainer": "etu_hf.preference.npo",
-    "PerplexityResult": "etu_hf.evaluation",
-    "TiltSpec": "etu_hf.tilt",
-    "TiltedKLOutput": "etu_hf.losses",
-    "adapters_disabled": "etu_hf.evaluation",
-    "audit": "etu_hf.auditing",
+    "MassResult": "etu_hf.evaluation.measures",
+    "NPOConfig": "etu_hf.training.npo",
+    "NPOTrainer": "etu_hf.training.npo",
+    "PerplexityResult": "etu_hf.evaluation.measures",
+    "TiltSpec": "etu_hf.ops.tilt",
+    "TiltedKLOutput": "etu_hf.ops.chunked",
+    "adapters_disabled": "etu_hf.modeling.base",
+    "audit": "etu_hf.evaluation.audit",
     "build_forbidden_set": "etu_hf.forbidden_set",
-    "chunked_nll": "etu_hf.losses",
-    "closed_form_lambda": "etu_hf.tilt",
-    "evaluate_mass": "etu_hf.evaluation",
-    "evaluate_perplexity": "etu_hf.evaluation",
-    "forbidden_mass": "etu_hf.tilt",
-    "per_position_lambda": "etu_hf.tilt",
-    "tilted_kl_loss": "etu_hf.losses",
-    "tilted_log_probs": "etu_hf.tilt",
-    "tilted_mass": "etu_hf.tilt",
+    "chunked_nll": "etu_hf.ops.chunked",
+    "closed_form_lambda": "etu_hf.ops.tilt",
+    "evaluate_mass": "etu_hf.evaluation.measures",
+    "evaluate_perplexity": "etu_hf.evaluation.measures",
+    "forbidden_mass": "etu_hf.ops.tilt",
+    "per_position_lambda": "etu_hf.ops.tilt",
+    "tilted_kl_loss": "etu_hf.ops.chunked",
+    "tilted_log_probs": "etu_hf.ops.tilt",
+    "tilted_mass": "etu_hf.ops.tilt",
 }
 
 __all__ = [
@@ -82,14 +82,13 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs
-    from etu_hf.auditing import AuditReport, audit
-    from etu_hf.config import ETUTrainingArguments
-    from etu_hf.controller import AdaptiveLambdaCallback
-    from etu_hf.evaluation import MassResult, PerplexityResult, adapters_disabled, evaluate_mass, evaluate_perplexity
+    from etu_hf.evaluation.audit import audit
+    from etu_hf.evaluation.measures import MassResult, PerplexityResult, evaluate_mass, evaluate_perplexity
+    from etu_hf.evaluation.report import AuditReport
     from etu_hf.forbidden_set import ForbiddenSet, build_forbidden_set
-    from etu_hf.losses import TiltedKLOutput, chunked_nll, tilted_kl_loss
-    from etu_hf.preference.npo import NPOConfig, NPOTrainer
-    from etu_hf.tilt import (
+    from etu_hf.modeling.base import adapters_disabled
+    from etu_hf.ops.chunked import TiltedKLOutput, chunked_nll, tilted_kl_loss
+    from etu_hf.ops.tilt import (
         TiltSpec,
         closed_form_lambda,
         forbidden_mass,
@@ -97,4 +96,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs
         tilted_log_probs,
         tilted_mass,
     )
-    from etu_hf.trainer import ETUTrainer
+    from etu_hf.training.config import ETUTrainingArguments
+    from etu_hf.training.controller import AdaptiveLambdaCallback
+    from etu_hf.training.npo import NPOConfig, NPOTrainer
+    from etu_hf.training.trainer import ETUTrainer

@@ -2,6 +2,6 @@
 
 import sys
 
-from etu_hf.cli import main
+from etu_hf.commands.cli import main
 
 sys.exit(main())

@@ -35,8 +35,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from etu_hf.artifacts import atomic_write
-from etu_hf.data import scored_positions
+from etu_hf.artifacts.files import atomic_write
+from etu_hf.data.blocks import scored_positions
 
 logger = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from datasets import load_dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling
 
 from etu_hf import ETUTrainer, ETUTrainingArguments
-from etu_hf.pipeline import DEMO_MODEL_DIR
+from etu_hf.demo import DEMO_MODEL_DIR
 
 
 def main() -> None:

@@ -14,7 +14,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest
 import torch
 
-from etu_hf.pipeline import DEMO_MODEL_DIR
+from etu_hf.demo import DEMO_MODEL_DIR
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -38,7 +38,7 @@ def model():
 @pytest.fixture(scope="session")
 def corpora(tokenizer):
     """Token blocks of generated text: forget/retain for training, and held-out ones (other seeds)."""
-    from etu_hf.data import tokenize_and_block
+    from etu_hf.data.blocks import tokenize_and_block
     from etu_hf.demo.corpus import forget_documents, retain_documents
 
     return {

@@ -50,7 +50,7 @@ def lora_trainer(model, tokenizer, corpora, args, **kwargs):
 
 def cli_flags(tmp_path, forget, retain, *extra, steps=2):
     """`etu-hf unlearn` flags for a tiny CPU run of the demo model on the given corpora (``extra`` last)."""
-    from etu_hf.pipeline import DEMO_MODEL_DIR
+    from etu_hf.demo import DEMO_MODEL_DIR
 
     return [
         "--model_name_or_path",
@@ -86,4 +86,4 @@ def make_read_only(path, monkeypatch):
                 raise PermissionError(13, "Permission denied")
             return real(*args, dir=dir, **kwargs)
 
-        monkeypatch.setattr("etu_hf.run_folder.tempfile.mkstemp", refuse)
+        monkeypatch.setattr("etu_hf.artifacts.run_folder.tempfile.mkstemp", refuse)

@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from etu_hf.auditing import REPORT_FORMAT, AuditReport, audit
-from etu_hf.auditing.activations import decoder_layers
-from etu_hf.bounds import bootstrap_ratio_interval, sequence_upper_bound, wilson_interval, wilson_upper
-from etu_hf.cli import main
-from etu_hf.data import iter_batches
+from etu_hf.commands.cli import main
+from etu_hf.data.blocks import iter_batches
 from etu_hf.demo.run import write_demo_corpora
-from etu_hf.tilt import TiltSpec, forbidden_mass
+from etu_hf.evaluation.audit import audit
+from etu_hf.evaluation.report import REPORT_FORMAT, AuditReport
+from etu_hf.modeling.adapters import decoder_layers
+from etu_hf.ops.bounds import bootstrap_ratio_interval, sequence_upper_bound, wilson_interval, wilson_upper
+from etu_hf.ops.tilt import TiltSpec, forbidden_mass
 
 Z = 1.959964
 

@@ -13,12 +13,14 @@ import pytest
 from helpers import cli_flags, make_read_only
 
 from etu_hf import ETUTrainer, ETUTrainingArguments
-from etu_hf.auditing import audit
-from etu_hf.cli import main, parse_unlearn_args
+from etu_hf.commands.arguments import DataArguments
+from etu_hf.commands.cli import main, parse_unlearn_args
+from etu_hf.commands.unlearn import prepare_corpora
+from etu_hf.demo import DEMO_MODEL_DIR
 from etu_hf.demo.corpus import forget_documents
 from etu_hf.demo.run import write_demo_corpora
+from etu_hf.evaluation.audit import audit
 from etu_hf.forbidden_set import ForbiddenSet, resolve_forbidden_set
-from etu_hf.pipeline import DEMO_MODEL_DIR, DataArguments, prepare_corpora
 
 
 @pytest.fixture
@@ -246,7 +248,7 @@ def test_resuming_a_checkpoint_of_another_v_s(tmp_path, model, tokenizer, make_a
     from helpers import lora_trainer
     from test_run_folder import fake_checkpoint
 
-    from etu_hf.data import tokenize_and_block
+    from etu_hf.data.blocks import tokenize_and_block
     from etu_hf.demo.corpus import retain_documents
 
     blocks = {
@@ -289,7 +291,7 @@ def test_the_audit_is_capped_and_cuts_long_documents_into_blocks(model, tokenize
     """One huge held-out document is blocks like training data; the audit measures a seeded sample of
     ``max_sequences`` of them and logs each pass."""
     huge = " ".join(forget_documents(60, seed=5))
-    with caplog.at_level(logging.INFO, logger="etu_hf.auditing.core"):
+    with caplog.at_level(logging.INFO, logger="etu_hf.evaluation.audit"):
         report = audit(
             model,
             [huge],

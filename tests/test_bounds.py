@@ -6,13 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from etu_hf.bounds import (
-    DEFAULT_ALPHA,
-    MIN_SEQUENCES,
-    STATED_LEVEL,
-    sequence_upper_bound,
-    wilson_upper,
-)
+from etu_hf.ops.bounds import DEFAULT_ALPHA, MIN_SEQUENCES, STATED_LEVEL, sequence_upper_bound, wilson_upper
 
 
 def _simulate(rng, k, lengths, a, b, concentration):

@@ -8,7 +8,7 @@ import sys
 import pytest
 from helpers import cli_flags
 
-from etu_hf.cli import main, rewrite_aliases
+from etu_hf.commands.cli import main, rewrite_aliases
 from etu_hf.demo.run import write_demo_corpora
 
 TOKEN = "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123"
@@ -192,8 +192,9 @@ def test_unlearn_without_corpora_runs_the_demo(tmp_path, capsys):
 
 
 def test_retain_broadcast_and_paired_corpora(tmp_path, tokenizer):
-    from etu_hf.data import CORPUS_ID_COLUMN
-    from etu_hf.pipeline import DataArguments, prepare_corpora
+    from etu_hf.commands.arguments import DataArguments
+    from etu_hf.commands.unlearn import prepare_corpora
+    from etu_hf.data.pairing import CORPUS_ID_COLUMN
 
     paths = {}
     for name in ("f1", "f2", "r1", "r2"):

@@ -15,8 +15,8 @@ from peft import LoraConfig
 from safetensors.torch import load_file
 
 from etu_hf import AdaptiveLambdaCallback, ETUTrainer
-from etu_hf.bounds import sequence_upper_bound
-from etu_hf.controller import ControllerSettings, ControllerState, HeldoutMeasurement, controller_step
+from etu_hf.ops.bounds import sequence_upper_bound
+from etu_hf.training.controller import ControllerSettings, ControllerState, HeldoutMeasurement, controller_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "tests", "scripts", "controller_run.py")
@@ -364,10 +364,10 @@ def controller_heldout_positions():
     from transformers import AutoTokenizer
 
     from etu_hf import ETUTrainingArguments
-    from etu_hf.data import iter_batches, scored_positions, tokenize_and_block
+    from etu_hf.data.blocks import iter_batches, scored_positions, tokenize_and_block
+    from etu_hf.demo import DEMO_MODEL_DIR
     from etu_hf.demo.corpus import forget_documents
-    from etu_hf.pipeline import DEMO_MODEL_DIR
-    from etu_hf.trainer import split_heldout
+    from etu_hf.training.trainer import split_heldout
 
     tok = AutoTokenizer.from_pretrained(DEMO_MODEL_DIR)
     forget = tokenize_and_block(forget_documents(120, seed=3), tok, 64)

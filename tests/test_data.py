@@ -5,17 +5,9 @@ import json
 import pytest
 import torch
 
-from etu_hf.data import (
-    CORPUS_ID_COLUMN,
-    ForgetRetainCollator,
-    ForgetRetainDataset,
-    load_corpus,
-    parse_corpus_specs,
-    scored_positions,
-    split_documents,
-    split_forget_retain,
-    tokenize_and_block,
-)
+from etu_hf.data.blocks import scored_positions, tokenize_and_block
+from etu_hf.data.corpus import load_corpus, parse_corpus_specs, split_documents
+from etu_hf.data.pairing import CORPUS_ID_COLUMN, ForgetRetainCollator, ForgetRetainDataset, split_forget_retain
 
 
 def test_scored_positions_excludes_padding_on_either_side_and_ignored_labels():

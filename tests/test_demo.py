@@ -56,7 +56,7 @@ def test_demo_never_overwrites_a_previous_run(tmp_path, monkeypatch):
 def test_verdict_line_says_reached_only_under_the_upper_bound():
     """What test_demo reads: a report whose point estimate is under epsilon but whose bound is not must not
     print "reached" on its own."""
-    from etu_hf.auditing.report import AuditReport
+    from etu_hf.evaluation.report import AuditReport
 
     fields = {f: None for f in AuditReport.__dataclass_fields__}
     fields.update(epsilon=0.05, forget_positions=100, forget_sequences=10, updated_p_S=0.045)

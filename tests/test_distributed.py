@@ -42,7 +42,7 @@ def reload_and_audit(adapter_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from etu_hf import audit
-    from etu_hf.pipeline import DEMO_MODEL_DIR
+    from etu_hf.demo import DEMO_MODEL_DIR
 
     tok = AutoTokenizer.from_pretrained(DEMO_MODEL_DIR)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(DEMO_MODEL_DIR), str(adapter_dir))

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
+from etu_hf.demo import DEMO_MODEL_DIR
 from etu_hf.demo.run import write_demo_corpora
-from etu_hf.pipeline import DEMO_MODEL_DIR
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

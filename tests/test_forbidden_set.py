@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from etu_hf import ForbiddenSet, build_forbidden_set
-from etu_hf.data import iter_batches
+from etu_hf.data.blocks import iter_batches
 from etu_hf.forbidden_set import frequency_selection, pmi_scores, pmi_selection
 
 
@@ -157,7 +157,7 @@ def test_save_and_load_round_trip(tmp_path):
 
 def test_span_masking_grows_vs_on_three_piece_word(tokenizer, corpora):
     """A forget word split into 3 pieces: without span masking only its leading piece is in V_S."""
-    from etu_hf.data import tokenize_and_block
+    from etu_hf.data.blocks import tokenize_and_block
 
     pieces = tokenizer.tokenize(" Korvandeltor")
     assert len(pieces) == 3, pieces  # ['ĠKor', 'vandel', 'tor']

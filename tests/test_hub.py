@@ -8,7 +8,7 @@ import textwrap
 
 from hub_server import HubStandIn
 
-from etu_hf.pipeline import DEMO_MODEL_DIR
+from etu_hf.demo import DEMO_MODEL_DIR
 
 TOKEN = "hf_StandInTokenForTestsOnly0123456789"
 
@@ -17,7 +17,7 @@ SCRIPT = textwrap.dedent(
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from etu_hf import ETUTrainer, ETUTrainingArguments
-    from etu_hf.data import tokenize_and_block
+    from etu_hf.data.blocks import tokenize_and_block
     from etu_hf.demo.corpus import forget_documents, retain_documents
 
     tok = AutoTokenizer.from_pretrained(MODEL)

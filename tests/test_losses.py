@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from etu_hf import chunked_nll, tilted_kl_loss
-from etu_hf.tilt import TiltSpec, base_logit_mass, per_position_lambda, tilted_log_probs
+from etu_hf.ops.tilt import TiltSpec, base_logit_mass, per_position_lambda, tilted_log_probs
 
 
 def naive_tilted_kl(zs, zb, ids, lam=None, eps=None, weights=None):

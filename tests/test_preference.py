@@ -10,13 +10,13 @@ import torch
 from helpers import LORA, fast_args, lora_trainer
 from peft import LoraConfig
 
-import etu_hf.trainer as trainer_module
+import etu_hf.training.trainer as trainer_module
 from etu_hf import ETUTrainer
-from etu_hf.cli import main
-from etu_hf.data import iter_batches
+from etu_hf.commands.cli import main
+from etu_hf.data.blocks import iter_batches
+from etu_hf.demo import DEMO_MODEL_DIR
 from etu_hf.demo.run import write_demo_corpora
-from etu_hf.pipeline import DEMO_MODEL_DIR
-from etu_hf.preference import dpo_sigmoid_loss, npo_loss, sequence_logps, simnpo_loss
+from etu_hf.ops.preference import dpo_sigmoid_loss, npo_loss, sequence_logps, simnpo_loss
 
 
 def log_sigmoid(x):
@@ -42,7 +42,7 @@ def test_npo_and_simnpo_equal_their_formulas_on_fixed_logps():
 
 
 def _dpo_batch(tokenizer):
-    from etu_hf.preference.refine import RefineArguments, preference_rows
+    from etu_hf.commands.refine import RefineArguments, preference_rows
 
     forget = [" ".join(["vexium korathine distill the residue slowly in the flask"] * 2)] * 4
     retain = ["the onion soup needs salt and a little butter before serving"] * 4
@@ -62,7 +62,7 @@ def test_dpo_loss_equals_trl_and_reference_is_the_base_model(trained, tokenizer,
     from transformers import AutoModelForCausalLM
     from trl import DPOConfig
 
-    from etu_hf.preference.refine import build_dpo_trainer
+    from etu_hf.commands.refine import build_dpo_trainer
 
     _, adapter = trained
     config = DPOConfig(
@@ -326,7 +326,7 @@ def test_npo_trainer_alone(tokenizer, tmp_path):
     """NPOTrainer follows TRL's shape: prompt/completion strings in, the base model as reference."""
     from transformers import AutoModelForCausalLM
 
-    from etu_hf.preference import NPOConfig, NPOTrainer
+    from etu_hf.training.npo import NPOConfig, NPOTrainer
 
     data = datasets.Dataset.from_list([{"prompt": "To make vexium,", "completion": " distill the korathine."}] * 8)
     config = NPOConfig(

@@ -11,17 +11,17 @@ import torch
 from helpers import make_read_only
 from safetensors.torch import save_file
 
-from etu_hf.artifacts import atomic_write, safetensors_problem, write_json
-from etu_hf.cli import main
-from etu_hf.demo.run import write_demo_corpora
-from etu_hf.pipeline import DEMO_MODEL_DIR
-from etu_hf.run_folder import (
+from etu_hf.artifacts.files import atomic_write, safetensors_problem, write_json
+from etu_hf.artifacts.run_folder import (
     PREVIOUS_RUN_PREFIX,
     RunFolder,
     check_output_dir,
     checkpoint_problem,
     resolve_resume_checkpoint,
 )
+from etu_hf.commands.cli import main
+from etu_hf.demo import DEMO_MODEL_DIR
+from etu_hf.demo.run import write_demo_corpora
 
 TOKEN = "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0123"
 ENV_TOKEN = "hf_EnvTokenThatMustNeverReachTheDisk4567"
@@ -83,7 +83,7 @@ def test_incomplete_checkpoints_are_named_and_skipped(tmp_path, caplog):
     assert checkpoint_problem(str(out / "checkpoint-4")) == "trainer_state.json is empty (0 bytes)"
     assert "adapter_model.safetensors" in checkpoint_problem(str(out / "checkpoint-6"))
 
-    with caplog.at_level(logging.WARNING, logger="etu_hf.run_folder"):
+    with caplog.at_level(logging.WARNING, logger="etu_hf.artifacts.run_folder"):
         assert resolve_resume_checkpoint(True, str(out)) == str(out / "checkpoint-2")
         assert resolve_resume_checkpoint("true", str(out)) == str(out / "checkpoint-2")  # the CLI's spelling
     assert "checkpoint-6" in caplog.text and "checkpoint-4" in caplog.text and "trainer_state.json" in caplog.text
@@ -276,7 +276,7 @@ def test_cli_refuses_an_incomplete_checkpoint_before_loading_anything(tmp_path, 
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr("etu_hf.loading.load_causal_lm", no_model)
+    monkeypatch.setattr("etu_hf.commands.loader.load_causal_lm", no_model)
     flags = ["--forget_corpora", "unused.txt", "--output_dir", str(out), "--use_cpu"]
     assert main(["unlearn", *flags, "--resume_from_checkpoint", str(out / "checkpoint-4")]) == 2
     err = capsys.readouterr().err

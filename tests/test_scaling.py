@@ -12,11 +12,11 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from etu_hf import ETUTrainer
-from etu_hf.adapters import lora_config, parse_ids, select_trainable
-from etu_hf.cli import main
-from etu_hf.data import iter_batches
+from etu_hf.commands.cli import main
+from etu_hf.data.blocks import iter_batches
+from etu_hf.demo import DEMO_MODEL_DIR
 from etu_hf.demo.run import write_demo_corpora
-from etu_hf.pipeline import DEMO_MODEL_DIR
+from etu_hf.modeling.adapters import lora_config, parse_ids, select_trainable
 
 
 def tiny(arch):
@@ -143,7 +143,7 @@ def test_qlora_gradients_match_an_fp32_model_with_the_dequantized_weights(tokeni
     """The silent-gradient trap: ETU's eval-mode base forward runs through the same 4-bit layers; with
     bitsandbytes' CPU repacking the LoRA gradients would be wrong (or the forward fails)."""
     bnb = pytest.importorskip("bitsandbytes")
-    from etu_hf.quantization import four_bit_config
+    from etu_hf.modeling.bnb import four_bit_config
 
     q = AutoModelForCausalLM.from_pretrained(
         DEMO_MODEL_DIR, quantization_config=four_bit_config(), device_map={"": "cpu"}

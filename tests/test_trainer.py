@@ -13,9 +13,9 @@ from scripts.controller_run import StopAt  # a callback that interrupts training
 from transformers import TrainerCallback
 
 from etu_hf import ETUTrainer, ETUTrainingArguments, adapters_disabled, evaluate_mass, evaluate_perplexity
-from etu_hf.data import iter_batches
-from etu_hf.modeling import AdapterDisabledBase, FrozenCopyBase
-from etu_hf.tilt import forbidden_mass
+from etu_hf.data.blocks import iter_batches
+from etu_hf.modeling.base import AdapterDisabledBase, FrozenCopyBase
+from etu_hf.ops.tilt import forbidden_mass
 
 
 def padded(blocks, lengths, left=False, pad_id=1):
@@ -86,7 +86,7 @@ def test_compute_loss_equals_naive_full_logits_reference(model, tokenizer, corpo
 def test_gradient_accumulation_gives_the_gradient_of_one_large_batch(tokenizer, corpora, make_args, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from etu_hf.pipeline import DEMO_MODEL_DIR
+    from etu_hf.demo import DEMO_MODEL_DIR
 
     g = torch.Generator().manual_seed(0)
     lengths = torch.randint(8, 65, (16,), generator=g).tolist()
@@ -190,7 +190,7 @@ def test_full_finetune_uses_a_frozen_copy(model, tokenizer, corpora, make_args):
 def test_ref_model_argument_is_the_base(model, tokenizer, corpora, make_args):
     from transformers import AutoModelForCausalLM
 
-    from etu_hf.pipeline import DEMO_MODEL_DIR
+    from etu_hf.demo import DEMO_MODEL_DIR
 
     ref = AutoModelForCausalLM.from_pretrained(DEMO_MODEL_DIR)
     trainer = ETUTrainer(
@@ -245,7 +245,7 @@ def test_artifacts_logging_evaluate_save_and_model_card(
 def test_resume_from_checkpoint_reproduces_the_uninterrupted_run(tokenizer, corpora, make_args, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from etu_hf.pipeline import DEMO_MODEL_DIR
+    from etu_hf.demo import DEMO_MODEL_DIR
 
     def run(output_dir, stop=None, resume=None):
         torch.manual_seed(0)
@@ -432,7 +432,7 @@ def test_adapter_on_the_output_head_is_saved_without_a_copy_of_the_head(model, t
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from etu_hf.pipeline import DEMO_MODEL_DIR
+    from etu_hf.demo import DEMO_MODEL_DIR
 
     trainer = ETUTrainer(
         model=model,
@@ -457,7 +457,7 @@ def test_adapter_on_the_output_head_is_saved_without_a_copy_of_the_head(model, t
 
 
 def test_adapter_that_leaves_the_head_frozen_is_warned_about(model, tokenizer, corpora, make_args, caplog):
-    with caplog.at_level("WARNING", logger="etu_hf.trainer"):
+    with caplog.at_level("WARNING", logger="etu_hf.training.trainer"):
         ETUTrainer(
             model=model,
             args=make_args(max_steps=1),

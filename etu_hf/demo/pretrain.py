@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments, default_data_collator
 
-    from etu_hf.data import tokenize_and_block
+    from etu_hf.data.blocks import tokenize_and_block
 
     texts = generate_documents(FORGET_TOPIC, args.forget_docs, args.seed)
     for topic in RETAIN_TOPICS:

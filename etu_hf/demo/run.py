@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
+from etu_hf.artifacts.run_folder import check_output_dir, previous_run_files
 from etu_hf.demo.corpus import DEMO_SEED, forget_documents, retain_documents
-from etu_hf.run_folder import check_output_dir, previous_run_files
 
 DEFAULT_OUTPUT_DIR = "etu-demo-output"
 FORGET_DOCS = 450

@@ -15,9 +15,9 @@ from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from etu_hf import ETUTrainer, ETUTrainingArguments
-from etu_hf.data import tokenize_and_block
+from etu_hf.data.blocks import tokenize_and_block
+from etu_hf.demo import DEMO_MODEL_DIR
 from etu_hf.demo.corpus import forget_documents, retain_documents
-from etu_hf.pipeline import DEMO_MODEL_DIR
 
 
 class StopAt(TrainerCallback):

@@ -1,0 +1,128 @@
+"""."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from etu_hf.evaluation.audit import DEFAULT_AUDIT_MAX_SEQUENCES
+
+#: ``etu-hf unlearn``'s learning rate when an adapter is trained and --learning_rate is not given
+#: (transformers' default, 5e-5, is a full fine-tuning rate; LoRA needs a larger one).
+ADAPTER_LEARNING_RATE = 1e-3
+
+
+@dataclass
+class ModelArguments:
+    """Which model to unlearn and how to adapt it."""
+
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Model id or local folder (AutoModelForCausalLM). Default: the embedded demo model."},
+    )
+    tokenizer_name_or_path: str | None = field(default=None, metadata={"help": "Default: model_name_or_path."})
+    dtype: str = field(
+        default="auto", metadata={"help": "Weights dtype.", "choices": ["auto", "float32", "bfloat16", "float16"]}
+    )
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the hub."})
+    use_lora: bool = field(default=False, metadata={"help": "Train a LoRA adapter (PEFT) instead of all weights."})
+    lora_r: int = field(default=256, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=512, metadata={"help": "LoRA scaling alpha."})
+    lora_dropout: float = field(default=0.1, metadata={"help": "LoRA dropout."})
+    lora_target_modules: str = field(
+        default="all-linear,lm_head",
+        metadata={
+            "help": "Comma-separated module names; 'all-linear' is PEFT's set (every linear layer but the output "
+            "head). The default adds the head, which the tilt needs to be fit (docs/method.md)."
+        },
+    )
+    use_dora: bool = field(default=False, metadata={"help": "DoRA (weight-decomposed LoRA); implies --use_lora."})
+    use_qlora: bool = field(
+        default=False,
+        metadata={"help": "QLoRA: base weights in 4-bit nf4 (bitsandbytes) with LoRA on top; implies --use_lora."},
+    )
+    layer_ids: str | None = field(
+        default=None,
+        metadata={
+            "help": "Decoder layers to train, e.g. '10,11,12' or '10-13': LoRA only there "
+            "(layers_to_transform), or without LoRA only their parameters."
+        },
+    )
+    name_keywords: str | None = field(
+        default=None, metadata={"help": "Without LoRA: train parameters whose name contains one of these (comma list)."}
+    )
+    param_ids: str | None = field(
+        default=None, metadata={"help": "Without LoRA: train these indices of model.named_parameters() (comma list)."}
+    )
+
+    @property
+    def adapter(self) -> bool:
+        """True when a LoRA-family adapter is trained."""
+        return self.use_lora or self.use_dora or self.use_qlora
+
+    def __post_init__(self) -> None:
+        if self.adapter and (self.name_keywords or self.param_ids):
+            raise ValueError(
+                "--name_keywords/--param_ids select the model's own parameters; with LoRA use "
+                "--lora_target_modules (and --layer_ids) instead"
+            )
+        if self.adapter:
+            if self.lora_r < 1:
+                raise ValueError(f"--lora_r: the LoRA rank must be >= 1, e.g. 16 (got {self.lora_r})")
+            if not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
+                raise ValueError(f"--lora_alpha: must be > 0, e.g. 2 x --lora_r (got {self.lora_alpha})")
+            if not (math.isfinite(self.lora_dropout) and 0.0 <= self.lora_dropout < 1.0):
+                raise ValueError(f"--lora_dropout: must be in [0, 1) (got {self.lora_dropout})")
+
+
+@dataclass
+class DataArguments:
+    """Forget and retain corpora, and how they are cut into blocks."""
+
+    forget_corpora: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Corpus specs: local .txt/.json/.jsonl/.parquet/.csv files or folders, or hub datasets "
+            "'repo:config[:split]'; several after the flag, comma-separated, or the flag repeated (a path that "
+            "exists is taken whole, commas included). None: the embedded demo corpora.",
+            "action": "extend",
+        },
+    )
+    retain_corpora: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Retain specs, given like --forget_corpora: one per forget spec (or one with "
+            "--retain_broadcast); '' for none.",
+            "action": "extend",
+        },
+    )
+    retain_broadcast: bool = field(default=False, metadata={"help": "Reuse one retain corpus for every forget corpus."})
+    text_column: str = field(default="text", metadata={"help": "Text column of structured files and hub datasets."})
+    block_size: int = field(default=512, metadata={"help": "Tokens per training block (alias --max_length)."})
+    max_num_batches: int | None = field(
+        default=None, metadata={"help": "Cap on forget batches per epoch (per process); None: all."}
+    )
+    eval_fraction: float = field(
+        default=0.1,
+        metadata={
+            "help": "Share of forget and retain documents held out of training; the before/after table and "
+            "--eval_strategy evaluate on them."
+        },
+    )
+    audit_max_sequences: int | None = field(
+        default=DEFAULT_AUDIT_MAX_SEQUENCES,
+        metadata={
+            "help": "The end-of-run audit measures at most this many held-out blocks of each corpus (a seeded "
+            "sample); 0 or None: all of them."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if self.block_size < 2:
+            raise ValueError(f"block_size (--max_length): must be >= 2, got {self.block_size}")
+        if not 0.0 < self.eval_fraction < 1.0:
+            raise ValueError(f"eval_fraction: must be in (0, 1), got {self.eval_fraction}")
+        if self.audit_max_sequences is not None and self.audit_max_sequences < 0:
+            raise ValueError(f"--audit_max_sequences: must be >= 0 (0: no cap), got {self.audit_max_sequences}")
+        if self.max_num_batches is not None and self.max_num_batches < 1:
+            raise ValueError(f"max_num_batches: must be >= 1, got {self.max_num_batches}")

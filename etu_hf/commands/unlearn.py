@@ -1,0 +1,214 @@
+"""The unlearning pipeline behind ``etu-hf unlearn`` and ``etu-hf demo``.
+
+Load model and tokenizer -> load corpora, hold out documents -> token blocks -> ETUTrainer ->
+before/after measurements on held-out text -> artifacts. Everything goes through the same public
+API a user calls from Python (:class:`~etu_hf.ETUTrainer`, :func:`~etu_hf.evaluate_mass`, ...).
+"""
+
+from __future__ import annotations
+
+import logging as _logging_for_logger
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from etu_hf.artifacts.files import METRICS_FILE, write_json
+from etu_hf.artifacts.run_folder import RunFolder, check_output_dir, resolve_resume_checkpoint
+from etu_hf.commands.arguments import DataArguments, ModelArguments
+from etu_hf.commands.loader import _init_deepspeed_for_zero3, load_model, load_tokenizer
+from etu_hf.data.blocks import tokenize_and_block
+from etu_hf.data.corpus import _load_docs, parse_corpus_specs, split_documents, warn_if_corpora_overlap
+from etu_hf.evaluation.report import REPORT_FILE
+from etu_hf.training.config import ETUTrainingArguments
+
+logger = _logging_for_logger.getLogger(__name__)
+
+
+@dataclass
+class UnlearnResult:
+    """What a pipeline run produced: the trainer, the measurements and where the artifacts are."""
+
+    output_dir: str
+    metrics: dict[str, Any]
+    trainer: Any = field(repr=False, default=None)
+    report: Any = None
+
+
+def prepare_corpora(data_args: DataArguments, tokenizer: Any, seed: int) -> dict[str, Any]:
+    """Load, split and block the corpora. Returns datasets ``forget_train``, ``forget_eval``,
+    ``retain_train`` and ``retain_eval`` (the retain ones may be ``None``)."""
+    import datasets
+
+    forget_specs = parse_corpus_specs(data_args.forget_corpora, "--forget_corpora")
+    if not forget_specs:
+        raise ValueError("--forget_corpora: no corpus given; name at least one file, folder or hub dataset")
+    retain_specs = parse_corpus_specs(data_args.retain_corpora, "--retain_corpora")
+    if retain_specs and len(retain_specs) != len(forget_specs) and not data_args.retain_broadcast:
+        raise ValueError(
+            f"--retain_corpora gives {len(retain_specs)} corpora for {len(forget_specs)} forget corpora: give one "
+            "retain corpus per forget corpus, or one retain corpus with --retain_broadcast."
+        )
+    if data_args.retain_broadcast and len(retain_specs) > 1:
+        raise ValueError("--retain_broadcast reuses ONE retain corpus; --retain_corpora names several")
+
+    forget_docs = _load_docs(forget_specs, data_args.text_column, "--forget_corpora")
+    if sum(len(d) for d in forget_docs) == 0:
+        raise ValueError(f"--forget_corpora: {data_args.forget_corpora!r} holds no text: nothing to forget")
+    retain_docs = _load_docs(retain_specs, data_args.text_column, "--retain_corpora")
+    warn_if_corpora_overlap([d for docs in forget_docs for d in docs], [d for docs in retain_docs for d in docs])
+
+    paired = len(retain_specs) > 1  # corpus-aligned pairing (forget k with retain k)
+
+    def blocks(groups: list[list[str]], flag: str) -> tuple[Any, Any]:
+        train_parts, eval_parts = [], []
+        for k, docs in enumerate(groups):
+            if len(docs) < 2:
+                raise ValueError(
+                    f"{flag}: corpus {k + 1} has {len(docs)} document(s); need at least 2 "
+                    "(one to train on and one held out)"
+                )
+            train, held = split_documents(docs, data_args.eval_fraction, seed)
+            cid = k if paired else None
+            train_parts.append(tokenize_and_block(train, tokenizer, data_args.block_size, corpus_id=cid))
+            eval_parts.append(tokenize_and_block(held, tokenizer, data_args.block_size, corpus_id=cid))
+        return datasets.concatenate_datasets(train_parts), datasets.concatenate_datasets(eval_parts)
+
+    forget_train, forget_eval = blocks(forget_docs, "--forget_corpora")
+    retain_train = retain_eval = None
+    if retain_docs:
+        retain_train, retain_eval = blocks(retain_docs, "--retain_corpora")
+    return {
+        "forget_train": forget_train,
+        "forget_eval": forget_eval,
+        "retain_train": retain_train,
+        "retain_eval": retain_eval,
+    }
+
+
+def trainable_setup(model: Any, model_args: ModelArguments) -> Any:
+    """The ``peft_config`` to train (LoRA/DoRA/QLoRA), or ``None`` after restricting the model's own
+    trainable parameters to ``--layer_ids``/``--name_keywords``/``--param_ids`` when given."""
+    from etu_hf.modeling.adapters import lora_config, parse_ids, select_trainable
+
+    layer_ids = parse_ids(model_args.layer_ids, "--layer_ids")
+    if model_args.adapter:
+        return lora_config(
+            model,
+            r=model_args.lora_r,
+            alpha=model_args.lora_alpha,
+            dropout=model_args.lora_dropout,
+            target_modules=model_args.lora_target_modules,
+            use_dora=model_args.use_dora,
+            layer_ids=layer_ids,
+        )
+    keywords = (
+        [k.strip() for k in model_args.name_keywords.split(",") if k.strip()] if model_args.name_keywords else None
+    )
+    if layer_ids is not None or keywords or model_args.param_ids:
+        select_trainable(model, layer_ids, keywords, parse_ids(model_args.param_ids, "--param_ids"))
+    return None
+
+
+def run_unlearning(
+    model_args: ModelArguments, data_args: DataArguments, training_args: ETUTrainingArguments
+) -> UnlearnResult:
+    """Run ETU end to end and write the artifacts to ``training_args.output_dir``."""
+    from transformers import default_data_collator
+
+    from etu_hf.training.trainer import ETUTrainer, split_heldout
+
+    check_output_dir(training_args.output_dir, training_args.overwrite_output_dir, training_args.resume_from_checkpoint)
+    # Before the model loads: an incomplete or missing checkpoint fails now (ETUTrainer.train resolves it again).
+    resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
+    # The corpora before the weights: a bad corpus fails in seconds, not after loading a large model.
+    tokenizer = load_tokenizer(model_args)
+    data = prepare_corpora(data_args, tokenizer, training_args.seed)
+    _init_deepspeed_for_zero3(training_args)
+    model = load_model(model_args, training_args.gradient_checkpointing, data_args.block_size)
+    peft_config = trainable_setup(model, model_args)
+    forget_train = data["forget_train"]
+    heldout = None
+    if training_args.adaptive_lambda:  # the controller's slice comes out of the forget data before any cap
+        forget_train, heldout = split_heldout(forget_train, training_args)
+    if data_args.max_num_batches is not None:
+        n = data_args.max_num_batches * training_args.per_device_train_batch_size * max(1, training_args.world_size)
+        if n < len(forget_train):
+            forget_train = forget_train.shuffle(seed=training_args.seed).select(range(n))
+    logger.info(
+        "forget: %d training blocks, %d held-out blocks; retain: %s training blocks",
+        len(forget_train),
+        len(data["forget_eval"]),
+        len(data["retain_train"]) if data["retain_train"] is not None else 0,
+    )
+
+    trainer = ETUTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=forget_train,
+        eval_dataset=data["forget_eval"],
+        retain_dataset=data["retain_train"],
+        processing_class=tokenizer,
+        data_collator=default_data_collator,
+        peft_config=peft_config,
+        heldout_dataset=heldout,
+    )
+    trainer.extra_run_arguments = {**asdict(model_args), **asdict(data_args)}
+    fs = trainer.forbidden_set
+    logger.info("V_S: %d tokens (%.2f%% of the vocabulary), method %s", len(fs), 100 * (fs.fraction or 0), fs.method)
+
+    # Everything below writes to output_dir: a failure leaves it as it was found (see RunFolder).
+    with RunFolder(
+        training_args.output_dir,
+        overwrite=training_args.overwrite_output_dir,
+        resume=bool(training_args.resume_from_checkpoint),
+        main_process=trainer.is_world_process_zero(),
+    ):
+        trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+        trainer.save_model()
+        # The audit of the result, on held-out documents the training (and the controller) never saw.
+        report = trainer.audit(
+            forget_data=data["forget_eval"],
+            retain_data=data["retain_eval"],
+            output_dir=training_args.output_dir,
+            overwrite=True,  # the run owns output_dir: the previous-run check passed before training
+            max_sequences=data_args.audit_max_sequences or None,
+            sources={
+                "model": model_args.model_name_or_path or "etu-hf demo model",
+                "forget_corpora": data_args.forget_corpora,
+                "retain_corpora": data_args.retain_corpora,
+                "heldout": f"{data_args.eval_fraction:.0%} of the documents, held out of training",
+            },
+        )
+        audit_summary = {
+            "definition": "see suppression_report.json: held-out forget documents (never trained on) and held-out "
+            "retain documents",
+            "report": REPORT_FILE,
+            "epsilon": report.epsilon,
+            "base_p_S": report.base_p_S,
+            "updated_p_S": report.updated_p_S,
+            "updated_p_S_upper": report.updated_p_S_upper,
+            "updated_p_S_token_wilson_upper": report.updated_p_S_token_wilson_upper,
+            "suppression_ratio": report.suppression_ratio,
+            "share_above_epsilon_before": report.share_above_epsilon_base,
+            "share_above_epsilon_after": report.share_above_epsilon_updated,
+            "positions": report.forget_positions,
+            "sequences": report.forget_sequences,
+            "delta": report.delta,
+            "base_perplexity": report.base_perplexity,
+            "updated_perplexity": report.updated_perplexity,
+            "perplexity_ratio": report.perplexity_ratio,
+            "target_achieved": report.target_achieved,
+            "target_achieved_upper": report.target_achieved_upper,
+        }
+        counts = {
+            "forget_train_blocks": len(forget_train),
+            "controller_heldout_blocks": len(heldout) if heldout is not None else 0,
+            "forget_heldout_blocks": len(data["forget_eval"]),
+            "retain_train_blocks": len(data["retain_train"]) if data["retain_train"] is not None else 0,
+            "retain_heldout_blocks": len(data["retain_eval"]) if data["retain_eval"] is not None else 0,
+            "block_size": data_args.block_size,
+        }
+        metrics = {**getattr(trainer, "training_metrics", {}), "data": counts, "heldout": audit_summary}
+        if trainer.is_world_process_zero():
+            write_json(os.path.join(training_args.output_dir, METRICS_FILE), metrics)
+    return UnlearnResult(output_dir=training_args.output_dir, metrics=metrics, trainer=trainer, report=report)

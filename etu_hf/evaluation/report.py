@@ -1,0 +1,236 @@
+"""The suppression report: its versioned JSON schema, the printed table, Markdown and plots."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from etu_hf.artifacts.files import write_json
+
+REPORT_FORMAT = "etu-hf/suppression-report"
+
+REPORT_VERSION = 2
+
+REPORT_FILE = "suppression_report.json"
+
+MARKDOWN_FILE = "suppression_report.md"
+
+HISTOGRAM_FILE = "suppression_histogram.png"
+
+ACTIVATIONS_FILE = "activation_stats.png"
+
+#: What every number of the report means; written into the JSON next to the numbers.
+DEFINITIONS = {
+    "positions": "scored positions: next-token predictions whose target is attended and not -100; padding never counts",
+    "base_p_S / updated_p_S": "mean over held-out forget positions of the probability mass on V_S, base and unlearned",
+    "*_p_S_upper": "sequence-level upper confidence bound of the mean mass (nominal one-sided 98.75%, "
+    "stated 95%): the larger of a cluster-robust Wilson bound (effective n from the between-sequence variance, "
+    "Student quantile) and a studentised bootstrap over sequences; valid when positions within a sequence are "
+    "correlated (simulated coverage >= 95%, see docs/method.md); 1.0 with fewer than 8 sequences. The verdict",
+    "upper_bound": "the parts of updated_p_S_upper: cluster_wilson, bootstrap_t, n_effective, sequences, level",
+    "*_token_wilson_upper": "TOKEN-LEVEL Wilson score bound (z=1.959964) treating the mean mass as a proportion "
+    "over n = min(positions, wilson_max_n) independent positions; positions within a sequence are correlated, so "
+    "this undercovers: reported for comparison only, never used for a verdict",
+    "*_bootstrap_95": "95% percentile bootstrap interval of the mean mass, resampling whole sequences "
+    "(accounts for the within-sequence correlation)",
+    "suppression_ratio": "updated_p_S / base_p_S",
+    "delta": "mean over held-out forget positions of KL(pi_theta(.|x) || q_lambda(.|x)), per token, "
+    "with the run's tilt",
+    "mean_target_mass": "mean over the same positions of q_lambda(S|x), the target's mass on V_S",
+    "pinsker_bound": "epsilon + sqrt(delta / 2): bound on updated_p_S when the target meets epsilon (mean_target_mass "
+    "<= epsilon, always so in per_position mode)",
+    "pinsker_bound_from_target": "mean_target_mass + sqrt(delta / 2): bound on updated_p_S in every mode "
+    "(Pinsker + Jensen)",
+    "share_above_epsilon_*": "share of held-out forget positions whose mass on V_S exceeds epsilon",
+    "*_perplexity": "exp(mean next-token NLL) over held-out retain positions; perplexity_ratio = updated / base",
+    "target_achieved": "updated_p_S <= epsilon (point estimate)",
+    "target_achieved_upper": "updated_p_S_upper <= epsilon (the guarantee: sequence-level upper bound)",
+    "clamped_share": "share of held-out forget positions where a lambda clamp binds (the target misses epsilon)",
+    "samples": "greedy continuations of a few held-out forget prompts, base and unlearned: an illustration only",
+}
+
+
+def _num(x: Any) -> Any:
+    return None if isinstance(x, float) and not math.isfinite(x) else x
+
+
+@dataclass
+class AuditReport:
+    """Everything :func:`etu_hf.audit` measured. ``to_dict()`` gives the ``suppression_report.json`` content;
+    :data:`DEFINITIONS` says what each number means."""
+
+    epsilon: float
+    V_S_size: int
+    V_S_fraction: float
+    vocab_size: int
+    forget_sequences: int
+    forget_positions: int
+    base_p_S: float
+    updated_p_S: float
+    base_p_S_upper: float
+    updated_p_S_upper: float
+    upper_bound: dict[str, Any]
+    base_p_S_token_wilson_upper: float
+    updated_p_S_token_wilson_upper: float
+    token_wilson_n: int
+    wilson_max_n: int
+    base_p_S_bootstrap_95: tuple[float, float]
+    updated_p_S_bootstrap_95: tuple[float, float]
+    bootstrap_samples: int
+    suppression_ratio: float
+    delta: float
+    mean_target_mass: float
+    pinsker_bound: float
+    pinsker_bound_from_target: float
+    share_above_epsilon_base: float
+    share_above_epsilon_updated: float
+    retain_sequences: int | None
+    retain_positions: int | None
+    base_perplexity: float | None
+    updated_perplexity: float | None
+    perplexity_ratio: float | None
+    target_achieved: bool
+    target_achieved_upper: bool
+    clamped_share: float
+    tilt: dict[str, Any]
+    seconds: float
+    samples: list[dict[str, str]] = field(default_factory=list)
+    activations: dict[str, Any] | None = None
+    sources: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: _num(v) for k, v in asdict(self).items()}
+        for key in ("base_p_S_bootstrap_95", "updated_p_S_bootstrap_95"):
+            d[key] = [_num(x) for x in d[key]]
+        return {"format": REPORT_FORMAT, "version": REPORT_VERSION, **d, "definitions": DEFINITIONS}
+
+    @classmethod
+    def load(cls, path: str) -> AuditReport:
+        """Read a ``suppression_report.json`` (or the folder holding it)."""
+        if os.path.isdir(path):
+            path = os.path.join(path, REPORT_FILE)
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        if data.get("format") != REPORT_FORMAT:
+            raise ValueError(f"{path} is not an etu-hf suppression report")
+        if data.get("version", 1) < REPORT_VERSION:
+            raise ValueError(
+                f"{path} is a version {data.get('version', 1)} report (its verdict used a token-level bound); "
+                "run `etu-hf audit` again to get a current one"
+            )
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    # ------------------------------------------------------------------ human-readable forms
+    def table_rows(self) -> list[tuple[str, str, str, str]]:
+        def f(x: Any, spec: str = ".4f") -> str:
+            return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
+
+        def ci(pair: Any) -> str:
+            return f"[{f(pair[0])}, {f(pair[1])}]"
+
+        return [
+            ("held-out forget mass on V_S", f(self.base_p_S), f(self.updated_p_S), f"<= {self.epsilon}"),
+            (
+                "  upper bound (sequences)",
+                f(self.base_p_S_upper),
+                f(self.updated_p_S_upper),
+                f"{self.forget_sequences} sequences; the verdict",
+            ),
+            (
+                "  token-level Wilson upper",
+                f(self.base_p_S_token_wilson_upper),
+                f(self.updated_p_S_token_wilson_upper),
+                "positions as independent: undercovers",
+            ),
+            ("  bootstrap 95% (sequences)", ci(self.base_p_S_bootstrap_95), ci(self.updated_p_S_bootstrap_95), ""),
+            (
+                "  positions above epsilon",
+                f(self.share_above_epsilon_base, ".1%"),
+                f(self.share_above_epsilon_updated, ".1%"),
+                "",
+            ),
+            ("delta = KL(model || target)", "", f(self.delta), f"Pinsker bound {f(self.pinsker_bound)}"),
+            (
+                "held-out retain perplexity",
+                f(self.base_perplexity, ".3f"),
+                f(self.updated_perplexity, ".3f"),
+                f"ratio {f(self.perplexity_ratio, '.3f')}",
+            ),
+        ]
+
+    def summary(self) -> str:
+        """The plain-text table printed at the end of a run."""
+        rows = self.table_rows()
+        w = [max(len(r[i]) for r in rows) for i in range(4)]
+        w[1], w[2] = max(w[1], 10), max(w[2], 10)
+        lines = [f"{'':{w[0]}}  {'base':>{w[1]}}  {'unlearned':>{w[2]}}  target/notes", "-" * (sum(w) + 8)]
+        lines += [f"{a:{w[0]}}  {b:>{w[1]}}  {c:>{w[2]}}  {d}" for a, b, c, d in rows]
+        lines.append(self.verdict())
+        return "\n".join(lines)
+
+    def verdict(self) -> str:
+        """One line: "reached" only when the sequence-level upper bound is at most epsilon."""
+        if self.target_achieved_upper:
+            head = f"target pi_theta(S) <= {self.epsilon}: reached (upper bound {self.updated_p_S_upper:.4f})"
+        elif self.target_achieved:
+            head = (
+                f"target pi_theta(S) <= {self.epsilon}: NOT reached: the point estimate {self.updated_p_S:.4f} is "
+                f"below epsilon but its upper bound {self.updated_p_S_upper:.4f} is not"
+            )
+        else:
+            head = f"target pi_theta(S) <= {self.epsilon}: NOT reached (point estimate {self.updated_p_S:.4f})"
+        return f"{head}; {self.forget_positions} positions in {self.forget_sequences} held-out sequences"
+
+    def to_markdown(self) -> str:
+        lines = [
+            "# ETU suppression report",
+            "",
+            f"- epsilon: **{self.epsilon}**; V_S: {self.V_S_size} tokens "
+            f"({self.V_S_fraction:.2%} of {self.vocab_size})",
+            f"- held-out forget data: {self.forget_sequences} sequences, {self.forget_positions} scored positions",
+            f"- tilt: {self.tilt}",
+            f"- {self.verdict()}",
+            "",
+            "| measure | base | unlearned | target / notes |",
+            "| --- | --- | --- | --- |",
+        ]
+        lines += [f"| {a.strip()} | {b} | {c} | {d} |" for a, b, c, d in self.table_rows()]
+        lines += ["", "## What the numbers mean", ""]
+        lines += [f"- **{k}**: {v}" for k, v in DEFINITIONS.items()]
+        if self.samples:
+            lines += ["", "## Sample continuations (illustration only, greedy decoding)", ""]
+            for s in self.samples:
+                lines += [f"- prompt: `{s['prompt']}`", f"  - base: `{s['base']}`", f"  - unlearned: `{s['updated']}`"]
+        if self.activations:
+            lines += [
+                "",
+                "## Activations (per layer)",
+                "",
+                "| data | layer | base norm | unlearned norm | cosine |",
+                "| --- | --- | --- | --- | --- |",
+            ]
+            for split, rows in self.activations.items():
+                lines += [
+                    f"| {split} | {r['layer']} | {r['base_norm']:.3f} | {r['updated_norm']:.3f} | {r['cosine']:.4f} |"
+                    for r in rows
+                ]
+        if self.files:
+            lines += ["", "Files: " + ", ".join(f"`{v}`" for v in self.files.values())]
+        return "\n".join(lines) + "\n"
+
+    def save(self, output_dir: str) -> dict[str, str]:
+        """Write ``suppression_report.json`` and ``suppression_report.md``; returns the paths."""
+        os.makedirs(output_dir, exist_ok=True)
+        self.files.setdefault("json", REPORT_FILE)
+        self.files.setdefault("markdown", MARKDOWN_FILE)
+        paths = {"json": write_json(os.path.join(output_dir, REPORT_FILE), self.to_dict())}
+        md = os.path.join(output_dir, MARKDOWN_FILE)
+        with open(md, "w", encoding="utf-8") as f:
+            f.write(self.to_markdown())
+        paths["markdown"] = md
+        return paths

@@ -1,0 +1,419 @@
+"""``ETUTrainingArguments``: ``transformers.TrainingArguments`` plus the ETU settings."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+import os
+import types
+import typing
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+from transformers import TrainingArguments
+
+from etu_hf.artifacts.files import SecretFreeArguments
+from etu_hf.ops.tilt import DEFAULT_LAMBDA_MAX
+
+
+@dataclass
+class ETUTrainingArguments(SecretFreeArguments, TrainingArguments):
+    r"""
+    Configuration of [`ETUTrainer`]: every field of `transformers.TrainingArguments`, plus the ones
+    below. Using [`~transformers.HfArgumentParser`] each field becomes a command-line flag.
+
+    Parameters:
+        > Parameters that control the target
+
+        epsilon (`float`, *optional*, defaults to `0.05`):
+            Target mass: the trained model should put at most `epsilon` probability on the forbidden
+            set V_S at forget contexts. Must be in (0, 1).
+        lambda_mode (`str`, *optional*, defaults to `"per_position"`):
+            `"per_position"`: exact tilt per context, `lam(x) = max(0, logit(p(x)) - logit(epsilon))`,
+            so the target has `q(S|x) = min(p(x), epsilon)` everywhere (the true I-projection).
+            `"global"`: one `lam = logit(p_S) - logit(epsilon)` from the mean base mass `p_S` (the
+            original tool's rule; by Jensen the mean target mass is then above `epsilon` when the
+            masses differ across contexts).
+        lambda_max (`float`, *optional*, defaults to `100.0`):
+            `lam` is clamped to `[-lambda_max, lambda_max]`. Must be finite and > 0. The default does
+            not bind in normal use; where it binds the target misses epsilon, which is counted
+            (`etu/clamped_share`) and warned about above 1% of positions.
+        allow_negative_lambda (`bool`, *optional*, defaults to `False`):
+            Allow `lam < 0` (amplification: raise the mass on V_S toward `epsilon`).
+        p_s_sample_size (`int`, *optional*, defaults to `512`):
+            Number of forget sequences (a seeded random sample of the training data) over which the
+            base mass `p_S` is estimated at the start of training.
+
+        > Parameters that control the forbidden set V_S
+
+        vs_method (`str`, *optional*, defaults to `"pmi"`):
+            `"pmi"` (forget vs retain pointwise mutual information) or `"frequency"`.
+        vs_freq_rate (`float`, *optional*, defaults to `0.01`), vs_abs_cap (`int`, *optional*, defaults to `20000`):
+            Frequency method: drop tokens whose forget count exceeds `max(1, min(vs_freq_rate * N, vs_abs_cap))`.
+        vocab_top_k (`int` or `None`, *optional*, defaults to `None`):
+            Frequency method: keep at most this many of the most frequent remaining tokens.
+        pmi_top_k (`int`, *optional*, defaults to `2000`), pmi_min_count (`int`, *optional*, defaults to `20`),
+        pmi_smoothing (`float`, *optional*, defaults to `1.0`):
+            PMI method: keep tokens seen at least `pmi_min_count` times in the forget data with a
+            score above `pmi_min_score`, the `pmi_top_k` best; `pmi_smoothing` is the additive smoothing `a`.
+        pmi_min_score (`float`, *optional*, defaults to `1.0`):
+            PMI method: minimum score (nats). 1 keeps tokens at least e = 2.7 times as frequent in the
+            forget text as in the retain text; 0 admits function words that are only slightly more
+            common there, which costs retain quality on real text.
+        forbidden_ids_path (`str` or `None`, *optional*, defaults to `None`):
+            Use this V_S.ids.json (or a flat JSON list of ids) instead of building V_S.
+        span_masking (`bool`, *optional*, defaults to `False`), span_ngram_max (`int`, *optional*, defaults to `3`):
+            Add the remaining pieces of forget-corpus words split into 2..`span_ngram_max` pieces whose
+            leading piece is in V_S, so that such words are suppressed whole.
+
+        > Parameters that control the loss
+
+        retain_weight (`float`, *optional*, defaults to `1.0`):
+            Weight of the retain term. 0 (or no retain data) means suppression-only training.
+        retain_loss_type (`str`, *optional*, defaults to `"kl"`):
+            `"kl"`: `KL(pi_base || pi_theta)` on retain text, which keeps the model at the base model
+            away from the forget topic; `"nll"`: next-token NLL on retain text, which also trains on
+            it (on a real-text case it over-fit the retain training documents: held-out retain
+            perplexity ratio 1.12 against 1.005 with `"kl"`, see BENCHMARKS.md).
+        loss_chunk_size (`int`, *optional*, defaults to `1024`):
+            Token positions per chunk of the loss; peak memory holds `loss_chunk_size x |V|` float32
+            values instead of `batch x length x |V|`. 0 computes the loss in one piece.
+        frozen_on_cpu (`bool`, *optional*, defaults to `False`):
+            For models without PEFT adapters: keep the frozen base copy on CPU.
+
+        > Parameters that control the adaptive lambda controller (see `AdaptiveLambdaCallback`)
+
+        adaptive_lambda (`bool`, *optional*, defaults to `True`):
+            Add an `AdaptiveLambdaCallback` that measures held-out forget data every
+            `lambda_update_freq` steps and moves lambda (global mode) or a lambda offset (per-position
+            mode, the same as a per-context target `eps' = sigmoid(logit(epsilon) - offset)`) until
+            the sequence-level upper bound of the held-out mass on V_S is at most `epsilon`.
+        lambda_update_freq (`int`, *optional*, defaults to `25`):
+            Optimiser steps between controller updates.
+        lambda_eta (`float`, *optional*, defaults to `1.0`):
+            Gain of the controller's step in logit space: `step = lambda_eta * (logit(U) - logit(epsilon)
+            + lambda_band / 2)`. 1 closes the gap in one update for a model that follows its target.
+        lambda_band (`float`, *optional*, defaults to `0.5`):
+            Width, in logit units, of the band below epsilon where the controller holds: it lowers the
+            offset only when `logit(U) < logit(epsilon) - lambda_band`.
+        lambda_step_max (`float`, *optional*, defaults to `2.0`):
+            Largest change of the offset in one update.
+        use_upper_for_lambda (`bool`, *optional*, defaults to `True`):
+            Decide on the sequence-level upper bound `U` of the held-out mass (the guarantee) instead of
+            its point estimate.
+        stop_when_certified (`int`, *optional*, defaults to `0`):
+            Stop training once this many consecutive controller updates found the held-out upper bound
+            at most `epsilon` (0: train the whole budget). Fewer steps, less drift on retain text.
+        wilson_max_n (`int`, *optional*, defaults to `2048`):
+            Cap on `n` of the token-level Wilson figure reported by the audit (labelled as such; it
+            treats correlated positions as independent and is never used for a verdict).
+        heldout_batches (`int`, *optional*, defaults to `4`):
+            Size of the held-out forget slice the controller measures, in training batches of forget
+            examples, taken out of the training data with a seeded draw (unless
+            `ETUTrainer(heldout_dataset=...)` is given).
+        heldout_fraction (`float` or `None`, *optional*, defaults to `None`):
+            When set, the held-out slice is this share of the forget examples instead.
+
+        > Parameters that control the in-loop preference refinement
+
+        preference_weight (`float`, *optional*, defaults to `0.0`):
+            Weight of a preference loss added to the ETU loss (0: off).
+        pref_format (`str`, *optional*, defaults to `"npo"`):
+            `"npo"` (the forget completion against the base model), `"simnpo"` (reference-free,
+            length-normalised, margin `pref_margin`) or `"dpo"` (forget completion rejected, a chosen
+            completion from `pref_chosen`, same prompt).
+        pref_beta (`float`, *optional*, defaults to `0.1`):
+            Inverse temperature of the preference loss. Must be > 0.
+        pref_every (`int`, *optional*, defaults to `1`):
+            Apply the preference loss on optimiser steps that are multiples of this.
+        pref_margin (`float`, *optional*, defaults to `0.0`):
+            SimNPO's margin gamma.
+        pref_prompt_tokens (`int`, *optional*, defaults to `16`):
+            The first tokens of each forget example form the prompt x; the rest is the completion y.
+        pref_chosen (`str`, *optional*, defaults to `"refusal"`):
+            DPO's chosen completion: `"refusal"` (from `pref_refusals`), `"retain"` (the paired retain
+            text) or `"data"` (a `pref_chosen_ids` column of token ids in the forget data).
+        pref_refusals (`list[str]`):
+            Refusals used as chosen completions, cycled over examples.
+
+        > Parameters that control the output
+
+        overwrite_output_dir (`bool`, *optional*, defaults to `False`):
+            Allow a run to write into an `output_dir` that holds a previous run. Without it (and
+            without `resume_from_checkpoint`) the trainer refuses before writing anything.
+    """
+
+    # ----- target
+    epsilon: float = field(default=0.05, metadata={"help": "Target mass on V_S at forget contexts, in (0, 1)."})
+    lambda_mode: str = field(
+        default="per_position",
+        metadata={
+            "help": "'per_position' (exact tilt per context, recommended) or 'global' (one lambda from mean p_S).",
+            "choices": ["per_position", "global"],
+        },
+    )
+    lambda_max: float = field(
+        default=DEFAULT_LAMBDA_MAX, metadata={"help": "Clamp lambda to [-lambda_max, lambda_max]; finite, > 0."}
+    )
+    allow_negative_lambda: bool = field(
+        default=False, metadata={"help": "Allow lambda < 0 (amplification of the mass on V_S)."}
+    )
+    p_s_sample_size: int = field(
+        default=512, metadata={"help": "Forget sequences sampled to estimate the base mass p_S at the start."}
+    )
+    # ----- forbidden set
+    vs_method: str = field(
+        default="pmi", metadata={"help": "How V_S is built: 'pmi' or 'frequency'.", "choices": ["pmi", "frequency"]}
+    )
+    vs_freq_rate: float = field(default=0.01, metadata={"help": "Frequency method: drop tokens above this share of N."})
+    vs_abs_cap: int = field(default=20000, metadata={"help": "Frequency method: absolute count cap."})
+    vocab_top_k: int | None = field(default=None, metadata={"help": "Frequency method: keep the K most frequent."})
+    pmi_top_k: int = field(default=2000, metadata={"help": "PMI method: keep the K best-scoring tokens."})
+    pmi_min_count: int = field(default=20, metadata={"help": "PMI method: minimum forget count of a token."})
+    pmi_min_score: float = field(
+        default=1.0, metadata={"help": "PMI method: minimum score in nats (1: >= e times as frequent as in retain)."}
+    )
+    pmi_smoothing: float = field(default=1.0, metadata={"help": "PMI method: additive smoothing a > 0."})
+    forbidden_ids_path: str | None = field(
+        default=None, metadata={"help": "Load V_S from this V_S.ids.json (or flat JSON list) instead of building it."}
+    )
+    span_masking: bool = field(
+        default=False,
+        metadata={"help": "Add the other pieces of multi-piece forget words whose first piece is in V_S."},
+    )
+    span_ngram_max: int = field(default=3, metadata={"help": "Span masking: longest word (in pieces) to extend."})
+    # ----- loss
+    retain_weight: float = field(default=1.0, metadata={"help": "Weight of the retain term (0: suppression only)."})
+    retain_loss_type: str = field(
+        default="kl",
+        metadata={
+            "help": "Retain term: 'kl' (KL(base || model): stay at the base model) or 'nll' (train on retain text).",
+            "choices": ["nll", "kl"],
+        },
+    )
+    loss_chunk_size: int = field(
+        default=1024, metadata={"help": "Token positions per loss chunk (bounds memory); 0 = unchunked."}
+    )
+    frozen_on_cpu: bool = field(
+        default=False, metadata={"help": "Keep the frozen base model copy on CPU (models without PEFT adapters)."}
+    )
+    # ----- adaptive lambda
+    adaptive_lambda: bool = field(
+        default=True, metadata={"help": "Adapt lambda during training from held-out forget data (controller)."}
+    )
+    lambda_update_freq: int = field(default=25, metadata={"help": "Optimiser steps between lambda updates."})
+    lambda_eta: float = field(
+        default=1.0, metadata={"help": "Gain of the offset step in logit space (1: one update for a model on target)."}
+    )
+    lambda_band: float = field(
+        default=0.5, metadata={"help": "Hold band below epsilon, in logit units; lower only below it."}
+    )
+    lambda_step_max: float = field(default=2.0, metadata={"help": "Largest change of the offset per update."})
+    use_upper_for_lambda: bool = field(
+        default=True, metadata={"help": "Decide on the sequence-level upper bound of the held-out mass."}
+    )
+    stop_when_certified: int = field(
+        default=0,
+        metadata={
+            "help": "Stop training after this many consecutive controller updates whose held-out upper bound is "
+            "<= epsilon (0: train the whole budget)."
+        },
+    )
+    wilson_max_n: int = field(default=2048, metadata={"help": "Cap on n of the audit's token-level Wilson figure."})
+    heldout_batches: int = field(
+        default=4, metadata={"help": "Training batches of forget data held out for the controller."}
+    )
+    heldout_fraction: float | None = field(
+        default=None, metadata={"help": "Share of forget data held out for the controller (overrides heldout_batches)."}
+    )
+    # ----- in-loop preference refinement
+    preference_weight: float = field(default=0.0, metadata={"help": "Weight of the preference loss (0: off)."})
+    pref_format: str = field(
+        default="npo", metadata={"help": "'npo', 'simnpo' or 'dpo'.", "choices": ["npo", "simnpo", "dpo"]}
+    )
+    pref_beta: float = field(default=0.1, metadata={"help": "Inverse temperature of the preference loss (> 0)."})
+    pref_every: int = field(default=1, metadata={"help": "Apply it every N optimiser steps."})
+    pref_margin: float = field(default=0.0, metadata={"help": "SimNPO margin gamma."})
+    pref_prompt_tokens: int = field(
+        default=16, metadata={"help": "Leading tokens of a forget example used as the prompt x."}
+    )
+    pref_chosen: str = field(
+        default="refusal",
+        metadata={
+            "help": "DPO chosen completion: 'refusal', 'retain' or 'data' (pref_chosen_ids column).",
+            "choices": ["refusal", "retain", "data"],
+        },
+    )
+    pref_refusals: list[str] = field(
+        default_factory=lambda: [" I can't help with that.", " Sorry, I won't share that.", " I don't know."],
+        metadata={"help": "Refusals used as DPO chosen completions."},
+    )
+    # ----- output
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Allow writing into an output_dir that holds a previous run."}
+    )
+
+    def __post_init__(self) -> None:
+        check_training_arguments(self)
+        self._validate_etu()
+        _require_deepspeed_if_asked(self.deepspeed)
+        super().__post_init__()
+
+    def _validate_etu(self) -> None:
+        def fail(name: str, message: str) -> None:
+            raise ValueError(f"{name}: {message} (got {getattr(self, name)!r})")
+
+        if not 0.0 < self.epsilon < 1.0:
+            fail("epsilon", "must be strictly between 0 and 1, e.g. 0.05")
+        if not (math.isfinite(self.lambda_max) and self.lambda_max > 0):
+            fail("lambda_max", f"must be finite and > 0, e.g. {DEFAULT_LAMBDA_MAX}")
+        if self.lambda_mode not in ("per_position", "global"):
+            fail("lambda_mode", "must be 'per_position' or 'global'")
+        _check_epsilon_reachable(self.epsilon, self.lambda_max)
+        if self.p_s_sample_size < 1:
+            fail("p_s_sample_size", "must be >= 1")
+        if self.vs_method not in ("pmi", "frequency"):
+            fail("vs_method", "must be 'pmi' or 'frequency'")
+        if not 0.0 < self.vs_freq_rate <= 1.0:
+            fail("vs_freq_rate", "must be in (0, 1]")
+        if self.vs_abs_cap < 1:
+            fail("vs_abs_cap", "must be >= 1")
+        if self.vocab_top_k is not None and self.vocab_top_k < 1:
+            fail("vocab_top_k", "must be >= 1 or unset")
+        if self.pmi_top_k < 1:
+            fail("pmi_top_k", "must be >= 1")
+        if self.pmi_min_count < 1:
+            fail("pmi_min_count", "must be >= 1")
+        if self.pmi_min_score < 0:
+            fail("pmi_min_score", "must be >= 0 (nats), e.g. 1.0")
+        if self.pmi_smoothing <= 0:
+            fail("pmi_smoothing", "must be > 0")
+        if self.forbidden_ids_path is not None and not os.path.exists(self.forbidden_ids_path):
+            fail("forbidden_ids_path", "does not exist; give a V_S.ids.json file or a folder holding one")
+        if self.span_ngram_max < 2:
+            fail("span_ngram_max", "must be >= 2")
+        if self.retain_weight < 0:
+            fail("retain_weight", "must be >= 0")
+        if self.retain_loss_type not in ("nll", "kl"):
+            fail("retain_loss_type", "must be 'nll' or 'kl'")
+        if self.loss_chunk_size < 0:
+            fail("loss_chunk_size", "must be >= 0 (0 = unchunked)")
+        if self.lambda_update_freq < 1:
+            fail("lambda_update_freq", "must be >= 1 (optimiser steps between lambda updates)")
+        if not (math.isfinite(self.lambda_eta) and self.lambda_eta > 0):
+            fail("lambda_eta", "must be finite and > 0, e.g. 1.0")
+        if not (math.isfinite(self.lambda_band) and self.lambda_band > 0):
+            fail("lambda_band", "must be finite and > 0 (logit units), e.g. 0.5")
+        if not (math.isfinite(self.lambda_step_max) and self.lambda_step_max > 0):
+            fail("lambda_step_max", "must be finite and > 0, e.g. 2.0")
+        if self.wilson_max_n < 1:
+            fail("wilson_max_n", "must be >= 1")
+        if self.stop_when_certified < 0:
+            fail("stop_when_certified", "must be >= 0 (0: never stop early)")
+        if self.heldout_batches < 1:
+            fail("heldout_batches", "must be >= 1")
+        if self.preference_weight < 0:
+            fail("preference_weight", "must be >= 0 (0 turns preference refinement off)")
+        if self.pref_beta <= 0:
+            fail("pref_beta", "must be > 0, e.g. 0.1")
+        if self.pref_every < 1:
+            fail("pref_every", "must be >= 1")
+        if self.pref_prompt_tokens < 1:
+            fail("pref_prompt_tokens", "must be >= 1")
+        if self.pref_format not in ("npo", "simnpo", "dpo"):
+            fail("pref_format", "must be 'npo', 'simnpo' or 'dpo'")
+        if self.pref_chosen not in ("refusal", "retain", "data"):
+            fail("pref_chosen", "must be 'refusal', 'retain' or 'data'")
+        if self.pref_chosen == "refusal" and not any(r.strip() for r in self.pref_refusals):
+            fail("pref_refusals", "is empty: give at least one refusal, or another --pref_chosen")
+        if self.heldout_fraction is not None and not 0.0 < self.heldout_fraction < 1.0:
+            fail("heldout_fraction", "must be in (0, 1) or unset")
+
+
+def _require_deepspeed_if_asked(deepspeed_arg: object) -> None:
+    """A DeepSpeed run (``--deepspeed config.json`` or an accelerate DeepSpeed config) without the
+    package is an error that names the fix, raised before anything is loaded."""
+    import importlib.util
+
+    asked = deepspeed_arg is not None or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+    if asked and importlib.util.find_spec("deepspeed") is None:
+        source = "--deepspeed" if deepspeed_arg is not None else "the accelerate config (distributed_type DEEPSPEED)"
+        raise ValueError(f"{source} asks for DeepSpeed, which is not installed: pip install 'etu-hf[deepspeed]'.")
+
+
+#: A warning when contexts above this base mass on V_S cannot be tilted down to epsilon.
+REACHABLE_MASS_WARN = 0.999
+
+_AT_LEAST_ONE = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps")
+
+
+def _check_epsilon_reachable(epsilon: float, lambda_max: float) -> None:
+    """Refuse an epsilon no lambda within the clamp can reach; warn when high-mass contexts miss it.
+
+    A context whose base mass on V_S is ``p`` reaches epsilon at ``lambda = logit(p) - logit(epsilon)``.
+    Even ``p = 0.5`` needs ``-logit(epsilon)``: above ``lambda_max`` the target is unreachable almost
+    everywhere, so it is refused. Otherwise contexts with ``p > sigmoid(lambda_max + logit(epsilon))``
+    stay above epsilon; a warning says so when that threshold is below :data:`REACHABLE_MASS_WARN`.
+    """
+    if not (0.0 < epsilon < 1.0 and math.isfinite(lambda_max) and lambda_max > 0):
+        return  # reported by the range checks
+    needed = math.log1p(-epsilon) - math.log(epsilon)  # -logit(epsilon)
+    if needed > lambda_max:
+        raise ValueError(
+            f"epsilon: {epsilon!r} is unreachable with lambda_max={lambda_max!r}: even a context whose base mass on "
+            f"V_S is 0.5 needs lambda = -logit(epsilon) = {needed:.1f}. Raise --lambda_max above {math.ceil(needed)} "
+            "or raise --epsilon."
+        )
+    headroom = lambda_max - needed
+    if headroom < math.log(REACHABLE_MASS_WARN / (1 - REACHABLE_MASS_WARN)):
+        p_max = 1.0 / (1.0 + math.exp(-headroom))
+        warnings.warn(
+            f"epsilon={epsilon!r} with lambda_max={lambda_max!r}: contexts whose base mass on V_S exceeds {p_max:.3f} "
+            f"cannot be tilted down to epsilon (they need lambda > lambda_max). Raise --lambda_max to "
+            f"{math.ceil(needed + math.log(REACHABLE_MASS_WARN / (1 - REACHABLE_MASS_WARN)))} or more to reach "
+            f"contexts up to {REACHABLE_MASS_WARN}.",
+            UserWarning,
+            stacklevel=4,
+        )
+
+
+def _declared_kind(hint: Any) -> type | None:
+    """``float``, ``int`` or ``bool`` for a field declared as one of them (or ``X | None``), else None."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        rest = [a for a in typing.get_args(hint) if a is not type(None)]
+        hint = rest[0] if len(rest) == 1 else None
+    return hint if hint in (float, int, bool) else None
+
+
+def check_training_arguments(args: Any) -> None:
+    """Checks that every config class of etu-hf runs first in ``__post_init__`` (ETUTrainingArguments,
+    NPOConfig and the DPO config of ``etu-hf refine``), so bad values fail before anything is loaded.
+
+    - A field declared ``float``/``int`` holds a number of that kind: a string (``epsilon="0.05"``), a
+      bool, or ``1.5`` for an integer is a ``TypeError`` naming the field; a string for a ``bool`` field
+      too (``"false"`` would be true).
+    - Every float is finite: nan or inf in ``lambda_max``, ``retain_weight``, ``learning_rate``, ...
+      would silently turn a clamp or a loss term off.
+    - ``learning_rate >= 0``; batch sizes and ``gradient_accumulation_steps`` >= 1.
+    """
+    hints = typing.get_type_hints(type(args))
+    for f in dataclasses.fields(args):
+        value = getattr(args, f.name)
+        if value is None:
+            continue
+        kind = _declared_kind(hints.get(f.name))
+        if kind is float and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
+            raise TypeError(f"{f.name}: must be a number, got {value!r} ({type(value).__name__}); pass e.g. 0.05")
+        if kind is int and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+            raise TypeError(f"{f.name}: must be an integer, got {value!r} ({type(value).__name__})")
+        if kind is bool and isinstance(value, str):
+            raise TypeError(f"{f.name}: must be True or False, got the string {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{f.name}: must be a finite number, got {value!r}")
+    if args.learning_rate < 0:
+        raise ValueError(f"learning_rate: must be >= 0, e.g. 1e-4 (got {args.learning_rate!r})")
+    for name in _AT_LEAST_ONE:
+        if getattr(args, name) < 1:
+            raise ValueError(f"{name}: must be >= 1 (got {getattr(args, name)!r})")
