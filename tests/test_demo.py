@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -27,12 +28,17 @@ def test_demo_reaches_target_within_three_minutes(tmp_path):
     elapsed = time.time() - start
     assert done.returncode == 0, done.stderr[-3000:]
     assert elapsed < 180, f"demo took {elapsed:.0f}s"
-    assert "held-out forget mass on V_S" in done.stdout
-    # the verdict line says "reached" only when the sequence-level upper bound is <= epsilon
-    assert "target pi_theta(S) <= 0.05: reached (upper bound" in done.stdout, done.stdout[-3000:]
-    assert "NOT reached" not in done.stdout
     metrics = json.loads((out / "metrics.json").read_text())
     held = metrics["heldout"]
+    # The printed table and verdict are the report's numbers: the verdict says "reached" only when the
+    # sequence-level upper bound is <= epsilon, and prints that bound.
+    verdict = re.search(r"target pi_theta\(S\) <= 0\.05: (reached|NOT reached) \(upper bound ([0-9.]+)\)", done.stdout)
+    assert verdict is not None, done.stdout[-3000:]
+    assert verdict.group(1) == "reached", done.stdout[-3000:]
+    assert float(verdict.group(2)) == pytest.approx(held["updated_p_S_upper"], abs=5e-5)
+    row = re.search(r"held-out forget mass on V_S\s+([0-9.]+)\s+([0-9.]+)", done.stdout)
+    assert row is not None and float(row.group(1)) == pytest.approx(held["base_p_S"], abs=5e-5)
+    assert float(row.group(2)) == pytest.approx(held["updated_p_S"], abs=5e-5)
     assert held["updated_p_S"] <= held["updated_p_S_upper"] <= 0.05 < held["base_p_S"]
     assert held["target_achieved_upper"] is True
     assert held["perplexity_ratio"] <= 1.10
