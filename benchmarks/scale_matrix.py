@@ -1,4 +1,4 @@
-"""Seed 004's comparison, for ETU: the same unlearning run under LoRA, LoRA + gradient checkpointing,
+"""The launch matrix: the same unlearning run under LoRA, LoRA + gradient checkpointing,
 QLoRA, QLoRA + gradient checkpointing, DeepSpeed ZeRO-2 and ZeRO-3 (both with LoRA), measuring time
 per optimiser step and peak memory. Each configuration runs in its own fresh process(es).
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The original tool's LoRA-rank comparison: the same unlearning run at several ranks; each output
+# LoRA-rank comparison: the same unlearning run at several ranks; each output
 # folder gets its suppression_report.json. Usage: bash examples/lora_rank_sweep.sh [ranks...]
 set -euo pipefail
 DATA="${DATA:-etu-demo-output/demo_data}"
