@@ -2,10 +2,11 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
-from etu_hf.data.blocks import scored_positions, tokenize_and_block
+from etu_hf.data.blocks import ensure_pad_token, pad_token_id, scored_positions, tokenize_and_block
 from etu_hf.data.corpus import load_corpus, parse_corpus_specs, split_documents
 from etu_hf.data.pairing import CORPUS_ID_COLUMN, ForgetRetainCollator, ForgetRetainDataset, split_forget_retain
 
@@ -108,6 +109,29 @@ def test_split_documents_is_by_document_and_seeded():
     train, held = split_documents(docs, 0.25, seed=3)
     assert len(held) == 5 and len(train) == 15 and not set(train) & set(held)
     assert split_documents(docs, 0.25, seed=3) == (train, held)
+    # the documented rule: the first round(f * n) of numpy's seeded permutation, kept in corpus order
+    for n, fraction, seed in [(20, 0.25, 3), (450, 0.1, 42), (7, 0.9, 1), (100, 0.001, 5)]:
+        docs = [f"doc {i}" for i in range(n)]
+        n_held = min(n - 1, max(1, round(fraction * n)))
+        order = np.random.default_rng(seed).permutation(n)
+        expected = [docs[i] for i in sorted(order[:n_held])]
+        train, held = split_documents(docs, fraction, seed)
+        assert held == expected and train == [d for d in docs if d not in set(expected)]
+    with pytest.raises(ValueError, match=r"heldout_fraction must be in \(0, 1\)"):
+        split_documents(docs, 1.0, seed=0)
+    with pytest.raises(ValueError, match="at least two documents"):
+        split_documents(["only one"], 0.5, seed=0)
+
+
+def test_pad_token_id_falls_back_to_eos_then_zero():
+    from types import SimpleNamespace
+
+    assert pad_token_id(SimpleNamespace(pad_token_id=3, eos_token_id=2)) == 3
+    assert pad_token_id(SimpleNamespace(pad_token_id=0, eos_token_id=2)) == 0  # 0 is a pad id, not "missing"
+    assert pad_token_id(SimpleNamespace(pad_token_id=None, eos_token_id=2)) == 2
+    assert pad_token_id(SimpleNamespace(pad_token_id=None, eos_token_id=None)) == 0
+    tok = SimpleNamespace(pad_token=None, eos_token="</s>")
+    assert ensure_pad_token(tok).pad_token == "</s>"
 
 
 def test_pairing_respects_corpus_ids_and_is_deterministic():

@@ -15,6 +15,29 @@ IGNORE_INDEX = -100
 
 
 # ---------------------------------------------------------------------------------------------
+# Padding
+# ---------------------------------------------------------------------------------------------
+def pad_token_id(tokenizer: Any) -> int:
+    """The id that pads a batch: the tokenizer's pad token, else its EOS token, else 0.
+
+    Padded positions are never scored (:func:`scored_positions` masks them), so any valid id serves;
+    0 is the last resort for a tokenizer with neither token.
+    """
+    pad = getattr(tokenizer, "pad_token_id", None)
+    if pad is None:
+        pad = getattr(tokenizer, "eos_token_id", None)
+    return 0 if pad is None else int(pad)
+
+
+def ensure_pad_token(tokenizer: Any) -> Any:
+    """Give a tokenizer without a pad token its EOS token as pad token (the usual choice for causal
+    LMs, whose pretraining had no padding); returns the tokenizer."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+# ---------------------------------------------------------------------------------------------
 # Scored positions
 # ---------------------------------------------------------------------------------------------
 def scored_positions(
@@ -60,9 +83,9 @@ def tokenize_and_block(
     if block_size < 2:
         raise ValueError(f"block_size must be >= 2, got {block_size}")
     eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    if pad is None:
+    if tokenizer.pad_token_id is None and eos is None:
         raise ValueError("the tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token")
+    pad = pad_token_id(tokenizer)
     pieces: list[np.ndarray] = []
     for start in range(0, len(texts), batch_size):
         enc = tokenizer(list(texts[start : start + batch_size]), add_special_tokens=False)["input_ids"]

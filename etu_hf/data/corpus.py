@@ -20,8 +20,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 logger = _logging_for_logger.getLogger(__name__)
 
 _LOCAL_SUFFIXES = {
@@ -33,7 +31,8 @@ _LOCAL_SUFFIXES = {
     ".csv": "csv",
 }
 
-#: Short names accepted in corpus specs (the original tool's names), expanded to hub datasets.
+#: Short names accepted in corpus specs for common unlearning corpora (WikiText-2 and the WMDP cyber and
+#: bio corpora), expanded to ``(hub repo, config, split)``.
 CORPUS_ALIASES = {
     "wikitext": ("Salesforce/wikitext", "wikitext-2-raw-v1", "train"),
     "cyber-forget-corpus": ("cais/wmdp-corpora", "cyber-forget-corpus", "train"),
@@ -256,19 +255,25 @@ def _text_column(ds: Any, text_column: str, spec: CorpusSpec, flag: str) -> list
 
 
 def split_documents(docs: Sequence[str], heldout_fraction: float, seed: int) -> tuple[list[str], list[str]]:
-    """Shuffle documents with ``seed`` and split off ``heldout_fraction`` of them (at least one).
+    """Split documents into ``(train, held)`` with ``datasets.Dataset.train_test_split`` (seeded).
 
-    The split is by document, so held-out text never shares a document with the training blocks.
+    ``n_held = min(n - 1, max(1, round(heldout_fraction * n)))`` documents are held out: the first
+    ``n_held`` of the seeded permutation ``np.random.default_rng(seed).permutation(n)`` that
+    ``train_test_split`` draws. Both parts keep the corpus order. The split is by document, so
+    held-out text never shares a document with the training blocks.
     """
+    import datasets
+
     if not 0.0 < heldout_fraction < 1.0:
         raise ValueError(f"heldout_fraction must be in (0, 1), got {heldout_fraction}")
     if len(docs) < 2:
         raise ValueError("need at least two documents to keep one held out")
-    order = np.random.default_rng(seed).permutation(len(docs))
     n_held = min(len(docs) - 1, max(1, round(heldout_fraction * len(docs))))
-    held = [docs[i] for i in sorted(order[:n_held])]
-    train = [docs[i] for i in sorted(order[n_held:])]
-    return train, held
+    positions = datasets.Dataset.from_dict({"position": list(range(len(docs)))})
+    parts = positions.train_test_split(test_size=n_held, seed=seed)
+    # train_test_split returns its draw in permutation order; the blocks follow the documents as given.
+    train, held = (sorted(parts[name]["position"]) for name in ("train", "test"))
+    return [docs[i] for i in train], [docs[i] for i in held]
 
 
 def load_documents(value: str | None, text_column: str, flag: str) -> list[str]:

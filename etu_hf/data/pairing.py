@@ -53,7 +53,8 @@ class ForgetRetainDataset(torch.utils.data.Dataset):
     The retain keys get the prefix :data:`RETAIN_PREFIX`. The retain example paired with forget
     example ``i`` is fixed at construction: a seeded permutation of the retain pool, tiled to the
     forget length. When both datasets carry a :data:`CORPUS_ID_COLUMN`, forget examples of corpus
-    ``k`` are paired only with retain examples of corpus ``k`` (the original tool's aligned splits);
+    ``k`` are paired only with retain examples of corpus ``k`` (corpus-aligned pairs: ``--retain_corpora``
+    given once per ``--forget_corpora``);
     otherwise the whole retain dataset is one pool. Because the pairing is a function of the forget
     index, the Trainer's sampler, distributed sharding and resume-time batch skipping apply to both
     halves at once.
