@@ -1,31 +1,201 @@
-r"""Chunked losses over token positions: the tilted KL (ETU) and the retain NLL.
+r"""Chunked computations over token positions: one chunk runner and pure per-chunk functions.
 
-Pure functions of tensors (no transformers import), in the manner of Liger-Kernel's chunked losses.
-Inputs are flattened positions ``[N, D]``: either logits (``D = |V|``) or hidden states with a
-``head`` callable that maps a chunk of hidden states to logits (the model's ``lm_head``). Positions
-are processed ``chunk_size`` at a time; when there is more than one chunk and gradients are needed,
-each chunk runs under :func:`torch.utils.checkpoint.checkpoint`, so no float32 ``[N, |V|]`` tensor
-beyond one chunk is alive in the forward or the backward pass. Value and gradient equal those of the
-unchunked computation (tested against it).
+In the manner of Liger-Kernel's ``chunked_loss``: :func:`run_chunks` owns the chunking (and, when
+gradients are needed, the checkpointing); the maths of one chunk lives in pure functions of logits
+(no transformers import):
 
-Positions carry weights ``w`` (1 for a scored position, 0 for padding or ``-100``); rows with
-``w = 0`` should have finite inputs (the trainer zeroes them) so that no NaN reaches the gradient.
+- :func:`tilted_kl_terms`: the ETU loss term :math:`KL(q_\lambda \| \pi_\theta)` and its statistics;
+- :func:`nll_terms`: the next-token negative log-likelihood;
+- :func:`tilt_statistic_terms`: a model against its tilted target (mass on S,
+  :math:`KL(\pi_\theta \| q_\lambda)`, :math:`q_\lambda(S)`, lambda, clamped), for measurements;
+- :func:`~etu_hf.ops.tilt.forbidden_mass`: the mass on S.
+
+Inputs are flattened positions ``[N, D]``: either logits (``D = |V|``) or hidden states with a ``head``
+callable that maps a chunk of hidden states to logits (the model's ``lm_head``). Positions are processed
+``chunk_size`` at a time (``None`` or 0: one chunk; default :data:`DEFAULT_CHUNK_SIZE`); when there is more
+than one chunk and gradients are needed, each chunk runs under
+:func:`torch.utils.checkpoint.checkpoint`, so no float32 ``[N, |V|]`` tensor beyond one chunk is alive in
+the forward or the backward pass. Value and gradient equal those of the unchunked computation (tested).
+
+Positions carry weights ``w`` (1 for a scored position, 0 for padding or ``-100``); rows with ``w = 0``
+should have finite inputs (the trainer zeroes them) so that no NaN reaches the gradient. Formulas: see
+docs/method.md, "The loss".
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from etu_hf.ops.tilt import TiltSpec, forbidden_mass, per_position_lambda, tilted_log_probs
+from etu_hf.ops.tilt import Tilt, forbidden_mass, resolve_lambdas, tilted_log_probs
 
 Head = Callable[[torch.Tensor], torch.Tensor]
 
+#: Positions per chunk when the caller says nothing. ``None`` or 0 means one chunk (unchunked).
+DEFAULT_CHUNK_SIZE = 1024
 
+#: Columns of :func:`tilt_statistic_terms` (and of the totals of :func:`chunked_tilt_statistics`).
+TILT_SUM_FIELDS = ("mass", "kl", "target_mass", "lambda", "positions", "clamped")
+
+
+# ------------------------------------------------------------------------------------------ the runner
+@dataclass
+class ChunkResult:
+    """What a per-chunk function returns to :func:`run_chunks`.
+
+    ``loss``: a differentiable sum over the chunk's rows (or ``None``); ``sums``: detached sums ``[k]``;
+    ``mins``/``maxs``: detached ``[m]`` extremes (or ``None``); ``rows``: per-row outputs ``[c, ...]``
+    (or ``None`` entries), concatenated over chunks.
+    """
+
+    loss: torch.Tensor | None = None
+    sums: torch.Tensor | None = None
+    mins: torch.Tensor | None = None
+    maxs: torch.Tensor | None = None
+    rows: tuple[torch.Tensor | None, ...] = ()
+
+    def _fields(self) -> tuple:
+        return (self.loss, self.sums, self.mins, self.maxs, *self.rows)
+
+
+def chunk_rows(n: int, chunk_size: int | None) -> int:
+    """Rows per chunk: ``chunk_size``, or all ``n`` rows when ``chunk_size`` is ``None``, 0 or at least ``n``."""
+    if chunk_size is not None and chunk_size < 0:
+        raise ValueError(f"chunk_size: must be >= 0 or None (0 and None: one chunk), got {chunk_size}")
+    return n if not chunk_size or chunk_size >= n else chunk_size
+
+
+def _combine(acc: list, part: tuple) -> list:
+    """Add losses and sums, take minimum/maximum of the extremes, collect per-row outputs."""
+    loss, sums, mins, maxs, *rows = part
+    if not acc:
+        return [loss, sums, mins, maxs, *[[r] for r in rows]]
+    acc[0] = acc[0] + loss if loss is not None else None
+    acc[1] = acc[1] + sums if sums is not None else None
+    acc[2] = torch.minimum(acc[2], mins) if mins is not None else None
+    acc[3] = torch.maximum(acc[3], maxs) if maxs is not None else None
+    for collected, r in zip(acc[4:], rows, strict=True):
+        collected.append(r)
+    return acc
+
+
+def run_chunks(
+    fn: Callable[..., ChunkResult], tensors: Sequence[torch.Tensor | None], chunk_size: int | None
+) -> ChunkResult:
+    """Apply ``fn`` to row chunks of ``tensors`` (all ``[N, ...]``; ``None`` entries pass through) and reduce.
+
+    Losses and sums add, mins/maxs combine, per-row outputs are concatenated. With more than one chunk
+    and gradients enabled, each chunk is checkpointed: its ``[c, |V|]`` intermediates are recomputed in
+    the backward pass instead of being kept.
+    """
+    n = next(t.shape[0] for t in tensors if t is not None)
+    step = max(chunk_rows(n, chunk_size), 1)
+    use_ckpt = torch.is_grad_enabled() and step < n
+
+    def call(*args: torch.Tensor | None) -> tuple:
+        return fn(*args)._fields()
+
+    acc: list = []
+    for start in range(0, max(n, 1), step):
+        args = [t[start : start + step] if t is not None else None for t in tensors]
+        acc = _combine(acc, checkpoint(call, *args, use_reentrant=False) if use_ckpt else call(*args))
+    rows = tuple(torch.cat(r) if r[0] is not None else None for r in acc[4:])
+    return ChunkResult(acc[0], acc[1], acc[2], acc[3], rows)
+
+
+def _logits(states: torch.Tensor, head: Head | None, device: torch.device | None = None) -> torch.Tensor:
+    """float32 logits of a chunk: ``head(states)`` or the states themselves (already logits)."""
+    z = head(states) if head is not None else states
+    return z.to(device=device or z.device, dtype=torch.float32)
+
+
+def _ones(n: int, like: torch.Tensor) -> torch.Tensor:
+    return torch.ones(n, device=like.device, dtype=torch.float32)
+
+
+# ------------------------------------------------------------------------------------------ per chunk
+def kl_terms(p: torch.Tensor, log_p: torch.Tensor, log_r: torch.Tensor) -> torch.Tensor:
+    r"""Elementwise :math:`p (\log p - \log r)` with the convention :math:`0 \log 0 = 0`.
+
+    Columns where ``p = 0`` contribute exactly 0, also where ``log p`` and ``log r`` are both
+    ``-inf`` (``0 * (-inf + inf)`` would be NaN); no gradient flows through them.
+    """
+    return torch.where(p > 0, p * (log_p - log_r), p.new_zeros(()))
+
+
+@dataclass
+class TiltedKLTerms:
+    r"""Per-position results of :func:`tilted_kl_terms` (all ``[c]``).
+
+    ``kl`` is :math:`KL(q_{\lambda}(\cdot|x) \| \pi_\theta(\cdot|x))` (differentiable in the student logits);
+    the rest is detached: ``lam``, ``clamped`` (a clamp binds), ``student_mass`` :math:`\pi_\theta(S|x)`,
+    ``target_mass`` :math:`q_\lambda(S|x)`, ``base_mass`` :math:`\pi_b(S|x)`; ``log_p`` the student's
+    log-probabilities ``[c, V]`` (differentiable) and ``base_logits`` ``[c, V]``, both float32.
+    """
+
+    kl: torch.Tensor
+    lam: torch.Tensor
+    clamped: torch.Tensor
+    student_mass: torch.Tensor
+    target_mass: torch.Tensor
+    base_mass: torch.Tensor
+    log_p: torch.Tensor
+    base_logits: torch.Tensor
+
+
+def tilted_kl_terms(
+    student_logits: torch.Tensor, base_logits: torch.Tensor, forbidden_ids: torch.Tensor, tilt: Tilt
+) -> TiltedKLTerms:
+    r"""One chunk of the ETU loss: :math:`KL(q_\lambda \| \pi_\theta)` per position, with
+    :math:`\log q_\lambda = \mathrm{log\_softmax}(z_b - \lambda 1_S)` and lambda from
+    :func:`~etu_hf.ops.tilt.resolve_lambdas`. No gradient flows into the base side."""
+    with torch.no_grad():
+        zb = base_logits.float()
+        lam, clamped = resolve_lambdas(tilt, zb, forbidden_ids)
+        log_q = tilted_log_probs(zb, forbidden_ids, lam)
+        q = log_q.exp()
+    log_p = torch.log_softmax(student_logits.float(), dim=-1)
+    kl = kl_terms(q, log_q, log_p).sum(-1)
+    with torch.no_grad():
+        student_mass = forbidden_mass(log_p.detach(), forbidden_ids)
+        target_mass = forbidden_mass(log_q, forbidden_ids)
+        base_mass = forbidden_mass(zb, forbidden_ids)
+    return TiltedKLTerms(kl, lam, clamped, student_mass, target_mass, base_mass, log_p, zb)
+
+
+def nll_terms(student_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    r"""One chunk of the next-token negative log-likelihood :math:`-\log \pi_\theta(y_i|x_i)` per position."""
+    return F.cross_entropy(student_logits.float(), targets, reduction="none")
+
+
+def tilt_statistic_terms(
+    student_logits: torch.Tensor, base_logits: torch.Tensor, forbidden_ids: torch.Tensor, tilt: Tilt
+) -> torch.Tensor:
+    r"""One chunk of the measurements of a model against its tilted target: float64 ``[c, 6]`` with the
+    columns :data:`TILT_SUM_FIELDS`: :math:`\pi_\theta(S|x)`, :math:`KL(\pi_\theta(\cdot|x) \| q_\lambda(\cdot|x))`
+    (note the direction: the model's divergence from its target), :math:`q_\lambda(S|x)`, :math:`\lambda(x)`,
+    1 (a position), 1 where a lambda clamp binds."""
+    zb = base_logits.float()
+    lam, clamped = resolve_lambdas(tilt, zb, forbidden_ids)
+    log_q = tilted_log_probs(zb, forbidden_ids, lam)
+    log_p = torch.log_softmax(student_logits.float(), -1)
+    kl = kl_terms(log_p.exp(), log_p, log_q).sum(-1)
+    columns = [
+        forbidden_mass(log_p, forbidden_ids),
+        kl,
+        forbidden_mass(log_q, forbidden_ids),
+        lam,
+        torch.ones_like(kl),
+        clamped,
+    ]
+    return torch.stack([c.to(torch.float64) for c in columns], -1)
+
+
+# ------------------------------------------------------------------------------------------ chunked
 @dataclass
 class TiltedKLOutput:
     """Result of :func:`tilted_kl_loss`. Everything but ``loss`` is detached.
@@ -55,54 +225,16 @@ class TiltedKLOutput:
     base_target_logps: torch.Tensor | None = None
 
 
-def _run_chunks(fn: Callable, tensors: list[torch.Tensor | None], n: int, chunk_size: int | None):
-    """Apply ``fn`` to row chunks of ``tensors`` and reduce its outputs ``(loss, sums, mins, maxs, *per_row)``:
-    losses and sums add, mins/maxs combine, per-row outputs are concatenated."""
-    step = n if not chunk_size or chunk_size >= n else chunk_size
-    use_ckpt = torch.is_grad_enabled() and step < n
-    loss = sums = mins = maxs = None
-    rows: list[list[torch.Tensor]] = []
-    for start in range(0, max(n, 1), max(step, 1)):
-        args = [t[start : start + step] if t is not None else None for t in tensors]
-        out = checkpoint(fn, *args, use_reentrant=False) if use_ckpt else fn(*args)
-        c_loss, c_sums, c_mins, c_maxs, *c_rows = out
-        if loss is None:
-            loss, sums, mins, maxs = c_loss, c_sums, c_mins, c_maxs
-            rows = [[r] for r in c_rows]
-        else:
-            loss = loss + c_loss
-            sums = sums + c_sums
-            mins = torch.minimum(mins, c_mins) if mins is not None else None
-            maxs = torch.maximum(maxs, c_maxs) if maxs is not None else None
-            for acc, r in zip(rows, c_rows, strict=True):
-                acc.append(r)
-    return loss, sums, mins, maxs, *[torch.cat(r) if r[0] is not None else None for r in rows]
-
-
-def kl_terms(p: torch.Tensor, log_p: torch.Tensor, log_r: torch.Tensor) -> torch.Tensor:
-    r"""Elementwise :math:`p (\log p - \log r)` with the convention :math:`0 \log 0 = 0`.
-
-    Columns where ``p = 0`` contribute exactly 0, also where ``log p`` and ``log r`` are both
-    ``-inf`` (``0 * (-inf + inf)`` would be NaN); no gradient flows through them.
-    """
-    return torch.where(p > 0, p * (log_p - log_r), p.new_zeros(()))
-
-
 def tilted_kl_loss(
     student: torch.Tensor,
     base: torch.Tensor,
     forbidden_ids: torch.Tensor,
+    tilt: Tilt,
     *,
-    lam: float | torch.Tensor | None = None,
-    epsilon: float | None = None,
-    lambda_max: float | None = None,
-    allow_negative: bool = False,
-    lambda_offset: float | torch.Tensor = 0.0,
-    tilt: TiltSpec | None = None,
     weights: torch.Tensor | None = None,
     student_head: Head | None = None,
     base_head: Head | None = None,
-    chunk_size: int | None = 1024,
+    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
     normalizer: float | torch.Tensor | None = None,
     targets: torch.Tensor | None = None,
 ) -> TiltedKLOutput:
@@ -117,10 +249,10 @@ def tilted_kl_loss(
         base: ``[N, D']`` base logits, or hidden states when ``base_head`` is given. No gradient
             flows into the base side.
         forbidden_ids: ``[K]`` long tensor of V_S token ids (on the logits' device).
-        lam: the tilt: a scalar (global mode) or ``[N]`` (one per position). When ``None``, ``tilt``
-            (a :class:`~etu_hf.ops.tilt.TiltSpec`) chooses it from the base logits; without ``tilt``, the
-            exact per-position tilt :func:`~etu_hf.ops.tilt.per_position_lambda` is computed with
-            ``epsilon``, ``lambda_max``, ``allow_negative`` and ``lambda_offset``.
+        tilt: which lambda: a :class:`~etu_hf.ops.tilt.TiltSpec` (chosen from the base logits, e.g. the exact
+            per-position tilt at epsilon), a float (one lambda everywhere; 0 gives ``KL(pi_b || pi_theta)``)
+            or a tensor (0-dim, or ``[N]``: one lambda per position). See
+            :func:`~etu_hf.ops.tilt.resolve_lambdas`.
         weights: ``[N]`` position weights (default all 1).
         chunk_size: positions per chunk (``None`` or 0: one chunk).
         normalizer: ``Z`` (default ``sum_i w_i``, i.e. the mean over scored positions). The trainer
@@ -130,80 +262,48 @@ def tilted_kl_loss(
             under the model (differentiable) and under the base model, from the same forward passes
             (used by the preference terms, which so need no extra forward).
     """
-    if lam is None and epsilon is None and tilt is None:
-        raise ValueError(
-            "give lam (global or per-position tilt), tilt (a TiltSpec) or epsilon (exact per-position tilt)"
-        )
-    n = student.shape[0]
+    if isinstance(tilt, torch.Tensor) and tilt.dim() > 0 and tilt.shape[0] != student.shape[0]:
+        raise ValueError(f"tilt: one lambda per position needs shape [{student.shape[0]}], got {tuple(tilt.shape)}")
     if weights is None:
-        weights = torch.ones(n, device=student.device, dtype=torch.float32)
-    per_pos = isinstance(lam, torch.Tensor) and lam.dim() > 0
+        weights = _ones(student.shape[0], student)
+    per_pos = isinstance(tilt, torch.Tensor) and tilt.dim() > 0
 
-    def chunk(s: torch.Tensor, b: torch.Tensor, w: torch.Tensor, lam_c: torch.Tensor | None, y: torch.Tensor | None):
+    def chunk(s, b, w, lam_c, y) -> ChunkResult:
         with torch.no_grad():
-            zb = (base_head(b) if base_head is not None else b).to(device=s.device, dtype=torch.float32)
-            clamped = None
-            if lam_c is None and lam is not None:
-                lam_c = lam
-            elif lam_c is None and tilt is not None:
-                lam_c, clamped = tilt.lambdas(zb, forbidden_ids, return_clamped=True)
-            elif lam_c is None:
-                lam_c, clamped = per_position_lambda(
-                    zb, forbidden_ids, epsilon, lambda_max, allow_negative, lambda_offset, return_clamped=True
-                )
-            log_q = tilted_log_probs(zb, forbidden_ids, lam_c)
-            q = log_q.exp()
-        zs = (student_head(s) if student_head is not None else s).float()
-        log_p = torch.log_softmax(zs, dim=-1)
-        kl = kl_terms(q, log_q, log_p).sum(-1)
-        w = w.to(kl.dtype)
+            zb = _logits(b, base_head, s.device)
+        t = tilted_kl_terms(_logits(s, student_head), zb, forbidden_ids, lam_c if per_pos else tilt)
+        w = w.to(t.kl.dtype)
         with torch.no_grad():
-            # On-device fills only: a tensor built from a Python number would be a host-to-device copy,
-            # which synchronises with the GPU on every step.
-            if isinstance(lam_c, torch.Tensor):
-                lam_vec = lam_c.to(torch.float32).expand_as(kl)
-            else:
-                lam_vec = kl.detach().new_full(kl.shape, float(lam_c))
+            stats = [t.kl.detach(), torch.ones_like(w), t.lam, t.student_mass, t.target_mass, t.base_mass, t.clamped]
+            sums = torch.stack([(c.to(w.dtype) * w).sum() for c in stats])
+            inf = w.new_full((), float("inf"))
             valid = w > 0
-            inf = kl.detach().new_full((), float("inf"))
-            sums = torch.stack(
-                [
-                    (kl.detach() * w).sum(),
-                    w.sum(),
-                    (lam_vec * w).sum(),
-                    (torch.exp(torch.logsumexp(log_p.detach()[:, forbidden_ids], -1)) * w).sum(),
-                    (torch.exp(torch.logsumexp(log_q[:, forbidden_ids], -1)) * w).sum(),
-                    (forbidden_mass(zb, forbidden_ids) * w).sum(),
-                    (clamped.to(w.dtype) * w).sum() if clamped is not None else w.new_zeros(()),
-                ]
-            )
-            mins = torch.where(valid, lam_vec, inf).min().reshape(1)
-            maxs = torch.where(valid, lam_vec, -inf).max().reshape(1)
+            mins = torch.where(valid, t.lam.to(w.dtype), inf).min().reshape(1)
+            maxs = torch.where(valid, t.lam.to(w.dtype), -inf).max().reshape(1)
         if y is None:
-            return (kl * w).sum(), sums, mins, maxs, None, None
-        lp_s = log_p.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+            return ChunkResult((t.kl * w).sum(), sums, mins, maxs, (None, None))
+        lp_s = t.log_p.gather(-1, y.unsqueeze(-1)).squeeze(-1)
         with torch.no_grad():
-            lp_b = torch.log_softmax(zb, -1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
-        return (kl * w).sum(), sums, mins, maxs, lp_s, lp_b
+            lp_b = torch.log_softmax(t.base_logits, -1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
+        return ChunkResult((t.kl * w).sum(), sums, mins, maxs, (lp_s, lp_b))
 
-    loss, sums, mins, maxs, lp_s, lp_b = _run_chunks(
-        chunk, [student, base, weights, lam if per_pos else None, targets], n, chunk_size
-    )
+    out = run_chunks(chunk, [student, base, weights, tilt if per_pos else None, targets], chunk_size)
+    sums = out.sums
     if normalizer is None:
         normalizer = sums[1].clamp_min(1.0)
     return TiltedKLOutput(
-        loss=loss / normalizer,
+        loss=out.loss / normalizer,
         kl_sum=sums[0],
         weight_sum=sums[1],
         lambda_sum=sums[2],
-        lambda_min=mins[0],
-        lambda_max=maxs[0],
+        lambda_min=out.mins[0],
+        lambda_max=out.maxs[0],
         student_mass_sum=sums[3],
         target_mass_sum=sums[4],
         base_mass_sum=sums[5],
         clamped_sum=sums[6],
-        student_target_logps=lp_s,
-        base_target_logps=lp_b,
+        student_target_logps=out.rows[0],
+        base_target_logps=out.rows[1],
     )
 
 
@@ -222,7 +322,7 @@ def chunked_nll(
     *,
     weights: torch.Tensor | None = None,
     student_head: Head | None = None,
-    chunk_size: int | None = 1024,
+    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
     normalizer: float | torch.Tensor | None = None,
 ) -> NLLOutput:
     r"""Chunked next-token negative log-likelihood :math:`\frac{1}{Z}\sum_i w_i (-\log \pi_\theta(y_i|x_i))`.
@@ -230,18 +330,56 @@ def chunked_nll(
     ``student`` is ``[N, D]`` logits or hidden states (with ``student_head``), ``targets`` ``[N]``
     token ids (valid indices even where ``w_i = 0``).
     """
-    n = student.shape[0]
     if weights is None:
-        weights = torch.ones(n, device=student.device, dtype=torch.float32)
+        weights = _ones(student.shape[0], student)
 
-    def chunk(s: torch.Tensor, y: torch.Tensor, w: torch.Tensor):
-        zs = (student_head(s) if student_head is not None else s).float()
-        nll = F.cross_entropy(zs, y, reduction="none")
-        w = w.to(nll.dtype)
+    def chunk(s: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> ChunkResult:
+        nll = nll_terms(_logits(s, student_head), y.to(s.device))
+        w = w.to(device=nll.device, dtype=nll.dtype)
         sums = torch.stack([(nll.detach() * w).sum(), w.sum()])
-        return (nll * w).sum(), sums, None, None
+        return ChunkResult(loss=(nll * w).sum(), sums=sums)
 
-    loss, sums, _, _ = _run_chunks(chunk, [student, targets, weights], n, chunk_size)
+    out = run_chunks(chunk, [student, targets, weights], chunk_size)
     if normalizer is None:
-        normalizer = sums[1].clamp_min(1.0)
-    return NLLOutput(loss=loss / normalizer, nll_sum=sums[0], weight_sum=sums[1])
+        normalizer = out.sums[1].clamp_min(1.0)
+    return NLLOutput(loss=out.loss / normalizer, nll_sum=out.sums[0], weight_sum=out.sums[1])
+
+
+@torch.no_grad()
+def chunked_forbidden_mass(
+    states: torch.Tensor,
+    forbidden_ids: torch.Tensor,
+    *,
+    head: Head | None = None,
+    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+) -> torch.Tensor:
+    r""":math:`\pi(S|x_i)` at every row of ``states`` ``[N, D]`` (logits, or hidden states with ``head``): ``[N]``."""
+
+    def chunk(s: torch.Tensor) -> ChunkResult:
+        return ChunkResult(rows=(forbidden_mass(_logits(s, head, forbidden_ids.device), forbidden_ids),))
+
+    return run_chunks(chunk, [states], chunk_size).rows[0]
+
+
+@torch.no_grad()
+def chunked_tilt_statistics(
+    student: torch.Tensor,
+    base: torch.Tensor,
+    forbidden_ids: torch.Tensor,
+    tilt: Tilt,
+    *,
+    student_head: Head | None = None,
+    base_head: Head | None = None,
+    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+) -> torch.Tensor:
+    """:func:`tilt_statistic_terms` at every row: float64 ``[N, 6]`` (columns :data:`TILT_SUM_FIELDS`),
+    on the student's device. ``student``/``base`` as in :func:`tilted_kl_loss`; a per-position ``tilt``
+    tensor has shape ``[N]``."""
+    per_pos = isinstance(tilt, torch.Tensor) and tilt.dim() > 0
+
+    def chunk(s, b, lam_c) -> ChunkResult:
+        zs = _logits(s, student_head)
+        zb = _logits(b, base_head, zs.device)
+        return ChunkResult(rows=(tilt_statistic_terms(zs, zb, forbidden_ids, lam_c if per_pos else tilt),))
+
+    return run_chunks(chunk, [student, base, tilt if per_pos else None], chunk_size).rows[0]

@@ -1,7 +1,8 @@
 r"""Preference losses for unlearning, as small functions of per-sequence log-probabilities.
 
 Sequence log-probabilities are sums over completion tokens, :math:`\log\pi(y|x) = \sum_t \log\pi(y_t|x,y_{<t})`;
-:func:`sequence_logps` computes them with TRL's ``selective_log_softmax``. Every loss returns one value per
+:func:`sequence_logps` computes them as a log-softmax and a gather (what TRL's ``selective_log_softmax``
+computes), in float32. Every loss returns one value per
 sequence (the caller reduces, so that gradient accumulation can weight sequences exactly).
 
 - NPO (Zhang et al., 2024, "Negative Preference Optimization"), with :math:`y` a forget completion:
@@ -48,15 +49,26 @@ def dpo_sigmoid_loss(
     return -F.logsigmoid(beta * delta)
 
 
+def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    r""":math:`\log \pi(y|x) = z_y - \mathrm{logsumexp}(z)`: ``log_softmax`` then ``gather`` at ``targets``.
+
+    ``logits`` ``[B, T, V]`` (any float dtype), ``targets`` ``[B, T]``; the result is float32 ``[B, T]``.
+    One row at a time, so that a low-precision input has one float32 ``[T, V]`` copy alive at once.
+    """
+    rows = [
+        torch.log_softmax(row.float(), -1).gather(-1, t.unsqueeze(-1)).squeeze(-1)
+        for row, t in zip(logits, targets, strict=True)
+    ]
+    return torch.stack(rows) if rows else logits.new_zeros(targets.shape, dtype=torch.float32)
+
+
 def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
     """Sum of next-token log-probabilities over completion tokens, per sequence.
 
     ``logits`` are ``[B, T, V]`` for ``input_ids`` ``[B, T]``; token ``t`` counts when
     ``completion_mask[:, t] == 1`` (its prediction comes from position ``t - 1``).
     """
-    from trl.trainer.utils import selective_log_softmax
-
-    per_token = selective_log_softmax(logits[:, :-1].float(), input_ids[:, 1:])
+    per_token = token_logps(logits[:, :-1], input_ids[:, 1:])
     return (per_token * completion_mask[:, 1:].to(per_token.dtype)).sum(-1)
 
 

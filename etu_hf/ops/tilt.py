@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -217,6 +218,19 @@ class TiltSpec:
         raw = (self.global_lambda or 0.0) + self.offset
         return raw > upper or (self.allow_negative and raw < lower)
 
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as written into ``suppression_report.json`` (``tilt``), plus ``effective_epsilon``
+        (per-position mode; ``None`` in global mode)."""
+        return {
+            "mode": self.mode,
+            "epsilon": self.epsilon,
+            "lambda_max": self.lambda_max,
+            "allow_negative": self.allow_negative,
+            "global_lambda": self.global_lambda,
+            "offset": self.offset,
+            "effective_epsilon": self.effective_epsilon if self.mode == "per_position" else None,
+        }
+
     def lambdas(
         self, base_logits: torch.Tensor, forbidden_ids: torch.Tensor, return_clamped: bool = False
     ) -> torch.Tensor | float | tuple[torch.Tensor | float, torch.Tensor]:
@@ -238,3 +252,40 @@ class TiltSpec:
             self.offset,
             return_clamped=return_clamped,
         )
+
+
+#: Every way to say which lambda: a :class:`TiltSpec` (lambda chosen from the base logits), a float (one
+#: lambda for every position) or a tensor (a 0-dim one for every position, or one value per position).
+Tilt = TiltSpec | float | torch.Tensor
+
+
+def resolve_lambdas(
+    tilt: Tilt, base_logits: torch.Tensor, forbidden_ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""The per-position lambdas of ``tilt`` at ``base_logits`` ``[..., V]`` and where a clamp binds.
+
+    Returns ``(lam, clamped)``, both of shape ``base_logits.shape[:-1]`` on the logits' device: ``lam``
+    in float32 (float64 for float64 logits), ``clamped`` a bool tensor. A :class:`TiltSpec` chooses
+    lambda (:meth:`TiltSpec.lambdas`, clamps counted); a float or a 0-dim tensor is the same lambda at
+    every position; a tensor of shape ``base_logits.shape[:-1]`` gives each position its own. A given
+    lambda is used as it is: nothing is clamped, so ``clamped`` is all False.
+    """
+    shape = base_logits.shape[:-1]
+    dtype = _wide(base_logits.dtype)
+    if isinstance(tilt, TiltSpec):
+        lam, clamped = tilt.lambdas(base_logits, forbidden_ids, return_clamped=True)
+    elif isinstance(tilt, (int, float, torch.Tensor)) and not isinstance(tilt, bool):
+        lam, clamped = tilt, torch.zeros(shape, dtype=torch.bool, device=base_logits.device)
+    else:
+        raise TypeError(f"tilt: expected a TiltSpec, a float or a tensor of lambdas, got {type(tilt).__name__}")
+    if isinstance(lam, torch.Tensor):
+        lam = lam.to(device=base_logits.device, dtype=dtype)
+        if lam.dim() > 0 and lam.shape != shape:
+            raise ValueError(
+                f"tilt: a tensor of lambdas must be 0-dim or of shape {tuple(shape)}, got {tuple(lam.shape)}"
+            )
+        lam = lam.expand(shape)
+    else:
+        # An on-device fill: a tensor built from a Python number would be a host-to-device copy each step.
+        lam = torch.full(shape, float(lam), dtype=dtype, device=base_logits.device)
+    return lam, clamped.to(base_logits.device)
