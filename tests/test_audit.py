@@ -11,8 +11,8 @@ import torch
 
 from etu_hf.commands.cli import main
 from etu_hf.data.blocks import iter_batches
-from etu_hf.demo.run import write_demo_corpora
-from etu_hf.evaluation.audit import audit
+from etu_hf.demo.corpus import write_demo_corpora
+from etu_hf.evaluation.audit import AuditOptions, audit, audit_tilt
 from etu_hf.evaluation.report import REPORT_FORMAT, AuditReport
 from etu_hf.modeling.adapters import decoder_layers
 from etu_hf.ops.bounds import bootstrap_ratio_interval, sequence_upper_bound, wilson_interval, wilson_upper
@@ -39,18 +39,87 @@ def test_wilson_limits():
     assert wilson_upper(0.2, 0) == 1.0  # no data, no bound
 
 
-def test_bootstrap_matches_a_naive_loop():
-    rng = np.random.default_rng(0)
-    counts = rng.integers(1, 30, size=40).astype(float)
-    sums = counts * rng.uniform(0, 0.2, size=40)
-    lo, hi = bootstrap_ratio_interval(sums, counts, samples=500, seed=7)
-    draw = np.random.default_rng(7)
-    naive = []
-    for start in range(0, 500, 256):
-        idx = draw.integers(0, 40, size=(min(256, 500 - start), 40))
-        naive += [sums[i].sum() / counts[i].sum() for i in idx]
-    assert (lo, hi) == pytest.approx(tuple(np.quantile(naive, [0.025, 0.975])))
-    assert lo < sums.sum() / counts.sum() < hi
+def _skewed_sequences(k=400, seed=0):
+    """Sequences of very different lengths whose mass falls with length: the ratio sum(s)/sum(c), the
+    mean of the per-sequence means and an unpaired resampling all give clearly different answers."""
+    rng = np.random.default_rng(seed)
+    counts = rng.integers(2, 200, size=k).astype(float)
+    means = np.clip(rng.beta(4, 40, size=k) * 10 / np.sqrt(counts), 0, 1)
+    return counts * means, counts
+
+
+def test_bootstrap_agrees_with_scipy_and_the_normal_approximation():
+    """Against independent computations: scipy's percentile bootstrap of the ratio statistic over paired
+    (sum, count) sequences, and the linearised (delta-method) normal interval it tends to."""
+    from scipy import stats
+
+    sums, counts = _skewed_sequences()
+    ratio = sums.sum() / counts.sum()
+    lo, hi = bootstrap_ratio_interval(sums, counts, samples=20000, seed=7)
+    ref = stats.bootstrap(
+        (sums, counts),
+        lambda s, c, axis: s.sum(axis) / c.sum(axis),
+        paired=True,
+        vectorized=True,
+        n_resamples=20000,
+        method="percentile",
+        confidence_level=0.95,
+        random_state=np.random.default_rng(123),
+    ).confidence_interval
+    half = (ref.high - ref.low) / 2
+    # Monte Carlo error of each end is about 1% of the half-width at 20000 resamples
+    assert lo == pytest.approx(ref.low, abs=0.06 * half)
+    assert hi == pytest.approx(ref.high, abs=0.06 * half)
+    # delta method: Var(R) ~ sum_j (s_j - R c_j)^2 / (sum_j c_j)^2, the interval R +- 1.96 sd
+    sd = math.sqrt(((sums - ratio * counts) ** 2).sum()) / counts.sum()
+    assert (hi - lo) / 2 == pytest.approx(Z * sd, rel=0.1)
+    assert (lo + hi) / 2 == pytest.approx(ratio, abs=0.15 * half)
+    # what a wrong implementation would give is outside these tolerances
+    assert abs(np.mean(sums / counts) - ratio) > half  # the mean of per-sequence means
+    unpaired = np.random.default_rng(1).integers(0, len(sums), size=(2000, 2, len(sums)))
+    unpaired_sd = np.std(sums[unpaired[:, 0]].sum(1) / counts[unpaired[:, 1]].sum(1))
+    assert unpaired_sd > 1.3 * sd  # resampling sums and counts independently
+    assert 1.645 * sd < 0.9 * (hi - lo) / 2  # a 90% interval
+
+
+def test_bootstrap_edge_cases():
+    assert all(math.isnan(x) for x in bootstrap_ratio_interval([], []))
+    # every sequence with the same mean mass: no spread, the interval is that mass
+    lo, hi = bootstrap_ratio_interval([0.5, 1.0, 2.5], [5, 10, 25], samples=200)
+    assert lo == pytest.approx(0.1) and hi == pytest.approx(0.1)
+
+
+# ------------------------------------------------------------------------------------- the target
+def test_one_target_tilt_or_epsilon_never_two_that_disagree():
+    spec = TiltSpec(epsilon=0.02, mode="global", global_lambda=3.0)
+    assert audit_tilt(spec) is spec and audit_tilt(spec, epsilon=0.02) is spec
+    assert audit_tilt(0.05) == TiltSpec(epsilon=0.05)  # a float is epsilon with the default tilt
+    assert audit_tilt(None, epsilon=0.05) == TiltSpec(epsilon=0.05)  # epsilon= alone: the same
+    assert audit_tilt(torch.tensor(0.05, dtype=torch.float64)) == TiltSpec(epsilon=0.05)
+    with pytest.raises(ValueError, match="disagrees"):
+        audit_tilt(spec, epsilon=0.05)
+    with pytest.raises(ValueError, match="disagree"):
+        audit_tilt(0.1, epsilon=0.05)
+    with pytest.raises(ValueError, match="needs the target"):
+        audit_tilt(None)
+    with pytest.raises(ValueError, match="strictly between 0 and 1"):
+        audit_tilt(1.2)
+    with pytest.raises(ValueError, match="per-position"):
+        audit_tilt(torch.zeros(3))
+
+
+def test_audit_options_from_keywords_and_from_an_object():
+    import types
+
+    opts = AuditOptions().updated(batch_size=3, chunk_size=0)
+    assert (opts.batch_size, opts.chunk_size, opts.num_samples) == (3, 0, 3)
+    with pytest.raises(TypeError, match="bach_size"):
+        AuditOptions().updated(bach_size=3)
+    args = types.SimpleNamespace(batch_size=5, seed=9, output_dir="x", disable_tqdm=True)
+    opts = AuditOptions.from_object(args, progress=not args.disable_tqdm)
+    assert (opts.batch_size, opts.seed, opts.progress, opts.wilson_max_n) == (5, 9, False, 2048)
+    with pytest.raises(ValueError, match="max_sequences"):
+        AuditOptions(max_sequences=-1)
 
 
 # ------------------------------------------------------------------------------------- estimators
@@ -143,9 +212,8 @@ def test_delta_is_zero_when_the_model_is_the_tilted_target(model, corpora, token
         tilted,
         held,
         ids,
-        epsilon=0.05,
+        TiltSpec(epsilon=0.05, mode="global", global_lambda=lam),
         base=model,
-        tilt=TiltSpec(epsilon=0.05, mode="global", global_lambda=lam),
         num_samples=0,
         bootstrap_samples=10,
         progress=False,

@@ -20,60 +20,45 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from etu_hf.data.blocks import scored_positions
-from etu_hf.modeling.head import eval_mode, forward_hidden, head_fn, head_matches_logits, output_head
+from etu_hf.modeling.head import eval_mode, probe_hidden_states
+from etu_hf.modeling.states import scored_states
 from etu_hf.ops.bounds import SequenceBound, sequence_upper_bound
-from etu_hf.ops.chunked import kl_terms
-from etu_hf.ops.tilt import TiltSpec, forbidden_mass, tilted_log_probs
+from etu_hf.ops.chunked import (
+    DEFAULT_CHUNK_SIZE,
+    TILT_SUM_FIELDS,
+    chunked_forbidden_mass,
+    chunked_nll,
+    chunked_tilt_statistics,
+)
+from etu_hf.ops.tilt import Tilt
 
 
 def _device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _scored_states(
-    model: nn.Module, head: nn.Module, batch: dict[str, Any], mask: torch.Tensor, use_hidden: bool, base: Any = None
-) -> tuple[torch.Tensor, Any]:
-    """States at the scored positions ``[n, D]`` and the function that turns them into logits:
-    final hidden states with the output head (``use_hidden``), or full logits with ``None``.
-    With ``base`` (a BaseDistribution) the states are the base model's."""
-    device = mask.device
-    if base is not None:
-        h, fn = (base.hidden(batch), base.head(device)) if use_hidden else (base.logits(batch), None)
-    elif use_hidden:
-        h, fn = forward_hidden(model, head, batch, truncate=True)[0], head_fn(head, device)
-    else:
-        h, fn = forward_hidden(model, head, batch, truncate=False)[1].logits, None
-    return h[:, :-1][mask.to(h.device)], fn
+def _per_sequence(mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """float64 ``[B]``: the sum of ``values`` (one per scored position, in row-major order) in each row of ``mask``."""
+    full = torch.zeros(mask.shape, dtype=torch.float64, device=values.device)
+    full[mask.to(values.device)] = values.double()
+    return full.sum(1)
 
 
-def _logits(fn: Any, states: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return (fn(states) if fn is not None else states).to(device=device, dtype=torch.float32)
-
-
-def _chunks(model: nn.Module, batches: Iterable[dict[str, Any]], chunk_size: int):
-    """Yield ``(logits [c, V] float32, targets [c], sequence index [c])`` for scored positions."""
+def _scored_batches(model: nn.Module, batches: Iterable[dict[str, Any]], use_hidden: bool | None = None):
+    """Yield ``(batch, mask, targets, use_hidden)`` for each batch, moved to the model's device, with the
+    model in eval mode (its modes are restored afterwards). ``use_hidden=None``: the head probe decides
+    on the first batch."""
     device = _device_of(model)
-    head = output_head(model)
-    use_hidden: bool | None = None
-    seq_offset = 0
-    with torch.no_grad(), eval_mode(model):
+    with eval_mode(model):
         for batch in batches:
             batch = {k: v.to(device) for k, v in batch.items()}
             if use_hidden is None:
-                use_hidden = head_matches_logits(model, head, batch)
+                use_hidden = probe_hidden_states(model, batch)
             mask, targets = scored_positions(batch["input_ids"], batch.get("attention_mask"), batch.get("labels"))
-            sel_h, fn = _scored_states(model, head, batch, mask, use_hidden)
-            rows = torch.arange(mask.shape[0], device=device).unsqueeze(1).expand_as(mask)
-            sel_y = targets[mask]
-            sel_seq = rows[mask] + seq_offset
-            seq_offset += mask.shape[0]
-            for start in range(0, sel_h.shape[0], chunk_size):
-                logits = _logits(fn, sel_h[start : start + chunk_size], device)
-                yield logits, sel_y[start : start + chunk_size], sel_seq[start : start + chunk_size], seq_offset
+            yield batch, mask, targets, use_hidden
 
 
 @dataclass
@@ -99,48 +84,39 @@ class MassResult:
         return float((self.positions > threshold).mean())
 
 
+@torch.no_grad()
 def evaluate_mass(
     model: nn.Module,
     batches: Iterable[dict[str, Any]],
     forbidden_ids: torch.Tensor | list[int],
     *,
-    chunk_size: int = 1024,
+    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
     keep_positions: bool = False,
 ) -> MassResult:
-    """Mean probability mass the model puts on ``forbidden_ids`` at the scored positions of ``batches``."""
+    """Mean probability mass the model puts on ``forbidden_ids`` at the scored positions of ``batches``
+    (``chunk_size`` positions at a time through the output head; ``None`` or 0: all at once)."""
     ids = torch.as_tensor(forbidden_ids, dtype=torch.long, device=_device_of(model))
-    total = 0.0
-    count = 0
-    seq_sums: list[np.ndarray] = []
-    seq_counts: list[np.ndarray] = []
-    kept: list[np.ndarray] = []
-    n_seq = 0
-    for logits, _, seq, n_seq in _chunks(model, batches, chunk_size):
-        m = forbidden_mass(logits, ids).double()
-        total += float(m.sum())
-        count += m.numel()
-        seq_np = seq.cpu().numpy()
-        seq_sums.append(np.bincount(seq_np, weights=m.cpu().numpy(), minlength=n_seq))
-        seq_counts.append(np.bincount(seq_np, minlength=n_seq))
+    seq_sums: list[torch.Tensor] = []
+    seq_counts: list[torch.Tensor] = []
+    kept: list[torch.Tensor] = []
+    for batch, mask, _, use_hidden in _scored_batches(model, batches):
+        st = scored_states(model, batch, mask, use_hidden)
+        m = chunked_forbidden_mass(st.states, ids, head=st.head, chunk_size=chunk_size)
+        seq_sums.append(_per_sequence(mask, m).cpu())
+        seq_counts.append(mask.sum(1).cpu())
         if keep_positions:
-            kept.append(m.float().cpu().numpy())
-    sums = _pad_sum(seq_sums, n_seq)
-    counts = _pad_sum(seq_counts, n_seq).astype(np.int64)
+            kept.append(m.float().cpu())
+    sums = torch.cat(seq_sums).numpy() if seq_sums else np.zeros(0)
+    counts = torch.cat(seq_counts).numpy().astype(np.int64) if seq_counts else np.zeros(0, dtype=np.int64)
+    count = int(counts.sum())
     return MassResult(
-        mean=total / count if count else math.nan,
+        mean=float(sums.sum()) / count if count else math.nan,
         n_positions=count,
         n_sequences=int((counts > 0).sum()),
         sequence_sums=sums[counts > 0],
         sequence_counts=counts[counts > 0],
-        positions=np.concatenate(kept) if keep_positions and kept else (np.zeros(0) if keep_positions else None),
+        positions=torch.cat(kept).numpy() if kept else (np.zeros(0) if keep_positions else None),
     )
-
-
-def _pad_sum(parts: list[np.ndarray], n: int) -> np.ndarray:
-    out = np.zeros(n)
-    for p in parts:
-        out[: len(p)] += p
-    return out
 
 
 @dataclass
@@ -152,15 +128,18 @@ class PerplexityResult:
     n_positions: int
 
 
+@torch.no_grad()
 def evaluate_perplexity(
-    model: nn.Module, batches: Iterable[dict[str, Any]], *, chunk_size: int = 1024
+    model: nn.Module, batches: Iterable[dict[str, Any]], *, chunk_size: int | None = DEFAULT_CHUNK_SIZE
 ) -> PerplexityResult:
     """Perplexity of the model on ``batches``: the exponential of the mean NLL over scored positions."""
     total = 0.0
     count = 0
-    for logits, targets, _, _ in _chunks(model, batches, chunk_size):
-        total += float(F.cross_entropy(logits, targets, reduction="sum").double())
-        count += targets.numel()
+    for batch, mask, targets, use_hidden in _scored_batches(model, batches):
+        st = scored_states(model, batch, mask, use_hidden)
+        out = chunked_nll(st.states, targets[mask], student_head=st.head, chunk_size=chunk_size)
+        total += float(out.nll_sum)
+        count += int(mask.sum())
     mean = total / count if count else math.nan
     return PerplexityResult(perplexity=math.exp(mean) if count else math.nan, mean_nll=mean, n_positions=count)
 
@@ -186,33 +165,18 @@ class TiltStatistics:
     sequence_sums: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)
     sequence_counts: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)
 
-    @property
-    def mean_mass(self) -> float:
-        return self.mass_sum / self.n_positions if self.n_positions else math.nan
+    def _per_position(self, total: float) -> float:
+        return total / self.n_positions if self.n_positions else math.nan
 
-    @property
-    def delta(self) -> float:
-        return self.kl_sum / self.n_positions if self.n_positions else math.nan
-
-    @property
-    def mean_target_mass(self) -> float:
-        return self.target_mass_sum / self.n_positions if self.n_positions else math.nan
-
-    @property
-    def mean_lambda(self) -> float:
-        return self.lambda_sum / self.n_positions if self.n_positions else math.nan
-
-    @property
-    def clamped_share(self) -> float:
-        return self.clamped_sum / self.n_positions if self.n_positions else math.nan
+    mean_mass = property(lambda self: self._per_position(self.mass_sum))
+    delta = property(lambda self: self._per_position(self.kl_sum))
+    mean_target_mass = property(lambda self: self._per_position(self.target_mass_sum))
+    mean_lambda = property(lambda self: self._per_position(self.lambda_sum))
+    clamped_share = property(lambda self: self._per_position(self.clamped_sum))
 
     def upper_bound(self, seed: int = 0) -> SequenceBound:
         """The sequence-level upper bound of :attr:`mean_mass` (:func:`etu_hf.ops.bounds.sequence_upper_bound`)."""
         return sequence_upper_bound(self.sequence_sums, self.sequence_counts, seed=seed)
-
-
-#: Columns of the totals returned by :func:`tilt_statistic_sums`.
-TILT_SUM_FIELDS = ("mass", "kl", "target_mass", "lambda", "positions", "clamped")
 
 
 @torch.no_grad()
@@ -221,62 +185,40 @@ def tilt_statistic_sums(
     base: Any,
     batches: Iterable[dict[str, Any]],
     forbidden_ids: torch.Tensor,
-    tilt: TiltSpec,
+    tilt: Tilt,
     *,
-    chunk_size: int = 1024,
+    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
     use_hidden: bool = True,
     weights: Iterable[float] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Totals and per-sequence sums of the model against its tilted target on ``batches``.
 
     Returns ``(totals, per_sequence)``: ``totals`` is float64 ``[6]`` with the sums of
-    :data:`TILT_SUM_FIELDS` (mass on S, KL(pi_theta || q_lam), q_lam(S), lambda, positions, clamped
-    positions); ``per_sequence`` is float64 ``[k, 2]``: (summed mass, scored positions) of each
-    sequence, in batch order. Both on the model's device.
+    :data:`~etu_hf.ops.chunked.TILT_SUM_FIELDS` (mass on S, KL(pi_theta || q_lam), q_lam(S), lambda,
+    positions, clamped positions; :func:`~etu_hf.ops.chunked.tilt_statistic_terms`); ``per_sequence`` is
+    float64 ``[k, 2]``: (summed mass, scored positions) of each sequence, in batch order. Both on the
+    model's device.
 
-    ``base`` is a :class:`~etu_hf.modeling.base.BaseDistribution`. ``weights`` (one per batch, default 1)
-    lets a process run a batch with weight 0, so that every process runs the same number of forward
-    passes (needed by sharded models); such a batch adds nothing and its sequences get count 0.
-    Model modes are restored afterwards.
+    ``base`` is a :class:`~etu_hf.modeling.base.BaseDistribution`; ``tilt`` a
+    :class:`~etu_hf.ops.tilt.TiltSpec` or a float lambda (see :func:`~etu_hf.ops.tilt.resolve_lambdas`).
+    ``weights`` (one per batch, default 1) lets a process run a batch with weight 0, so that every process
+    runs the same number of forward passes (needed by sharded models); such a batch adds nothing and its
+    sequences get count 0. Model modes are restored afterwards.
     """
     device = _device_of(model)
-    head = output_head(model)
     ids = forbidden_ids.to(device)
     sums = torch.zeros(len(TILT_SUM_FIELDS), dtype=torch.float64, device=device)
     per_seq: list[torch.Tensor] = []
     weights = list(weights) if weights is not None else None
-    with eval_mode(model):
-        for k, batch in enumerate(batches):
-            w = 1.0 if weights is None else float(weights[k])
-            batch = {key: v.to(device) for key, v in batch.items()}
-            mask, _ = scored_positions(batch["input_ids"], batch.get("attention_mask"), batch.get("labels"))
-            sel_s, s_head = _scored_states(model, head, batch, mask, use_hidden)
-            sel_b, b_head = _scored_states(model, head, batch, mask, use_hidden, base=base)
-            rows = torch.arange(mask.shape[0], device=device).unsqueeze(1).expand_as(mask)[mask]
-            seq = torch.zeros(mask.shape[0], 2, dtype=torch.float64, device=device)
-            for start in range(0, sel_s.shape[0], chunk_size):
-                zs = _logits(s_head, sel_s[start : start + chunk_size], device)
-                zb = _logits(b_head, sel_b[start : start + chunk_size], device)
-                lam, clamped = tilt.lambdas(zb, ids, return_clamped=True)
-                log_q = tilted_log_probs(zb, ids, lam)
-                log_p = torch.log_softmax(zs, -1)
-                kl = kl_terms(log_p.exp(), log_p, log_q).sum(-1)
-                mass = torch.exp(torch.logsumexp(log_p[:, ids], -1))
-                part = torch.stack(
-                    [
-                        mass.sum(),
-                        kl.sum(),
-                        torch.exp(torch.logsumexp(log_q[:, ids], -1)).sum(),
-                        lam.sum() if isinstance(lam, torch.Tensor) else zs.new_tensor(lam * zs.shape[0]),
-                        zs.new_tensor(float(zs.shape[0])),
-                        clamped.sum(),
-                    ]
-                ).double()
-                sums += w * part
-                r = rows[start : start + chunk_size]
-                seq[:, 0].index_add_(0, r, mass.double())
-                seq[:, 1].index_add_(0, r, torch.ones_like(mass, dtype=torch.float64))
-            per_seq.append(seq * w)
+    for k, (batch, mask, _, _) in enumerate(_scored_batches(model, batches, use_hidden)):
+        w = 1.0 if weights is None else float(weights[k])
+        s = scored_states(model, batch, mask, use_hidden)
+        b = scored_states(base, batch, mask, use_hidden)
+        terms = chunked_tilt_statistics(
+            s.states, b.states, ids, tilt, student_head=s.head, base_head=b.head, chunk_size=chunk_size
+        )
+        sums += w * terms.sum(0)
+        per_seq.append(w * torch.stack([_per_sequence(mask, terms[:, 0]), mask.sum(1).double()], -1))
     per_sequence = torch.cat(per_seq) if per_seq else torch.zeros(0, 2, dtype=torch.float64, device=device)
     return sums, per_sequence
 

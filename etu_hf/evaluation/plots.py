@@ -18,14 +18,9 @@ def plot_histogram(base_positions: Any, updated_positions: Any, epsilon: float, 
     ax.hist(updated_positions, bins=bins, alpha=0.5, label=f"unlearned (mean {np.mean(updated_positions):.3f})")
     ax.axvline(epsilon, color="red", linestyle="--", label=f"epsilon = {epsilon}")
     ax.set_yscale("log")
-    ax.set_xlabel("mass on V_S at a held-out forget position")
-    ax.set_ylabel("positions")
     ax.set_title("Per-position mass on the forbidden set")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    _label(ax, "mass on V_S at a held-out forget position", "positions")
+    return _save(plt, fig, path)
 
 
 def plot_activations(activations: dict[str, list[dict[str, float]]], path: str) -> str | None:
@@ -41,14 +36,19 @@ def plot_activations(activations: dict[str, list[dict[str, float]]], path: str) 
         ax_c.plot(layers, [r["cosine"] for r in rows], marker="o", label=split)
     from matplotlib.ticker import MaxNLocator
 
-    for ax in (ax_n, ax_c):
+    for ax, ylabel in ((ax_n, "mean hidden-state norm"), (ax_c, "mean cosine(unlearned, base)")):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax_n.set_xlabel("layer")
-    ax_n.set_ylabel("mean hidden-state norm")
-    ax_n.legend()
-    ax_c.set_xlabel("layer")
-    ax_c.set_ylabel("mean cosine(unlearned, base)")
-    ax_c.legend()
+        _label(ax, "layer", ylabel)
+    return _save(plt, fig, path)
+
+
+def _label(ax: Any, xlabel: str, ylabel: str) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend()
+
+
+def _save(plt: Any, fig: Any, path: str) -> str:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -6,9 +6,15 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from etu_hf.artifacts.files import write_json
+from etu_hf.ops.bounds import bootstrap_ratio_interval, pinsker_slack, sequence_upper_bound, wilson_upper
+
+if TYPE_CHECKING:
+    from etu_hf.evaluation.measures import MassResult, PerplexityResult, TiltStatistics
+    from etu_hf.forbidden_set import ForbiddenSet
+    from etu_hf.ops.tilt import TiltSpec
 
 REPORT_FORMAT = "etu-hf/suppression-report"
 
@@ -234,3 +240,67 @@ class AuditReport:
             f.write(self.to_markdown())
         paths["markdown"] = md
         return paths
+
+
+def build_report(
+    fs: ForbiddenSet,
+    vocab: int,
+    tilt: TiltSpec,
+    opts: Any,
+    updated: MassResult,
+    base: MassResult,
+    stats: TiltStatistics,
+    ppl_updated: PerplexityResult | None,
+    ppl_base: PerplexityResult | None,
+) -> AuditReport:
+    """The report of the audit's measurements: bounds and verdict (what each number means: :data:`DEFINITIONS`).
+
+    ``opts`` is the audit's :class:`~etu_hf.evaluation.audit.AuditOptions` (``wilson_max_n``,
+    ``bootstrap_samples``, ``seed``); the caller fills in retain sequences, samples, activations and sources."""
+    eps = tilt.epsilon
+    n_wilson = min(updated.n_positions, opts.wilson_max_n)
+    bounds = {
+        name: sequence_upper_bound(m.sequence_sums, m.sequence_counts, seed=opts.seed)
+        for name, m in (("base", base), ("updated", updated))
+    }
+    slack = pinsker_slack(stats.delta)
+    per_model = {}
+    for name, m in (("base", base), ("updated", updated)):
+        per_model[f"{name}_p_S"] = m.mean
+        per_model[f"{name}_p_S_upper"] = bounds[name].upper
+        per_model[f"{name}_p_S_token_wilson_upper"] = wilson_upper(m.mean, n_wilson)
+        per_model[f"{name}_p_S_bootstrap_95"] = bootstrap_ratio_interval(
+            m.sequence_sums, m.sequence_counts, opts.bootstrap_samples, opts.seed
+        )
+        per_model[f"share_above_epsilon_{name}"] = m.share_above(eps)
+    perplexity = {
+        "retain_positions": ppl_updated.n_positions if ppl_updated else None,
+        "base_perplexity": ppl_base.perplexity if ppl_base else None,
+        "updated_perplexity": ppl_updated.perplexity if ppl_updated else None,
+        "perplexity_ratio": ppl_updated.perplexity / ppl_base.perplexity if ppl_base else None,
+    }
+    return AuditReport(
+        epsilon=eps,
+        V_S_size=len(fs),
+        V_S_fraction=len(fs) / vocab,
+        vocab_size=vocab,
+        forget_sequences=updated.n_sequences,
+        forget_positions=updated.n_positions,
+        upper_bound=bounds["updated"].to_dict(),
+        token_wilson_n=n_wilson,
+        wilson_max_n=opts.wilson_max_n,
+        bootstrap_samples=opts.bootstrap_samples,
+        suppression_ratio=updated.mean / base.mean if base.mean > 0 else math.nan,
+        delta=stats.delta,
+        mean_target_mass=stats.mean_target_mass,
+        pinsker_bound=eps + slack,
+        pinsker_bound_from_target=stats.mean_target_mass + slack,
+        retain_sequences=None,
+        target_achieved=bool(updated.mean <= eps),
+        target_achieved_upper=bool(bounds["updated"].upper <= eps),
+        clamped_share=stats.clamped_share,
+        tilt=tilt.to_dict(),
+        seconds=0.0,
+        **per_model,
+        **perplexity,
+    )

@@ -1,4 +1,8 @@
-"""The base distribution pi_b: the model with its adapters disabled (PEFT) or a frozen copy."""
+"""The base distribution pi_b (docs/method.md, "The loss").
+
+:class:`AdapterDisabledBase` for PEFT models (the same model under ``disable_adapter()``, no second copy)
+or :class:`FrozenCopyBase` (a frozen copy, optionally kept on CPU, or a user-given reference model).
+"""
 
 from __future__ import annotations
 
@@ -28,9 +32,6 @@ class BaseDistribution(abc.ABC):
     Subclasses implement :meth:`_forward` (a no-grad, eval-mode forward of the base model).
     """
 
-    #: True when no second copy of the weights exists (PEFT adapters disabled).
-    shares_weights: bool = False
-
     @abc.abstractmethod
     def _forward(self, batch: dict[str, Any], truncate: bool) -> tuple[torch.Tensor, Any]:
         """(hidden states entering the head, model outputs) of a no-grad, eval-mode base forward."""
@@ -55,9 +56,8 @@ class BaseDistribution(abc.ABC):
 
 
 class AdapterDisabledBase(BaseDistribution):
-    """pi_b of a PEFT model: the same model with its adapters disabled, in eval mode, without grad."""
-
-    shares_weights = True
+    """pi_b of a PEFT model: the same model with its adapters disabled, in eval mode, without grad
+    (no second copy of the weights)."""
 
     def __init__(self, peft_model: nn.Module):
         self.model = unwrap_model(peft_model)
@@ -66,7 +66,7 @@ class AdapterDisabledBase(BaseDistribution):
 
     @torch.no_grad()
     def _forward(self, batch: dict[str, Any], truncate: bool) -> tuple[torch.Tensor, Any]:
-        with self.model.disable_adapter(), eval_mode(self.model):
+        with adapters_disabled(self.model), eval_mode(self.model):
             return forward_hidden(self.model, self._head, batch, truncate=truncate)
 
     def head(self, out_device: torch.device) -> Any:
@@ -74,7 +74,7 @@ class AdapterDisabledBase(BaseDistribution):
 
     @contextlib.contextmanager
     def as_model(self) -> Iterator[nn.Module]:
-        with self.model.disable_adapter():
+        with adapters_disabled(self.model):
             yield self.model
 
 
@@ -103,12 +103,8 @@ class FrozenCopyBase(BaseDistribution):
         return head_fn(self._head, out_device)
 
 
-@contextlib.contextmanager
-def adapters_disabled(model: nn.Module) -> Iterator[None]:
-    """``model.disable_adapter()`` for a PEFT model (the base distribution), a no-op otherwise."""
+def adapters_disabled(model: nn.Module) -> contextlib.AbstractContextManager:
+    """PEFT's ``disable_adapter()`` context of ``model`` (the base distribution), a no-op context for a
+    model without adapters: the pattern of TRL's ``use_adapter(model, None)``."""
     m = unwrap_model(model)
-    if is_peft_model(m):
-        with m.disable_adapter():
-            yield
-    else:
-        yield
+    return m.disable_adapter() if is_peft_model(m) else contextlib.nullcontext()

@@ -1,13 +1,12 @@
-"""Model plumbing: unwrapping, checks, the output head, hidden-state capture, the base distribution.
+"""Model plumbing: unwrapping, the output head, hidden-state capture and the head probe.
 
 The chunked losses need the hidden states that enter the output head (``lm_head``) rather than the
 logits, so that no ``[B, T, |V|]`` tensor is ever built. :class:`HeadInputCapture` records the head's
 input during an ordinary forward through the (possibly DDP/DeepSpeed-wrapped) model and, with
 ``truncate=True``, hands the head an empty slice so that the model computes no logits at all.
 
-The base distribution pi_b (docs/method.md, "The loss") comes from :class:`AdapterDisabledBase` for PEFT
-models (the same model under ``disable_adapter()``, no second copy) or :class:`FrozenCopyBase` (a
-frozen copy, optionally kept on CPU, or a user-given reference model).
+The base distribution pi_b lives in :mod:`etu_hf.modeling.base`; the one producer of scored states,
+for the model and the base alike, in :mod:`etu_hf.modeling.states`.
 """
 
 from __future__ import annotations
@@ -151,7 +150,7 @@ def forward_hidden(model: nn.Module, head: nn.Module, batch: dict[str, Any], tru
 
 def head_matches_logits(model: nn.Module, head: nn.Module, batch: dict[str, Any]) -> bool:
     """True when ``head(hidden) == logits`` for this model, i.e. the model does not post-process the
-    head's output (logit soft-capping, scaling). Checked once before training."""
+    head's output (logit soft-capping, scaling). Prefer :func:`probe_hidden_states`, which finds the head."""
     with torch.no_grad(), eval_mode(model):
         h, out = forward_hidden(model, head, batch, truncate=False)
         logits = out.logits if hasattr(out, "logits") else out[0]
@@ -162,6 +161,15 @@ def head_matches_logits(model: nn.Module, head: nn.Module, batch: dict[str, Any]
     tol = 1e-4 if logits.dtype == torch.float32 else 2e-2
     scale = ref.abs().max().clamp_min(1.0)
     return bool(((again.float() - ref).abs().max() / scale) <= tol)
+
+
+def probe_hidden_states(model: nn.Module, batch: dict[str, Any]) -> bool:
+    """The head probe, run once on one batch: True when the losses and measurements may score the
+    hidden states entering the output head (``head(hidden) == logits``), False when the model
+    post-processes its logits and the full logits must be used. ``model`` may be wrapped (DDP, PEFT)."""
+    device = next(model.parameters()).device
+    moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    return head_matches_logits(unwrap_model(model), output_head(model), moved)
 
 
 def _output_head_trainable(model: nn.Module) -> bool:
@@ -181,14 +189,15 @@ def _output_head_adapted_without_resize(model: nn.Module) -> bool:
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """Strip DDP / DeepSpeed / compile wrappers (anything holding the real model in ``.module``)."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif isinstance(model, nn.parallel.DistributedDataParallel) or type(model).__name__ == "DeepSpeedEngine":
-            model = model.module
-        else:
-            return model
+    """The model inside DDP / DeepSpeed / FSDP / ``torch.compile`` wrappers: accelerate's
+    ``extract_model_from_parallel`` (mixed-precision forward hooks are kept)."""
+    if not (hasattr(model, "module") or hasattr(model, "_orig_mod")):
+        # Not wrapped (every wrapper holds the model in one of these). A fast path: accelerate reads
+        # package metadata on every call (milliseconds), and this runs several times per step.
+        return model
+    from accelerate.utils import extract_model_from_parallel
+
+    return extract_model_from_parallel(model, keep_torch_compile=False)
 
 
 def is_peft_model(model: nn.Module) -> bool:
