@@ -14,7 +14,8 @@ import torch
 from peft import LoraConfig
 from safetensors.torch import load_file
 
-from etu_hf import AdaptiveLambdaCallback, ETUTrainer
+from etu_hf import AdaptiveLambdaCallback, ETUTrainer, evaluate_mass
+from etu_hf.data.blocks import iter_batches
 from etu_hf.ops.bounds import sequence_upper_bound
 from etu_hf.training.controller import ControllerSettings, ControllerState, HeldoutMeasurement, controller_step
 
@@ -59,6 +60,36 @@ def test_rule_raises_lowers_and_holds_in_logit_space():
     # and the offset is clamped at the ceiling
     _, rec = controller_step(ControllerState(offset=99.5), s, HeldoutMeasurement(mass=0.5, upper=0.6), bounds)
     assert rec["offset"] == 100.0 and rec["offset_at_bound"]
+
+
+def test_settings_come_from_the_training_arguments_with_overrides(tmp_path):
+    from etu_hf import ETUTrainingArguments
+
+    args = ETUTrainingArguments(
+        output_dir=str(tmp_path), epsilon=0.1, lambda_update_freq=7, lambda_eta=0.3, use_upper_for_lambda=False
+    )
+    s = ControllerSettings.from_args(args, band=0.2, step_max=None)
+    assert (s.epsilon, s.update_freq, s.eta, s.band, s.use_upper) == (0.1, 7, 0.3, 0.2, False)
+    assert s.step_max == args.lambda_step_max == 2.0  # None does not override
+    defaults = ETUTrainingArguments(output_dir=str(tmp_path))
+    assert ControllerSettings() == ControllerSettings.from_args(defaults)  # one set of defaults
+    with pytest.raises(ValueError, match=r"lambda_band \(band\)"):
+        ControllerSettings.from_args(args, band=-1.0)
+
+
+def test_the_tilt_state_is_the_one_owner_of_the_offset(tmp_path):
+    from etu_hf import ETUTrainingArguments
+    from etu_hf.training.tilt_state import TiltState
+
+    per_position = TiltState(ETUTrainingArguments(output_dir=str(tmp_path), lambda_max=20.0), None)
+    assert per_position.set_offset(-3.0) == 0.0 and per_position.set_offset(25.0) == 20.0
+    assert per_position.tilt_spec().offset == 20.0
+    glob = TiltState(ETUTrainingArguments(output_dir=str(tmp_path), lambda_mode="global", lambda_max=20.0), None)
+    glob.set_offset(30.0)  # the range is unknown before p_S: kept, then clamped once p_S is known
+    glob.set_base_mass(0.5, 100)
+    assert glob.global_lambda == pytest.approx(-_logit(0.05))
+    assert glob.offset == pytest.approx(20.0 - glob.global_lambda)
+    assert glob.tilt_spec().global_value() == pytest.approx(20.0)
 
 
 def test_point_estimate_decides_without_use_upper():
@@ -232,9 +263,16 @@ def test_measurement_restores_train_and_eval_modes(model, tokenizer, corpora, ma
     frozen.eval()  # a submodule deliberately in eval mode stays so
     modes = {id(m): m.training for m in trainer.model.modules()}
     trainer._setup_target()
-    stats = trainer.measure_heldout()
+    stats = trainer.heldout_probe.measure()
     assert stats.n_positions > 0 and 0 <= stats.mean_mass <= 1 and stats.delta >= 0
     assert {id(m): m.training for m in trainer.model.modules()} == modes
+    # the probe's numbers are those of one pass over the held-out slice, computed here without it
+    S = torch.tensor(trainer.forbidden_set.ids)
+    with torch.no_grad():
+        direct = evaluate_mass(trainer.model, iter_batches(trainer.heldout_dataset, None, 5), S)
+    assert stats.n_positions == direct.n_positions
+    assert stats.mean_mass == pytest.approx(direct.mean, rel=1e-5)
+    assert len(stats.sequence_sums) == len(trainer.heldout_dataset)
 
 
 def test_heldout_slice_is_never_trained_on(model, tokenizer, corpora, make_args):
@@ -317,7 +355,9 @@ def test_user_supplied_callback_is_bound_and_overrides_arguments(model, tokenize
         callbacks=[cb],
         retain_dataset=corpora["retain"],
     )
-    assert trainer.lambda_controller is cb and cb.trainer is trainer
+    assert trainer.lambda_controller is cb
+    assert cb.tilt is trainer.tilt_state and cb.probe is trainer.heldout_probe  # bound to the run, not the trainer
+    assert not hasattr(cb, "trainer")
     assert cb.settings.update_freq == 3 and cb.settings.eta == 0.1 and trainer.heldout_dataset is not None
     trainer.train()
     assert [h["step"] for h in cb.history] == [3, 6]
@@ -387,7 +427,7 @@ def test_stop_when_certified_stops_after_n_certified_updates_in_a_row():
     cb = AdaptiveLambdaCallback(update_freq=5, stop_when_certified=2)
     cb.settings = ControllerSettings(epsilon=0.05, update_freq=5, stop_when_certified=2)
     uppers = iter([0.08, 0.04, 0.06, 0.045, 0.03])
-    cb.update = lambda step: cb.state.history.append({"step": step, "heldout_upper": next(uppers)})
+    cb.update = lambda step, args=None: cb.history.append({"step": step, "heldout_upper": next(uppers)})
     state, control = TrainerState(), TrainerControl()
     stopped_at = None
     for step in range(1, 26):

@@ -230,7 +230,16 @@ def test_artifacts_logging_evaluate_save_and_model_card(
     logged = [h for h in trainer.state.log_history if "etu/pi_s" in h]
     assert len(logged) == 2
     ev = trainer.evaluate()
-    assert {"eval_loss", "eval_pi_s", "eval_q_s", "eval_base_p_s", "eval_lambda"} <= set(ev)
+    assert {"eval_loss", "eval_etu/pi_s", "eval_etu/q_s", "eval_etu/base_p_s", "eval_etu/lambda"} <= set(ev)
+    # one naming for train and eval: the eval metrics are the training ones (no retain term in eval), prefixed
+    trained_keys = {k for k in logged[-1] if k.startswith("etu/")} - {"etu/retain_loss"}
+    assert {k.removeprefix("eval_") for k in ev if k.startswith("eval_etu/")} == trained_keys
+    # on the held-out forget data the model is not trained on: its mass is the model's own, not a training number
+    heldout_ids = torch.tensor(trainer.forbidden_set.ids)
+    direct = evaluate_mass(trainer.model, iter_batches(corpora["forget_heldout"], None, 16), heldout_ids)
+    assert ev["eval_etu/pi_s"] == pytest.approx(direct.mean, rel=1e-4)
+    assert ev["eval_etu/forget_positions"] == direct.n_positions
+    assert ev["eval_etu/q_s"] <= trainer.args.epsilon + 1e-6  # the per-position target is min(p, epsilon)
     save_dir = tmp_path / "saved"
     trainer.save_model(str(save_dir))
     assert (save_dir / "adapter_model.safetensors").exists() and (save_dir / "V_S.ids.json").exists()
@@ -457,7 +466,7 @@ def test_adapter_on_the_output_head_is_saved_without_a_copy_of_the_head(model, t
 
 
 def test_adapter_that_leaves_the_head_frozen_is_warned_about(model, tokenizer, corpora, make_args, caplog):
-    with caplog.at_level("WARNING", logger="etu_hf.training.trainer"):
+    with caplog.at_level("WARNING", logger="etu_hf.training"):
         ETUTrainer(
             model=model,
             args=make_args(max_steps=1),

@@ -1,0 +1,204 @@
+"""The part of ``ETUTrainer`` that records the run (docs/artifacts.md): ``train()`` with etu-hf's rules
+for ``output_dir`` (V_S.ids.json and args.json first, metrics.json at the end), the run state in
+every checkpoint, ``audit()`` (which completes metrics.json) and saving the model.
+
+:class:`RunRecords` is a mixin of :class:`~etu_hf.training.trainer.ETUTrainer` (before
+``transformers.Trainer`` in its bases); it uses the trainer's ``tilt_state``, ``base``, ``_metrics``,
+``lambda_controller``, the datasets and ``run_arguments``. The numbers and files themselves are
+assembled in :mod:`etu_hf.training.run_state`.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import time
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from etu_hf.artifacts.files import ARGS_FILE, write_json
+from etu_hf.artifacts.run_folder import RunFolder, check_output_dir, resolve_resume_checkpoint
+from etu_hf.forbidden_set import FORBIDDEN_SET_FILE
+from etu_hf.modeling.head import _output_head_adapted_without_resize, is_peft_model, unwrap_model
+from etu_hf.training import run_state
+
+logger = logging.getLogger(__name__)
+
+
+class RunRecords:
+    """``train``/``audit``/saving of ``ETUTrainer``: what a run writes besides the Trainer's own files."""
+
+    #: Tags added to model cards and hub commits.
+    _tag_names: list[str]
+
+    def train(
+        self,
+        resume_from_checkpoint: str | bool | None = None,
+        trial: Any = None,
+        ignore_keys_for_eval: list[str] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """``Trainer.train`` with etu-hf's rules for ``output_dir``; writes V_S.ids.json and args.json
+        first and metrics.json at the end.
+
+        Before anything is written, ``output_dir`` is checked (writable; no previous run unless
+        ``overwrite_output_dir`` or a resume) and ``resume_from_checkpoint`` (``True``/``"true"`` for
+        the last complete checkpoint, or a path) is resolved to a complete checkpoint whose V_S is this
+        run's. The writes happen inside a :class:`~etu_hf.artifacts.run_folder.RunFolder`: a failure leaves
+        ``output_dir`` as it was found, complete checkpoints excepted. After a resume, metrics.json
+        still covers the whole run (the loss and statistic sums so far are saved in every checkpoint).
+        """
+        a = self.args
+        check_output_dir(a.output_dir, a.overwrite_output_dir, resume_from_checkpoint)
+        # Every process checks before any writes: otherwise a slower process sees the main one's
+        # V_S.ids.json and takes this run for a previous one.
+        self.accelerator.wait_for_everyone()
+        if self.forget_dataset is None:
+            raise ValueError("ETUTrainer.train needs a train_dataset (the forget data)")
+        if self.forbidden_set is None:
+            raise ValueError("no forbidden set V_S: pass forbidden_set= or a train_dataset to build it from")
+        resume = resolve_resume_checkpoint(resume_from_checkpoint, a.output_dir)
+        if resume is not None:
+            run_state.check_checkpoint_forbidden_set(resume, self.forbidden_set)
+        self._metrics.reset()
+        main = self.is_world_process_zero()
+        self._run_before = run_state.restore_run_state(resume, self._metrics.total, main, a.device)
+        controller = self.lambda_controller
+        if controller is not None and resume is not None and not controller.load_from_checkpoint(resume):
+            logger.warning("%s holds no lambda controller state (etu_controller.json); the controller restarts", resume)
+        with RunFolder(a.output_dir, a.overwrite_output_dir, resume is not None, main):
+            if main:
+                self.forbidden_set.save(os.path.join(a.output_dir, FORBIDDEN_SET_FILE))
+                write_json(os.path.join(a.output_dir, ARGS_FILE), {**a.to_dict(), **self.run_arguments})
+            self._train_start = time.time()
+            output = super().train(
+                resume_from_checkpoint=resume, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval, **kwargs
+            )
+            self.training_metrics = self._training_metrics(output, time.time() - self._train_start)
+            if main:
+                run_state.write_metrics(a.output_dir, self.training_metrics)
+        return output
+
+    def _loss_sum(self) -> float:
+        """The training loss summed over every step of the run so far (a collective under DDP)."""
+        unlogged = getattr(self, "_tr_loss", None)  # the Trainer's loss sum since the last log
+        unlogged = unlogged.detach().clone() if unlogged is not None else torch.zeros((), device=self.args.device)
+        if self.args.world_size > 1:
+            unlogged = self.accelerator.reduce(unlogged, reduction="mean")
+        before = getattr(self, "_run_before", None) or {"loss_sum": 0.0}
+        return before["loss_sum"] + getattr(self, "_total_loss_scalar", 0.0) + float(unlogged)
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        """``Trainer._save_checkpoint``, with :data:`~etu_hf.training.run_state.RUN_STATE_FILE` written first."""
+        before = getattr(self, "_run_before", None) or {"training_seconds": 0.0}
+        seconds = before["training_seconds"] + time.time() - getattr(self, "_train_start", time.time())
+        stats = self._metrics.total.snapshot(self._reduce(), self.args.device)
+        state = run_state.run_state(self.state.global_step, self._loss_sum(), seconds, stats)
+        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        if self.args.should_save:
+            write_json(os.path.join(folder, run_state.RUN_STATE_FILE), state)
+        super()._save_checkpoint(model, trial)
+
+    def _training_metrics(self, output: Any, duration: float) -> dict[str, Any]:
+        before = self._run_before
+        self._metrics.pop("train", self._reduce())  # the unlogged tail, if any, is the final window
+        if before["complete"]:  # the mean loss per step over the whole run, steps before a resume included
+            train_loss = (before["loss_sum"] + getattr(self, "_total_loss_scalar", 0.0)) / max(
+                self.state.global_step, 1
+            )
+        else:
+            train_loss = getattr(output, "training_loss", None)
+        return run_state.training_metrics(
+            tilt=self.tilt_state,
+            vocab_size=self.vocab_size,
+            state=self.state,
+            controller=self.lambda_controller,
+            final=self._metrics.last_train,
+            total=self._metrics.total.read(self._reduce()) or {},
+            train_loss=train_loss,
+            before=before,
+            duration=duration,
+        )
+
+    def audit(
+        self, forget_data: Any = None, retain_data: Any = None, output_dir: str | None = None, **kwargs: Any
+    ) -> Any:
+        """Audit the trained model with :func:`etu_hf.audit` against this trainer's base distribution,
+        V_S and current tilt (including the controller's offset).
+
+        ``forget_data`` defaults to ``eval_dataset`` when given, else the controller's held-out slice;
+        it must not be training data. ``kwargs`` go to :func:`etu_hf.audit` (``overwrite``,
+        ``num_samples``, ``analyze_activations``, ...). Files are written by the main process only.
+        Audited into the run's own ``output_dir``, the report's summary (``heldout``) and the data's
+        block counts (``data``) are added to its metrics.json and to :attr:`training_metrics`.
+        """
+        from etu_hf.evaluation.audit import audit
+
+        if forget_data is None:
+            forget_data = self.eval_dataset if self.eval_dataset is not None else self.heldout_dataset
+        if forget_data is None:
+            raise ValueError("audit: no held-out forget data; pass forget_data= (never the training data)")
+        if self.tilt_state.needs_base_mass:
+            self._setup_target()
+        a, main = self.args, self.is_world_process_zero()
+        options = dict(
+            base=self.base,
+            retain_data=retain_data,
+            tokenizer=self.processing_class,
+            collator=self._user_collator,
+            batch_size=a.per_device_eval_batch_size,
+            chunk_size=a.loss_chunk_size,
+            wilson_max_n=a.wilson_max_n,
+            seed=a.seed,
+            progress=not a.disable_tqdm and main,
+        )
+        options.update(kwargs)
+        target = output_dir if main else None
+        report = audit(self.model, forget_data, self.forbidden_set, tilt=self.tilt_spec(), output_dir=target, **options)
+        if target is not None and os.path.abspath(target) == os.path.abspath(a.output_dir):
+            data = run_state.data_counts(
+                self.forget_dataset,
+                self.heldout_dataset,
+                self.retain_dataset,
+                forget_data,
+                retain_data,
+                self.run_arguments.get("block_size"),
+            )
+            heldout = run_state.audit_summary(report)
+            self.training_metrics = run_state.update_metrics(target, self.training_metrics, data=data, heldout=heldout)
+        return report
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """``Trainer.save_model`` plus V_S.ids.json beside the weights (checkpoints included), so any
+        saved folder can be audited on its own."""
+        super().save_model(output_dir, _internal_call=_internal_call)
+        target = output_dir or self.args.output_dir
+        if self.forbidden_set is not None and self.args.should_save and os.path.isdir(target):
+            self.forbidden_set.save(os.path.join(target, FORBIDDEN_SET_FILE))
+
+    def _save(self, output_dir: str | None = None, state_dict: Any = None) -> None:
+        """``Trainer._save``; for a LoRA on the output head, the adapter without a copy of the head.
+
+        PEFT's ``save_embedding_layers="auto"`` stores the full base weights of a targeted output head
+        (``|V| x hidden``, hundreds of MB on a real model) in case the vocabulary was resized. When it
+        was not, those weights are the base model's own and the LoRA factors are all the adapter needs.
+        """
+        model = unwrap_model(self.model)
+        if not (is_peft_model(model) and _output_head_adapted_without_resize(model)):
+            return super()._save(output_dir, state_dict)
+        model.save_pretrained = functools.partial(model.save_pretrained, save_embedding_layers=False)
+        try:
+            return super()._save(output_dir, state_dict)
+        finally:
+            del model.save_pretrained  # back to the class's method
+
+    def create_model_card(self, *args: Any, **kwargs: Any) -> None:
+        """``Trainer.create_model_card`` with the ``etu-hf`` and ``unlearning`` tags added."""
+        tags = kwargs.get("tags") or []
+        tags = [tags] if isinstance(tags, str) else list(tags)
+        kwargs["tags"] = tags + [t for t in self._tag_names if t not in tags]
+        return super().create_model_card(*args, **kwargs)

@@ -1,0 +1,164 @@
+r"""``TiltState``: the one owner of the facts that define the training target (docs/method.md, "The tilt").
+
+- V_S, the forbidden set (loaded, or built from the forget and retain data: :func:`forbidden_set_for_run`);
+- the base mass :math:`p_S` (mean of :math:`\pi_b(S|x)` over a seeded sample of forget positions) and
+  the closed-form global lambda :math:`\lambda_0 = \max(0, \mathrm{logit}(p_S) - \mathrm{logit}(\varepsilon))`;
+- the controller's offset :math:`o` (stored here only; :meth:`TiltState.set_offset` clamps it);
+- whether the losses feed the output head hidden states or take full logits (:attr:`TiltState.use_hidden`,
+  decided by :meth:`TiltState.decide_head`).
+
+:meth:`TiltState.tilt_spec` turns them into the :class:`~etu_hf.ops.tilt.TiltSpec` that the loss, the
+held-out probe and the audit use.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from etu_hf.data.blocks import iter_batches
+from etu_hf.forbidden_set import ForbiddenSet, build_forbidden_set, resolve_forbidden_set
+from etu_hf.modeling.head import head_matches_logits, output_head, unwrap_model
+from etu_hf.ops.tilt import TiltSpec, closed_form_lambda, lambda_bounds
+from etu_hf.training.config import ETUTrainingArguments
+
+logger = logging.getLogger(__name__)
+
+
+class TiltState:
+    """The target's state during a run: V_S, p_S, the closed-form lambda, the offset and the head mode."""
+
+    def __init__(self, args: ETUTrainingArguments, forbidden_set: ForbiddenSet | None):
+        self.args = args
+        self.forbidden_set = forbidden_set
+        #: Base mass on V_S and the scored positions it was measured over (set by :meth:`set_base_mass`).
+        self.base_p_s: float | None = None
+        self.base_p_s_positions = 0
+        #: Closed-form lambda at ``base_p_s``, floored at 0 unless negative lambdas are allowed, not clamped
+        #: (``TiltSpec.global_value`` applies ``lambda_max``, so a binding clamp is counted).
+        self.global_lambda: float | None = None
+        #: True: the losses feed final hidden states through the output head chunk by chunk; False: the
+        #: model post-processes its head (e.g. logit soft-capping), so full logits are used. None: not decided.
+        self.use_hidden: bool | None = None
+        self._offset = 0.0
+        self._ids: dict[torch.device, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ the offset
+    @property
+    def offset(self) -> float:
+        """Added to every lambda (moved by the adaptive controller; 0 without one)."""
+        return self._offset
+
+    def offset_bounds(self) -> tuple[float, float]:
+        """Range of the offset. Per-position mode: ``[0, lambda_max]`` (``[-lambda_max, lambda_max]`` with
+        ``allow_negative_lambda``): at 0 every context's target is ``min(p(x), epsilon)``. Global mode keeps
+        ``lambda_0 + offset`` inside the lambda clamps (so it needs :attr:`global_lambda`)."""
+        a = self.args
+        lower, upper = lambda_bounds(a.lambda_max, a.allow_negative_lambda)
+        if a.lambda_mode != "global":
+            return lower, upper
+        if self.global_lambda is None:
+            raise ValueError("global mode: the offset's range needs the closed-form lambda (p_S not estimated yet)")
+        return lower - self.global_lambda, upper - self.global_lambda
+
+    def set_offset(self, value: float) -> float:
+        """Store the offset clamped to :meth:`offset_bounds` and return it. In global mode before p_S is
+        estimated the value is kept as given and clamped by :meth:`set_base_mass`."""
+        if self.args.lambda_mode == "global" and self.global_lambda is None:
+            self._offset = float(value)
+        else:
+            lower, upper = self.offset_bounds()
+            self._offset = min(max(float(value), lower), upper)
+        return self._offset
+
+    # ------------------------------------------------------------------ the target
+    def tilt_spec(self) -> TiltSpec:
+        """The current target: mode, epsilon, clamps, closed-form global lambda and the offset."""
+        a = self.args
+        return TiltSpec(
+            epsilon=a.epsilon,
+            mode=a.lambda_mode,
+            lambda_max=a.lambda_max,
+            allow_negative=a.allow_negative_lambda,
+            global_lambda=self.global_lambda,
+            offset=self._offset,
+        )
+
+    @property
+    def needs_base_mass(self) -> bool:
+        """Global mode without p_S yet: the target is undefined until :meth:`set_base_mass`."""
+        return self.args.lambda_mode == "global" and self.global_lambda is None
+
+    def set_base_mass(self, p_s: float, positions: int) -> None:
+        """Record p_S and derive the closed-form lambda ``max(0, logit(p_S) - logit(epsilon))``."""
+        a = self.args
+        self.base_p_s, self.base_p_s_positions = p_s, positions
+        self.global_lambda = float(closed_form_lambda(p_s, a.epsilon, None, a.allow_negative_lambda))
+        self.set_offset(self._offset)  # its range in global mode is known only now
+        logger.info(
+            "base p_S = %.4f over %d forget positions; closed-form lambda = %.3f", p_s, positions, self.global_lambda
+        )
+
+    def forbidden_ids(self, device: torch.device) -> torch.Tensor:
+        """V_S as a long tensor on ``device`` (cached)."""
+        if device not in self._ids:
+            self._ids[device] = self.forbidden_set.tensor(device)
+        return self._ids[device]
+
+    def decide_head(self, model: nn.Module, batch: dict[str, Any]) -> bool:
+        """Set :attr:`use_hidden` from one forward on ``batch``: hidden states when ``head(hidden)``
+        reproduces the model's logits, full logits otherwise (a warning: memory then grows with |V|)."""
+        device = next(model.parameters()).device
+        batch = {k: v.to(device) for k, v in batch.items()}
+        self.use_hidden = head_matches_logits(unwrap_model(model), output_head(model), batch)
+        if not self.use_hidden:
+            logger.warning(
+                "the model post-processes its output head (e.g. logit soft-capping): the loss uses "
+                "full logits, so memory grows with batch x length x |V|"
+            )
+        return self.use_hidden
+
+
+def forbidden_set_for_run(
+    forbidden_set: ForbiddenSet | str | list[int] | None,
+    args: ETUTrainingArguments,
+    vocab_size: int,
+    forget: Any,
+    retain: Any,
+    collator: Any,
+    tokenizer: Any,
+) -> ForbiddenSet | None:
+    """V_S of a run: ``forbidden_set`` (a ForbiddenSet, ids or a V_S.ids.json path), else
+    ``args.forbidden_ids_path``, else built from the forget data against the retain data with the
+    ``vs_*``/``pmi_*`` settings (docs/method.md, "The forbidden set"). ``None`` without any of them."""
+    source = "forbidden_set"
+    if forbidden_set is None and args.forbidden_ids_path:
+        forbidden_set, source = args.forbidden_ids_path, "--forbidden_ids_path"
+    fs = resolve_forbidden_set(forbidden_set)
+    if fs is not None:
+        fs.check_vocab(vocab_size, source)
+        fs.vocab_size = fs.vocab_size or vocab_size
+        return fs
+    if forget is None:
+        return None
+    fs = build_forbidden_set(
+        iter_batches(forget, collator, 64),
+        iter_batches(retain, collator, 64) if retain is not None else None,
+        vocab_size=vocab_size,
+        tokenizer=tokenizer if hasattr(tokenizer, "convert_ids_to_tokens") else None,
+        method=args.vs_method,
+        vs_freq_rate=args.vs_freq_rate,
+        vs_abs_cap=args.vs_abs_cap,
+        vocab_top_k=args.vocab_top_k,
+        pmi_top_k=args.pmi_top_k,
+        pmi_min_count=args.pmi_min_count,
+        pmi_min_score=args.pmi_min_score,
+        pmi_smoothing=args.pmi_smoothing,
+        span_masking=args.span_masking,
+        span_ngram_max=args.span_ngram_max,
+    )
+    logger.info("built V_S (%s): %d tokens, %.2f%% of the vocabulary", fs.method, len(fs), 100 * (fs.fraction or 0))
+    return fs
