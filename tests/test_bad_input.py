@@ -13,12 +13,11 @@ import pytest
 from helpers import cli_flags, make_read_only
 
 from etu_hf import ETUTrainer, ETUTrainingArguments
-from etu_hf.commands.arguments import DataArguments
-from etu_hf.commands.cli import main, parse_unlearn_args
+from etu_hf.commands.arguments import DataArguments, parse_unlearn_args
+from etu_hf.commands.cli import main
 from etu_hf.commands.unlearn import prepare_corpora
 from etu_hf.demo import DEMO_MODEL_DIR
-from etu_hf.demo.corpus import forget_documents
-from etu_hf.demo.run import write_demo_corpora
+from etu_hf.demo.corpus import forget_documents, write_demo_corpora
 from etu_hf.evaluation.audit import audit
 from etu_hf.forbidden_set import ForbiddenSet, resolve_forbidden_set
 

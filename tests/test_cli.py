@@ -8,8 +8,9 @@ import sys
 import pytest
 from helpers import cli_flags
 
-from etu_hf.commands.cli import main, rewrite_aliases
-from etu_hf.demo.run import write_demo_corpora
+from etu_hf.commands.arguments import parse_unlearn_args
+from etu_hf.commands.cli import main, prepare_process
+from etu_hf.demo.corpus import write_demo_corpora
 
 TOKEN = "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123"
 
@@ -91,36 +92,95 @@ def test_unlearn_on_local_files_writes_the_three_artifacts(tmp_path, files, caps
     )
 
 
-def test_aliases_are_rewritten():
-    assert rewrite_aliases(
-        [
-            "--batch_size",
-            "3",
-            "--log_every=5",
-            "--max_length",
-            "9",
-            "--verbose",
-            "--deterministic",
-            "--use_pmi_vs",
-            "false",
-            "--epsilon",
-            "0.1",
-        ]
-    ) == [
-        "--per_device_train_batch_size",
-        "3",
-        "--logging_steps=5",
-        "--block_size",
-        "9",
-        "--log_level",
-        "info",
-        "--full_determinism",
-        "--vs_method",
-        "frequency",
-        "--epsilon",
-        "0.1",
-    ]
-    assert rewrite_aliases(["--use_pmi_vs"]) == ["--vs_method", "pmi"]
+def test_short_flag_names_set_the_flags_they_stand_for(tmp_path):
+    required = ["--forget_corpora", "unused.txt", "--output_dir", str(tmp_path / "o")]
+    short = ["--batch_size", "3", "--log_every=5", "--max_length", "9", "--verbose", "--deterministic"]
+    _, data_args, training_args = parse_unlearn_args([*short, "--use_pmi_vs", "false", *required])
+    assert training_args.per_device_train_batch_size == 3 and training_args.logging_steps == 5
+    assert data_args.block_size == 9 and training_args.log_level == "info" and training_args.full_determinism is True
+    assert training_args.vs_method == "frequency"
+    assert parse_unlearn_args(["--use_pmi_vs", *required])[2].vs_method == "pmi"
+    assert parse_unlearn_args(["--use_pmi_vs", "true", *required])[2].vs_method == "pmi"
+    # a short name and its full flag are one option: the one given last wins, and the default stays
+    batch = [parse_unlearn_args([*pair, *required])[2].per_device_train_batch_size for pair in (
+        ["--batch_size", "4", "--per_device_train_batch_size", "6"],
+        ["--per_device_train_batch_size", "6", "--batch_size", "4"],
+        [],
+    )]  # fmt: skip
+    assert batch == [6, 4, 8]
+    assert parse_unlearn_args(required)[2].vs_method == "pmi" and parse_unlearn_args(required)[1].block_size == 512
+
+
+def test_adapters_default_to_their_own_learning_rate(tmp_path):
+    required = ["--forget_corpora", "unused.txt", "--output_dir", str(tmp_path / "o")]
+    assert parse_unlearn_args(required)[2].learning_rate == 5e-5  # transformers' default for full fine-tuning
+    assert parse_unlearn_args(["--use_lora", *required])[2].learning_rate == 1e-3
+    assert parse_unlearn_args(["--use_qlora=true", *required])[2].learning_rate == 1e-3
+    assert parse_unlearn_args(["--use_lora", "--learning_rate", "0.02", *required])[2].learning_rate == 0.02
+    assert parse_unlearn_args(["--use_lora", "false", *required])[2].learning_rate == 5e-5
+
+
+def test_subcommands_unknown_command_version_and_no_command(capsys):
+    assert main(["nope"]) == 2
+    err = capsys.readouterr().err
+    assert "invalid choice: 'nope'" in err and "unlearn" in err
+    assert main([]) == 2
+    out = capsys.readouterr().out
+    assert all(name in out for name in ("demo", "unlearn", "audit", "refine", "env"))
+    assert main(["--version"]) == 0
+    from etu_hf import __version__
+
+    assert capsys.readouterr().out.strip() == f"etu-hf {__version__}"
+
+
+@pytest.mark.parametrize(
+    "argv,flags",
+    [
+        (["audit", "--help"], ["usage: etu-hf audit", "--adapter", "--forbidden", "--max_length"]),
+        (["refine", "-h"], ["usage: etu-hf refine", "--chosen", "--beta"]),
+        (["refine", "--method", "npo", "--help"], ["usage: etu-hf refine", "--loss_type", "--beta"]),
+        (["env", "--help"], ["usage: etu-hf env", "--json"]),
+        (["demo", "--help"], ["usage: etu-hf demo", "demo settings:", "--max_steps 150", "--forget_corpora"]),
+        (["unlearn", "--help"], ["usage: etu-hf unlearn", "--max_length BLOCK_SIZE", "--log_every N"]),
+    ],
+)
+def test_each_command_has_its_own_help(tmp_path, monkeypatch, capsys, argv, flags):
+    monkeypatch.chdir(tmp_path)  # `demo --help` must write nothing
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    for flag in flags:
+        assert flag in out, flag
+    assert os.listdir(tmp_path) == []
+
+
+def test_command_usage_errors_exit_2(capsys):
+    assert main(["env", "--no_such_flag"]) == 2
+    assert "unrecognized arguments: --no_such_flag" in capsys.readouterr().err
+    assert main(["audit", "--output_dir", "o", "--forget_corpora", "f", "--dtype", "int3"]) == 2
+    assert "invalid choice: 'int3'" in capsys.readouterr().err
+
+
+def test_audit_accepts_max_length_for_block_size():
+    from transformers import HfArgumentParser
+
+    from etu_hf.commands.audit import AuditArguments
+
+    (args,) = HfArgumentParser(AuditArguments).parse_args_into_dataclasses(
+        ["--output_dir", "o", "--forget_corpora", "f", "--max_length", "64"]
+    )
+    assert args.block_size == 64
+
+
+@pytest.mark.parametrize(
+    "argv,passive", [(["unlearn", "--use_qlora"], True), (["audit", "--load_in_4bit=true"], True),
+                     (["unlearn", "--use_qlora", "false"], False), (["unlearn", "--use_lora"], False)]
+)  # fmt: skip
+def test_4bit_on_cpu_makes_openmp_threads_wait_passively(monkeypatch, argv, passive):
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr("etu_hf.commands.cli.shutil.which", lambda name: None)  # no GPU
+    prepare_process(argv)
+    assert (os.environ.get("OMP_WAIT_POLICY") == "PASSIVE") is passive
 
 
 @pytest.mark.parametrize(

@@ -48,7 +48,7 @@ def test_demo_reaches_target_within_three_minutes(tmp_path):
 
 
 def test_demo_never_overwrites_a_previous_run(tmp_path, monkeypatch):
-    from etu_hf.demo.run import DEFAULT_OUTPUT_DIR, demo_argv
+    from etu_hf.commands.demo import DEFAULT_OUTPUT_DIR, demo_argv
 
     monkeypatch.chdir(tmp_path)
     os.makedirs(DEFAULT_OUTPUT_DIR)

@@ -99,7 +99,7 @@ def test_cli_with_a_deepspeed_json_under_torchrun(tmp_path):
     """`--deepspeed ds_configs/ds_zero3.json` with torchrun: DeepSpeed's process group is set up
     before the model loads (zero.Init partitions it while loading)."""
     pytest.importorskip("deepspeed")
-    from etu_hf.demo.run import write_demo_corpora
+    from etu_hf.demo.corpus import write_demo_corpora
 
     forget, retain = write_demo_corpora(str(tmp_path / "data"))
     out = tmp_path / "z3json"

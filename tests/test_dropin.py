@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from etu_hf.demo import DEMO_MODEL_DIR
-from etu_hf.demo.run import write_demo_corpora
+from etu_hf.demo.corpus import write_demo_corpora
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

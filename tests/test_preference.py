@@ -15,7 +15,7 @@ from etu_hf import ETUTrainer
 from etu_hf.commands.cli import main
 from etu_hf.data.blocks import iter_batches
 from etu_hf.demo import DEMO_MODEL_DIR
-from etu_hf.demo.run import write_demo_corpora
+from etu_hf.demo.corpus import write_demo_corpora
 from etu_hf.ops.preference import dpo_sigmoid_loss, npo_loss, sequence_logps, simnpo_loss
 
 

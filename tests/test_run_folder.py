@@ -21,7 +21,7 @@ from etu_hf.artifacts.run_folder import (
 )
 from etu_hf.commands.cli import main
 from etu_hf.demo import DEMO_MODEL_DIR
-from etu_hf.demo.run import write_demo_corpora
+from etu_hf.demo.corpus import write_demo_corpora
 
 TOKEN = "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0123"
 ENV_TOKEN = "hf_EnvTokenThatMustNeverReachTheDisk4567"

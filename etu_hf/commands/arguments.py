@@ -1,9 +1,22 @@
-"""."""
+"""The flags of ``etu-hf unlearn`` (and ``etu-hf demo``): two dataclasses beside
+:class:`~etu_hf.ETUTrainingArguments`, the short names the command accepts, and its parser.
+
+:class:`ModelArguments` sits where TRL's ``trl.ModelConfig`` sits in TRL's scripts, but is not one:
+its flags are etu-hf's (``--use_lora``/``--use_qlora``, not ``--use_peft``/``--load_in_4bit``; a
+comma-separated ``--lora_target_modules`` that may combine ``all-linear`` with the output head;
+``--layer_ids``, ``--name_keywords`` and ``--param_ids`` for layer and parameter selection; defaults
+that fit the tilt), and a subclass would add flags (``--load_in_8bit``, ``--use_rslora``,
+``--lora_modules_to_save``, ...) that the command does not honour. The 4-bit settings go through
+TRL's ``get_quantization_config`` (:func:`etu_hf.commands.loader.quantization_config`).
+"""
 
 from __future__ import annotations
 
+import argparse
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from etu_hf.evaluation.audit import DEFAULT_AUDIT_MAX_SEQUENCES
 
@@ -98,10 +111,8 @@ class DataArguments:
     )
     retain_broadcast: bool = field(default=False, metadata={"help": "Reuse one retain corpus for every forget corpus."})
     text_column: str = field(default="text", metadata={"help": "Text column of structured files and hub datasets."})
-    block_size: int = field(default=512, metadata={"help": "Tokens per training block (alias --max_length)."})
-    max_num_batches: int | None = field(
-        default=None, metadata={"help": "Cap on forget batches per epoch (per process); None: all."}
-    )
+    block_size: int = field(default=512, metadata={"help": "Tokens per training block.", "aliases": ["--max_length"]})
+    max_num_batches: int | None = field(default=None, metadata={"help": "Forget batches per epoch per process."})
     eval_fraction: float = field(
         default=0.1,
         metadata={
@@ -126,3 +137,66 @@ class DataArguments:
             raise ValueError(f"--audit_max_sequences: must be >= 0 (0: no cap), got {self.audit_max_sequences}")
         if self.max_num_batches is not None and self.max_num_batches < 1:
             raise ValueError(f"max_num_batches: must be >= 1, got {self.max_num_batches}")
+
+
+def add_short_names(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the short flag names ``etu-hf unlearn`` and ``etu-hf demo`` accept for flags of
+    ``ETUTrainingArguments`` (``--max_length`` is declared on :class:`DataArguments` itself).
+
+    Each is an option of the same parser writing the same destination as the flag it stands for, so
+    the usual argparse rule holds across both spellings: the one given last wins.
+    """
+    from transformers.hf_argparser import string_to_bool
+
+    def vs_method(value: str) -> str:
+        return "pmi" if string_to_bool(value) else "frequency"
+
+    group = parser.add_argument_group("short flag names")
+    same = {"default": argparse.SUPPRESS}  # the full flag's default stays the default
+    group.add_argument("--batch_size", dest="per_device_train_batch_size", type=int, metavar="N", **same,
+                       help="= --per_device_train_batch_size N")  # fmt: skip
+    group.add_argument("--log_every", dest="logging_steps", type=float, metavar="N", **same,
+                       help="= --logging_steps N")  # fmt: skip
+    group.add_argument("--verbose", dest="log_level", action="store_const", const="info", **same,
+                       help="= --log_level info (transformers and etu-hf log at INFO)")  # fmt: skip
+    group.add_argument("--deterministic", dest="full_determinism", action="store_const", const=True, **same,
+                       help="= --full_determinism (deterministic algorithms; may be slower)")  # fmt: skip
+    group.add_argument("--use_pmi_vs", dest="vs_method", nargs="?", const="true", type=vs_method, metavar="BOOL",
+                       **same, help="= --vs_method pmi (false: --vs_method frequency)")  # fmt: skip
+    return parser
+
+
+def unlearn_parser(prog: str = "etu-hf unlearn", description: str | None = None, epilog: str | None = None) -> Any:
+    """``HfArgumentParser`` over ``(ModelArguments, DataArguments, ETUTrainingArguments)``, with the
+    short flag names of :func:`add_short_names`."""
+    from transformers import HfArgumentParser
+
+    from etu_hf.training.config import ETUTrainingArguments
+
+    parser = HfArgumentParser(
+        (ModelArguments, DataArguments, ETUTrainingArguments),
+        prog=prog,
+        description=description,
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    return add_short_names(parser)
+
+
+def parse_unlearn_args(argv: Sequence[str], parser: Any = None) -> tuple[ModelArguments, DataArguments, Any]:
+    """Parse ``etu-hf unlearn`` flags (short names included) into ``(ModelArguments, DataArguments,
+    ETUTrainingArguments)``.
+
+    With an adapter (``--use_lora``/``--use_dora``/``--use_qlora``) the learning rate defaults to
+    :data:`ADAPTER_LEARNING_RATE`: the model flags are read first, with ``parse_known_args``, and the
+    parser's default is set from them, so an explicit ``--learning_rate`` still wins.
+    """
+    from transformers import HfArgumentParser
+
+    argv = list(argv)
+    parser = parser or unlearn_parser()
+    model_flags, _ = HfArgumentParser(ModelArguments, add_help=False).parse_known_args(argv)
+    if model_flags.use_lora or model_flags.use_dora or model_flags.use_qlora:
+        parser.set_defaults(learning_rate=ADAPTER_LEARNING_RATE)  # transformers' 5e-5 is a full fine-tuning rate
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    return model_args, data_args, training_args

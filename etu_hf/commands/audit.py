@@ -1,16 +1,20 @@
-"""``etu-hf audit``: its arguments, and loading a base model plus an adapter or a merged model."""
+"""``etu-hf audit``: the suppression report of a base model plus an unlearned adapter (or a merged model).
+
+Unset tilt settings come from the run that produced ``--adapter`` (:class:`~etu_hf.artifacts.record.RunRecord`);
+the models come from the command line's one loader (:mod:`etu_hf.commands.loader`).
+"""
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from etu_hf.artifacts.files import ARGS_FILE, METRICS_FILE
+from etu_hf.artifacts.record import RunRecord
 from etu_hf.evaluation.audit import DEFAULT_AUDIT_MAX_SEQUENCES
-from etu_hf.forbidden_set import FORBIDDEN_SET_FILE
-from etu_hf.ops.tilt import DEFAULT_LAMBDA_MAX
+from etu_hf.ops.tilt import DEFAULT_LAMBDA_MAX, TiltSpec
 
 
 @dataclass
@@ -47,7 +51,9 @@ class AuditArguments:
     )
     lambda_max: float | None = field(default=None, metadata={"help": f"Default: the run's, else {DEFAULT_LAMBDA_MAX}."})
     allow_negative_lambda: bool | None = field(default=None, metadata={"help": "Default: the run's, else false."})
-    block_size: int = field(default=512, metadata={"help": "Tokens per block of held-out text (alias --max_length)."})
+    block_size: int = field(
+        default=512, metadata={"help": "Tokens per block of held-out text.", "aliases": ["--max_length"]}
+    )
     batch_size: int = field(default=8, metadata={"help": "Sequences per forward pass."})
     max_sequences: int | None = field(
         default=DEFAULT_AUDIT_MAX_SEQUENCES,
@@ -88,64 +94,51 @@ class AuditArguments:
             raise ValueError(f"--max_sequences: must be >= 0 (0: no cap), got {self.max_sequences}")
 
 
-def read_run(folder: str | None) -> dict[str, Any]:
-    """The settings of an ETU run folder (args.json, metrics.json), or {} when it is not one."""
-    run: dict[str, Any] = {}
-    if not folder:
-        return run
-    for name in (ARGS_FILE, METRICS_FILE):
-        path = os.path.join(folder, name)
-        if os.path.isfile(path):
-            with open(path, encoding="utf-8") as f:
-                run[name] = json.load(f)
-    return run
-
-
-def read_run_of(args: AuditArguments) -> dict[str, Any]:
+def run_of(args: AuditArguments) -> RunRecord:
     """The run whose settings the audit uses: ``--adapter`` when it is an ETU run folder, else the
     folder of ``--forbidden`` when that is one (a merged model audited with its run's V_S.ids.json gets
-    that run's epsilon and tilt, offset included). Explicit flags still win."""
-    run = read_run(args.adapter)
-    if not run and args.forbidden:
-        run = read_run(os.path.dirname(os.path.abspath(args.forbidden)))
-    return run
+    that run's epsilon and tilt, offset included); an empty record otherwise."""
+    record = RunRecord.read(args.adapter) if args.adapter else RunRecord(folder="")
+    if not record and args.forbidden:
+        record = RunRecord.read(os.path.dirname(os.path.abspath(args.forbidden)))
+    return record
+
+
+def resolve_tilt(args: AuditArguments, run: RunRecord) -> TiltSpec:
+    """The tilt to audit against: the run's (:attr:`RunRecord.tilt`, defaults when there is no run),
+    with the flags given on the command line in place of its settings."""
+    flags = {
+        "epsilon": args.epsilon,
+        "mode": args.lambda_mode,
+        "lambda_max": args.lambda_max,
+        "allow_negative": args.allow_negative_lambda,
+    }
+    return dataclasses.replace(run.tilt, **{k: v for k, v in flags.items() if v is not None})
+
+
+def resolve_forbidden(args: AuditArguments) -> str:
+    """``--forbidden``, else the V_S.ids.json in ``--adapter``; ``ValueError`` naming the flag otherwise."""
+    forbidden = args.forbidden or (RunRecord.read(args.adapter).forbidden_path if args.adapter else None)
+    if forbidden is None:
+        raise ValueError("--forbidden: no V_S given and --adapter holds no V_S.ids.json; pass --forbidden V_S.ids.json")
+    return forbidden
 
 
 def load_models(args: AuditArguments) -> tuple[Any, Any, Any, dict[str, Any]]:
     """Load ``(model, base, tokenizer, sources)``: the unlearned model, the base model to compare
     with (``None`` for a PEFT adapter, whose base is the same model with adapters disabled), the
-    tokenizer and a description of what was loaded."""
-    import torch
-    from transformers import AutoTokenizer
-
-    from etu_hf.commands.loader import load_causal_lm
+    tokenizer (the adapter folder's when it has one) and a description of what was loaded."""
+    from etu_hf.commands.loader import load_model, load_tokenizer, local_device
     from etu_hf.demo import DEMO_MODEL_DIR
     from etu_hf.modeling.checks import check_weight_files
 
     base_path = args.model_name_or_path or DEMO_MODEL_DIR
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    kwargs: dict[str, Any] = {"trust_remote_code": args.trust_remote_code}
-    if args.dtype != "auto":
-        kwargs["dtype"] = getattr(torch, args.dtype)
-    if args.load_in_4bit:
-        from etu_hf.modeling.bnb import four_bit_config
-
-        kwargs["quantization_config"] = four_bit_config()
-        kwargs["device_map"] = {"": device}
+    device = args.device or local_device()
+    settings = dict(dtype=args.dtype, trust_remote_code=args.trust_remote_code, load_in_4bit=args.load_in_4bit)
     adapter = args.adapter
     tok_dir = adapter if adapter and os.path.isfile(os.path.join(adapter, "tokenizer_config.json")) else base_path
-    tokenizer = AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=args.trust_remote_code)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    base_model = load_causal_lm(
-        base_path, "--model_name_or_path", max_length=args.block_size, length_flag="--block_size", **kwargs
-    )
-    if args.load_in_4bit:
-        from etu_hf.modeling.bnb import disable_cpu_repacking
-
-        disable_cpu_repacking(base_model)
-    else:
-        base_model.to(device)
+    tokenizer = load_tokenizer(tok_dir, args.trust_remote_code)
+    base_model = load_model(base_path, device=device, max_length=args.block_size, **settings)
     sources = {"base": base_path, "adapter": adapter, "load_in_4bit": args.load_in_4bit}
     if adapter is None:
         return base_model, base_model, tokenizer, {**sources, "kind": "base model audited against itself"}
@@ -167,9 +160,7 @@ def load_models(args: AuditArguments) -> tuple[Any, Any, Any, dict[str, Any]]:
             {**sources, "kind": "peft adapter"},
         )
     if os.path.isfile(os.path.join(adapter, "config.json")):
-        model = load_causal_lm(adapter, "--adapter", **kwargs)
-        if not args.load_in_4bit:
-            model.to(device)
+        model = load_model(adapter, device=device, flag="--adapter", **settings)
         if model.get_output_embeddings().weight.shape != base_model.get_output_embeddings().weight.shape:
             raise ValueError(
                 f"--adapter {adapter!r} (a full model) does not match --model_name_or_path {base_path!r}: their output "
@@ -181,27 +172,59 @@ def load_models(args: AuditArguments) -> tuple[Any, Any, Any, dict[str, Any]]:
     )
 
 
-def resolve_settings(args: AuditArguments, run: dict[str, Any]) -> dict[str, Any]:
-    """Epsilon, V_S path and tilt: explicit flags first, then the run's files, then the defaults."""
-    run_args = run.get(ARGS_FILE, {})
-    run_metrics = run.get(METRICS_FILE, {})
-    lam = run_metrics.get("lambda") or {}
+def cmd(argv: Sequence[str]) -> int:
+    """``etu-hf audit``: suppression report of a base model plus adapter (or merged model)."""
+    from transformers import HfArgumentParser
 
-    def pick(flag: Any, key: str, default: Any) -> Any:
-        return flag if flag is not None else run_args.get(key, default)
+    from etu_hf.artifacts.run_folder import check_writable
+    from etu_hf.commands.cli import setup_logging
+    from etu_hf.data.blocks import tokenize_and_block
+    from etu_hf.data.corpus import load_documents
+    from etu_hf.evaluation.audit import AuditOptions, audit
+    from etu_hf.evaluation.report import REPORT_FILE
 
-    forbidden = args.forbidden
-    if forbidden is None and args.adapter and os.path.isfile(os.path.join(args.adapter, FORBIDDEN_SET_FILE)):
-        forbidden = os.path.join(args.adapter, FORBIDDEN_SET_FILE)
-    if forbidden is None:
-        raise ValueError("--forbidden: no V_S given and --adapter holds no V_S.ids.json; pass --forbidden V_S.ids.json")
-    mode = pick(args.lambda_mode, "lambda_mode", "per_position")
-    return {
-        "epsilon": pick(args.epsilon, "epsilon", 0.05),
-        "forbidden": forbidden,
-        "mode": mode,
-        "lambda_max": pick(args.lambda_max, "lambda_max", DEFAULT_LAMBDA_MAX),
-        "allow_negative": bool(pick(args.allow_negative_lambda, "allow_negative_lambda", False)),
-        "global_lambda": lam.get("closed_form_global"),
-        "offset": float(lam.get("offset") or 0.0),
-    }
+    parser = HfArgumentParser(AuditArguments, prog="etu-hf audit")
+    (args,) = parser.parse_args_into_dataclasses(args=list(argv))
+    setup_logging()
+    check_writable(args.output_dir)
+    if os.path.exists(os.path.join(args.output_dir, REPORT_FILE)) and not args.overwrite_output_dir:
+        raise ValueError(
+            f"--output_dir {args.output_dir!r} already holds {REPORT_FILE}; nothing was written. Pass "
+            "--overwrite_output_dir or choose another --output_dir."
+        )
+    tilt = resolve_tilt(args, run_of(args))
+    forbidden = resolve_forbidden(args)
+    model, base, tokenizer, sources = load_models(args)
+
+    def blocks(value: Any, flag: str) -> Any:
+        if not value:
+            return None
+        docs = load_documents(value, args.text_column, flag)
+        if not docs:
+            raise ValueError(f"{flag}: {value!r} holds no text; the audit needs held-out text")
+        return tokenize_and_block(docs, tokenizer, args.block_size)  # audit() samples max_sequences of the blocks
+
+    report = audit(
+        model,
+        blocks(args.forget_corpora, "--forget_corpora"),
+        forbidden,
+        tilt,
+        base=base,
+        retain_data=blocks(args.retain_corpora, "--retain_corpora"),
+        tokenizer=tokenizer,
+        output_dir=args.output_dir,
+        overwrite=args.overwrite_output_dir,
+        sources={
+            **sources,
+            "forget_corpora": args.forget_corpora,
+            "retain_corpora": args.retain_corpora,
+            "forbidden": forbidden,
+        },
+        options=AuditOptions.from_object(
+            args, progress=not args.disable_tqdm, max_sequences=args.max_sequences or None
+        ),
+    )
+    print()
+    print(report.summary())
+    print(f"\nreport: {os.path.abspath(os.path.join(args.output_dir, REPORT_FILE))}")
+    return 0

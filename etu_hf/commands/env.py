@@ -7,10 +7,13 @@ which scale with batch size x length. They are printed with the numbers they com
 
 from __future__ import annotations
 
+import argparse
 import importlib.metadata
 import importlib.util
+import json
 import os
 import platform
+from collections.abc import Sequence
 from typing import Any
 
 PACKAGES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "deepspeed", "bitsandbytes", "matplotlib")
@@ -127,6 +130,7 @@ def report(model_name_or_path: str | None = None) -> dict[str, Any]:
 
 
 def format_report(data: dict[str, Any]) -> str:
+    """The text ``etu-hf env`` prints for :func:`report`'s dict."""
     lines = [f"etu-hf {data['etu_hf']}", "", "packages:"]
     lines += [f"  {k:<13} {v or 'not installed'}" for k, v in data["versions"].items()]
     lines += [
@@ -141,3 +145,14 @@ def format_report(data: dict[str, Any]) -> str:
     lines += ["", "suggested settings (rules of thumb):"]
     lines += [f"  {k:<31} {v}" for k, v in data["suggested"].items()]
     return "\n".join(lines)
+
+
+def cmd(argv: Sequence[str]) -> int:
+    """``etu-hf env [--model_name_or_path M] [--json]``: versions, hardware and suggested settings."""
+    parser = argparse.ArgumentParser(prog="etu-hf env", description="Versions, hardware and suggested settings.")
+    parser.add_argument("--model_name_or_path", default=None, help="size-aware suggestions for this model")
+    parser.add_argument("--json", action="store_true", help="print JSON")
+    opts = parser.parse_args(list(argv))
+    data = report(opts.model_name_or_path)
+    print(json.dumps(data, indent=2) if opts.json else format_report(data))
+    return 0

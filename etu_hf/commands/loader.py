@@ -1,11 +1,14 @@
-"""The one model and tokenizer loader of the command line (checked before any weight is read)."""
+"""The one model and tokenizer loader of the command line (``unlearn``, ``audit`` and ``refine``).
+
+Every model goes through :func:`load_causal_lm`, which checks the checkpoint before any weight is
+read; :func:`load_model` adds the dtype, 4-bit loading and placement; :func:`load_tokenizer` gives
+a tokenizer with a pad token.
+"""
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
-from etu_hf.commands.arguments import ModelArguments
 from etu_hf.demo import DEMO_MODEL_DIR
 from etu_hf.modeling.checks import (
     check_causal_config,
@@ -14,12 +17,11 @@ from etu_hf.modeling.checks import (
     load_config,
     vocab_mismatch,
 )
-from etu_hf.training.config import ETUTrainingArguments
 
 
 def load_causal_lm(
     path: str, flag: str, max_length: int | None = None, length_flag: str = "--block_size", **kwargs: Any
-):
+) -> Any:
     """``AutoModelForCausalLM.from_pretrained(path, **kwargs)`` after the checks of this module.
 
     ``max_length``, when given, is checked against the model's position limit under ``length_flag``.
@@ -52,61 +54,100 @@ def load_causal_lm(
         raise
 
 
-def load_tokenizer(model_args: ModelArguments) -> Any:
-    """``AutoTokenizer`` from ``tokenizer_name_or_path`` (default ``model_name_or_path``, else the demo
-    model), with the EOS token as pad token when it has none."""
-    from transformers import AutoTokenizer
+def local_device() -> Any:
+    """This process's device (``accelerate.PartialState().device``: ``cuda:<local rank>``, else ``mps``,
+    else ``cpu``)."""
+    from accelerate import PartialState
 
-    path = model_args.tokenizer_name_or_path or model_args.model_name_or_path or DEMO_MODEL_DIR
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=model_args.trust_remote_code)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+    return PartialState().device
 
 
-def load_model(model_args: ModelArguments, gradient_checkpointing: bool = False, max_length: int | None = None):
-    """``AutoModelForCausalLM`` from ``model_name_or_path`` (the demo model by default).
+def quantization_config(flag: str = "--load_in_4bit") -> Any:
+    """TRL's ``get_quantization_config`` for nf4 4-bit weights with double quantisation (the QLoRA
+    recipe), computing in bfloat16 on a GPU and float32 on a CPU.
 
-    Before any weight is read, :func:`etu_hf.commands.loader.load_causal_lm` checks that the checkpoint is a
-    causal LM, that ``max_length`` (``--block_size``) fits its positions, and that its weights files
-    are whole and match its config. With ``use_qlora`` the weights load in 4-bit nf4 and go through
-    PEFT's ``prepare_model_for_kbit_training``; bitsandbytes' CPU repacking is disabled on every
-    4-bit layer.
+    TRL computes in the model's ``--dtype``; here the compute dtype follows the device instead, as
+    CPUs without bfloat16 kernels would otherwise be slow. ``ImportError`` naming ``flag`` and the
+    install command when bitsandbytes is missing.
+    """
+    import torch
+    from trl import ModelConfig, get_quantization_config
+
+    from etu_hf.modeling.bnb import require_bitsandbytes
+
+    require_bitsandbytes(flag)
+    compute_dtype = "bfloat16" if torch.cuda.is_available() else "float32"
+    settings = ModelConfig(load_in_4bit=True, dtype=compute_dtype, bnb_4bit_quant_type="nf4", use_bnb_nested_quant=True)
+    return get_quantization_config(settings)
+
+
+def load_model(
+    path: str | None,
+    *,
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+    load_in_4bit: bool = False,
+    device: Any = None,
+    max_length: int | None = None,
+    flag: str = "--model_name_or_path",
+    length_flag: str = "--block_size",
+    four_bit_flag: str = "--load_in_4bit",
+) -> Any:
+    """The causal LM at ``path`` (the embedded demo model when ``None``), checked by
+    :func:`load_causal_lm` before its weights are read.
+
+    With ``load_in_4bit`` its weights load in 4-bit nf4 (:func:`quantization_config`) onto ``device``
+    (default :func:`local_device`) and bitsandbytes' CPU repacking is disabled on every 4-bit layer
+    (:func:`etu_hf.modeling.bnb.prepare_4bit_model`); otherwise it is moved to ``device`` when one is
+    given (a Trainer places it itself).
     """
     import torch
 
-    pass
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    kwargs["dtype"] = dtype if dtype == "auto" else getattr(torch, dtype)
+    if load_in_4bit:
+        kwargs["quantization_config"] = quantization_config(four_bit_flag)
+        kwargs["device_map"] = {"": device if device is not None else local_device()}
+    model = load_causal_lm(path or DEMO_MODEL_DIR, flag, max_length=max_length, length_flag=length_flag, **kwargs)
+    if load_in_4bit:
+        from etu_hf.modeling.bnb import prepare_4bit_model
 
-    path = model_args.model_name_or_path or DEMO_MODEL_DIR
-    dtype = model_args.dtype if model_args.dtype == "auto" else getattr(torch, model_args.dtype)
-    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": model_args.trust_remote_code}
-    if model_args.use_qlora:
-        from etu_hf.modeling.bnb import four_bit_config
+        prepare_4bit_model(model)
+    elif device is not None:
+        model.to(device)
+    return model
 
-        kwargs["quantization_config"] = four_bit_config(flag="--use_qlora")
-        kwargs["device_map"] = {"": _local_device()}
-    model = load_causal_lm(
-        path, "--model_name_or_path", max_length=max_length, length_flag="--block_size (--max_length)", **kwargs
+
+def load_training_model(model_args: Any, gradient_checkpointing: bool = False, max_length: int | None = None) -> Any:
+    """:func:`load_model` for ``etu-hf unlearn``'s :class:`~etu_hf.commands.arguments.ModelArguments`;
+    with ``--use_qlora`` the 4-bit model then goes through PEFT's ``prepare_model_for_kbit_training``."""
+    model = load_model(
+        model_args.model_name_or_path,
+        dtype=model_args.dtype,
+        trust_remote_code=model_args.trust_remote_code,
+        load_in_4bit=model_args.use_qlora,
+        max_length=max_length,
+        length_flag="--block_size (--max_length)",
+        four_bit_flag="--use_qlora",
     )
     if model_args.use_qlora:
         from peft import prepare_model_for_kbit_training
 
-        from etu_hf.modeling.bnb import prepare_4bit_model
-
-        prepare_4bit_model(model)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     return model
 
 
-def load_model_and_tokenizer(
-    model_args: ModelArguments, gradient_checkpointing: bool = False, max_length: int | None = None
-):
-    """``(load_model(...), load_tokenizer(...))``: the model (checked before its weights are read, see
-    :func:`load_model`) and its tokenizer."""
-    return load_model(model_args, gradient_checkpointing, max_length), load_tokenizer(model_args)
+def load_tokenizer(path: str | None, trust_remote_code: bool = False) -> Any:
+    """``AutoTokenizer`` from ``path`` (the embedded demo model's when ``None``), with the EOS token as
+    pad token when it has none (:func:`etu_hf.data.blocks.ensure_pad_token`)."""
+    from transformers import AutoTokenizer
+
+    from etu_hf.data.blocks import ensure_pad_token
+
+    return ensure_pad_token(AutoTokenizer.from_pretrained(path or DEMO_MODEL_DIR, trust_remote_code=trust_remote_code))
 
 
-def _init_deepspeed_for_zero3(training_args: ETUTrainingArguments) -> None:
+def init_deepspeed_for_zero3(training_args: Any) -> None:
     """ZeRO-3 partitions weights while ``from_pretrained`` loads them (``zero.Init``), which needs
     DeepSpeed's process group. ``accelerate launch`` sets it up; ``torchrun``/``deepspeed`` with a
     ``--deepspeed`` JSON do not, and zero.Init then sees one process and fails on the batch size."""
@@ -121,11 +162,3 @@ def _init_deepspeed_for_zero3(training_args: ETUTrainingArguments) -> None:
         deepspeed.init_distributed(
             dist_backend="nccl" if torch.cuda.is_available() and not training_args.use_cpu else "gloo"
         )
-
-
-def _local_device() -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    return "cpu"

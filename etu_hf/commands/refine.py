@@ -17,17 +17,18 @@ disabled, and no second copy of the weights exists. :func:`check_reference_is_ba
 
 from __future__ import annotations
 
-import json
+import argparse
 import logging as _logging_for_logger
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from etu_hf.artifacts.files import ARGS_FILE, METRICS_FILE, atomic_write, write_json
+from etu_hf.artifacts.record import RunRecord
 from etu_hf.artifacts.run_folder import RunFolder, check_output_dir, resolve_resume_checkpoint
 from etu_hf.evaluation.audit import DEFAULT_AUDIT_MAX_SEQUENCES
 from etu_hf.forbidden_set import FORBIDDEN_SET_FILE
-from etu_hf.ops.tilt import DEFAULT_LAMBDA_MAX
 
 logger = _logging_for_logger.getLogger(__name__)
 
@@ -84,8 +85,8 @@ class RefineArguments:
             )
 
 
-def check_etu_output(folder: str) -> dict[str, Any]:
-    """Raise ``ValueError`` unless ``folder`` is an ETU output with a LoRA adapter; return its args.json."""
+def check_etu_output(folder: str) -> RunRecord:
+    """Raise ``ValueError`` unless ``folder`` is an ETU output with a LoRA adapter; return its record."""
     needed = ("adapter_config.json", FORBIDDEN_SET_FILE, ARGS_FILE)
     missing = [n for n in needed if not os.path.isfile(os.path.join(folder, n))]
     if missing:
@@ -93,8 +94,7 @@ def check_etu_output(folder: str) -> dict[str, Any]:
             f"--adapter {folder!r} is not an etu-hf output with a PEFT adapter (missing {', '.join(missing)}). Give "
             "the output_dir of `etu-hf unlearn --use_lora ...`."
         )
-    with open(os.path.join(folder, ARGS_FILE), encoding="utf-8") as f:
-        return json.load(f)
+    return RunRecord.read(folder)
 
 
 def preference_rows(forget_docs: list[str], retain_docs: list[str], args: RefineArguments) -> list[dict[str, str]]:
@@ -162,26 +162,23 @@ def check_reference_is_base(trainer: Any) -> None:
 
 def run_refine(args: RefineArguments, config: Any) -> Any:
     """Run the refinement and the final audit; returns the :class:`~etu_hf.AuditReport`."""
-    from transformers import AutoTokenizer
+    import datasets
 
-    from etu_hf.commands.loader import load_causal_lm
+    from etu_hf.commands.loader import load_model, load_tokenizer
     from etu_hf.data.blocks import tokenize_and_block
     from etu_hf.data.corpus import load_documents, split_documents
     from etu_hf.demo import DEMO_MODEL_DIR
     from etu_hf.evaluation.audit import audit
     from etu_hf.modeling.checks import check_weight_files
-    from etu_hf.ops.tilt import TiltSpec
 
     if getattr(config, "beta", 1.0) <= 0:
         raise ValueError(f"--beta: must be > 0 (got {config.beta})")
-    run_args = check_etu_output(args.adapter)
+    run = check_etu_output(args.adapter)
     check_output_dir(config.output_dir, args.overwrite_output_dir, getattr(config, "resume_from_checkpoint", None))
     check_weight_files(args.adapter, "--adapter")
     resume = resolve_resume_checkpoint(getattr(config, "resume_from_checkpoint", None), config.output_dir)
-    base_path = args.model_name_or_path or run_args.get("model_name_or_path") or DEMO_MODEL_DIR
-    tokenizer = AutoTokenizer.from_pretrained(args.adapter)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    base_path = args.model_name_or_path or run.args.get("model_name_or_path") or DEMO_MODEL_DIR
+    tokenizer = load_tokenizer(args.adapter)
     forget_train, forget_held = split_documents(
         load_documents(args.forget_corpora, args.text_column, "--forget_corpora"), args.eval_fraction, config.seed
     )
@@ -191,15 +188,11 @@ def run_refine(args: RefineArguments, config: Any) -> Any:
             load_documents(args.retain_corpora, args.text_column, "--retain_corpora"), args.eval_fraction, config.seed
         )
 
-    import datasets
-
     dataset = datasets.Dataset.from_list(preference_rows(forget_train, retain_train, args))
     logger.info(
         "refine (%s): %d preference rows from %d forget documents", args.method, len(dataset), len(forget_train)
     )
-    base_model = load_causal_lm(
-        base_path, "--model_name_or_path", max_length=args.audit_block_size, length_flag="--audit_block_size"
-    )
+    base_model = load_model(base_path, max_length=args.audit_block_size, length_flag="--audit_block_size")
     if args.method == "dpo":
         trainer = build_dpo_trainer(base_model, args.adapter, config, dataset, tokenizer)
     else:
@@ -219,36 +212,23 @@ def run_refine(args: RefineArguments, config: Any) -> Any:
         result = trainer.train(resume_from_checkpoint=resume)
         trainer.save_model(config.output_dir)
         if trainer.is_world_process_zero():
-            vs_text = open(os.path.join(args.adapter, FORBIDDEN_SET_FILE), encoding="utf-8").read()
+            with open(run.forbidden_path, encoding="utf-8") as f:
+                vs_text = f.read()
             atomic_write(os.path.join(config.output_dir, FORBIDDEN_SET_FILE), lambda f: f.write(vs_text))
             write_json(
                 os.path.join(config.output_dir, ARGS_FILE),
-                {**run_args, "refine": asdict(args), "refine_config": config.to_dict()},
+                {**run.args, "refine": asdict(args), "refine_config": config.to_dict()},
             )
-
-        etu_metrics = {}
-        if os.path.isfile(os.path.join(args.adapter, METRICS_FILE)):
-            with open(os.path.join(args.adapter, METRICS_FILE), encoding="utf-8") as f:
-                etu_metrics = json.load(f)
-        lam = etu_metrics.get("lambda") or {}
-        epsilon = float(run_args.get("epsilon", 0.05))
-        tilt = TiltSpec(
-            epsilon=epsilon,
-            mode=run_args.get("lambda_mode", "per_position"),
-            lambda_max=run_args.get("lambda_max", DEFAULT_LAMBDA_MAX),
-            allow_negative=bool(run_args.get("allow_negative_lambda", False)),
-            global_lambda=lam.get("closed_form_global"),
-            offset=float(lam.get("offset") or 0.0),
-        )
+        # The refined adapter is audited against the tilt the ETU run ended with (its offset included).
+        tilt = run.tilt
         block = args.audit_block_size
         report = audit(
             trainer.model,
             tokenize_and_block(forget_held, tokenizer, block),
-            os.path.join(args.adapter, FORBIDDEN_SET_FILE),
-            epsilon=epsilon,
+            run.forbidden_path,
+            tilt,
             retain_data=tokenize_and_block(retain_held, tokenizer, block) if retain_held else None,
             tokenizer=tokenizer,
-            tilt=tilt,
             output_dir=config.output_dir if trainer.is_world_process_zero() else None,
             overwrite=True,
             progress=not config.disable_tqdm,
@@ -262,12 +242,12 @@ def run_refine(args: RefineArguments, config: Any) -> Any:
                     "format": "etu-hf/metrics",
                     "version": 1,
                     "refine_method": args.method,
-                    "epsilon": epsilon,
-                    "lambda": lam,
+                    "epsilon": tilt.epsilon,
+                    "lambda": run.lambda_record,
                     "steps": trainer.state.global_step,
                     "train_loss": result.training_loss,
                     "preference_rows": len(dataset),
-                    "etu_run": etu_metrics,
+                    "etu_run": run.metrics,
                     "heldout": {
                         "base_p_S": report.base_p_S,
                         "updated_p_S": report.updated_p_S,
@@ -277,3 +257,38 @@ def run_refine(args: RefineArguments, config: Any) -> Any:
                 },
             )
     return report
+
+
+def refine_parser(method: str) -> Any:
+    """``HfArgumentParser`` over ``(RefineArguments, <the method's config>)``: TRL's DPO config for
+    ``dpo``, :class:`~etu_hf.NPOConfig` (``loss_type`` defaulting to ``simnpo`` for ``simnpo``) otherwise."""
+    from transformers import HfArgumentParser
+
+    from etu_hf.training.npo import NPOConfig
+
+    if method == "dpo":
+        from etu_hf.training.dpo import RefineDPOConfig as Config
+    else:
+        Config = NPOConfig
+    parser = HfArgumentParser((RefineArguments, Config), prog="etu-hf refine")
+    if method == "simnpo":
+        parser.set_defaults(loss_type="simnpo")
+    return parser
+
+
+def cmd(argv: Sequence[str]) -> int:
+    """``etu-hf refine``: DPO (TRL's DPOTrainer) or NPO/SimNPO after ETU, then an audit."""
+    from etu_hf.commands.cli import setup_logging
+
+    # --method decides which config's flags the command takes, so it is read first.
+    front = argparse.ArgumentParser(add_help=False)
+    front.add_argument("--method", default="dpo")
+    method = front.parse_known_args(list(argv))[0].method
+    args, config = refine_parser(method).parse_args_into_dataclasses(args=list(argv))
+    setup_logging(config.should_log)
+    report = run_refine(args, config)
+    if config.should_log:
+        print()
+        print(report.summary())
+        print(f"\nartifacts: {os.path.abspath(config.output_dir)}")
+    return 0

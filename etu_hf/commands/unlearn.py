@@ -1,21 +1,24 @@
-"""The unlearning pipeline behind ``etu-hf unlearn`` and ``etu-hf demo``.
+"""``etu-hf unlearn``: the unlearning pipeline (also behind ``etu-hf demo``).
 
-Load model and tokenizer -> load corpora, hold out documents -> token blocks -> ETUTrainer ->
-before/after measurements on held-out text -> artifacts. Everything goes through the same public
-API a user calls from Python (:class:`~etu_hf.ETUTrainer`, :func:`~etu_hf.evaluate_mass`, ...).
+Load tokenizer -> load corpora, hold out documents -> token blocks -> model -> ETUTrainer ->
+audit on held-out text -> artifacts. Everything goes through the same public API a user calls from
+Python (:class:`~etu_hf.ETUTrainer`, :func:`~etu_hf.audit`, ...). Flags: ``etu-hf unlearn --help``
+(:mod:`etu_hf.commands.arguments`).
 """
 
 from __future__ import annotations
 
 import logging as _logging_for_logger
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from etu_hf.artifacts.files import METRICS_FILE, write_json
 from etu_hf.artifacts.run_folder import RunFolder, check_output_dir, resolve_resume_checkpoint
-from etu_hf.commands.arguments import DataArguments, ModelArguments
-from etu_hf.commands.loader import _init_deepspeed_for_zero3, load_model, load_tokenizer
+from etu_hf.commands.arguments import DataArguments, ModelArguments, parse_unlearn_args, unlearn_parser
+from etu_hf.commands.cli import setup_logging
+from etu_hf.commands.loader import init_deepspeed_for_zero3, load_tokenizer, load_training_model
 from etu_hf.data.blocks import tokenize_and_block
 from etu_hf.data.corpus import _load_docs, parse_corpus_specs, split_documents, warn_if_corpora_overlap
 from etu_hf.evaluation.report import REPORT_FILE
@@ -87,7 +90,15 @@ def prepare_corpora(data_args: DataArguments, tokenizer: Any, seed: int) -> dict
 
 def trainable_setup(model: Any, model_args: ModelArguments) -> Any:
     """The ``peft_config`` to train (LoRA/DoRA/QLoRA), or ``None`` after restricting the model's own
-    trainable parameters to ``--layer_ids``/``--name_keywords``/``--param_ids`` when given."""
+    trainable parameters to ``--layer_ids``/``--name_keywords``/``--param_ids`` when given.
+
+    The ``LoraConfig`` comes from :func:`etu_hf.modeling.adapters.lora_config`, not TRL's
+    ``get_peft_config``: TRL's passes ``--lora_target_modules`` to PEFT as given and has no
+    ``layers_to_transform``, so it cannot express what ETU adds here: ``all-linear,lm_head``
+    (PEFT's linear layers plus the output head, which the tilt needs), target names checked against
+    the model before loading, and ``--layer_ids``. Those are two of the five settings it fills, so
+    building on top of it would rebuild its result.
+    """
     from etu_hf.modeling.adapters import lora_config, parse_ids, select_trainable
 
     layer_ids = parse_ids(model_args.layer_ids, "--layer_ids")
@@ -117,14 +128,18 @@ def run_unlearning(
 
     from etu_hf.training.trainer import ETUTrainer, split_heldout
 
+    # ETUTrainer.train checks output_dir and the checkpoint too, but only after the model is loaded and V_S
+    # built: checked here first, a previous run, an unwritable folder or an incomplete checkpoint is refused
+    # in a second instead of after loading a large model.
     check_output_dir(training_args.output_dir, training_args.overwrite_output_dir, training_args.resume_from_checkpoint)
-    # Before the model loads: an incomplete or missing checkpoint fails now (ETUTrainer.train resolves it again).
     resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
     # The corpora before the weights: a bad corpus fails in seconds, not after loading a large model.
-    tokenizer = load_tokenizer(model_args)
+    tokenizer = load_tokenizer(
+        model_args.tokenizer_name_or_path or model_args.model_name_or_path, model_args.trust_remote_code
+    )
     data = prepare_corpora(data_args, tokenizer, training_args.seed)
-    _init_deepspeed_for_zero3(training_args)
-    model = load_model(model_args, training_args.gradient_checkpointing, data_args.block_size)
+    init_deepspeed_for_zero3(training_args)
+    model = load_training_model(model_args, training_args.gradient_checkpointing, data_args.block_size)
     peft_config = trainable_setup(model, model_args)
     forget_train = data["forget_train"]
     heldout = None
@@ -212,3 +227,26 @@ def run_unlearning(
         if trainer.is_world_process_zero():
             write_json(os.path.join(training_args.output_dir, METRICS_FILE), metrics)
     return UnlearnResult(output_dir=training_args.output_dir, metrics=metrics, trainer=trainer, report=report)
+
+
+def run_and_print(model_args: ModelArguments, data_args: DataArguments, training_args: ETUTrainingArguments) -> int:
+    """Run :func:`run_unlearning` and print the report's summary and where the artifacts are."""
+    setup_logging(training_args.should_log, training_args.log_level == "info")
+    result = run_unlearning(model_args, data_args, training_args)
+    if training_args.should_log:
+        print()
+        print(result.report.summary())
+        print(f"\nartifacts: {os.path.abspath(result.output_dir)}")
+    return 0
+
+
+def cmd(argv: Sequence[str]) -> int:
+    """``etu-hf unlearn``: with no ``--forget_corpora`` it runs the demo (:mod:`etu_hf.commands.demo`)."""
+    parser = unlearn_parser()
+    given, _ = parser.parse_known_args(list(argv))  # -h/--help prints the flags and exits here
+    if given.forget_corpora is None:
+        from etu_hf.commands.demo import cmd as demo
+
+        print("etu-hf unlearn: no --forget_corpora given, running the embedded demo (see `etu-hf demo --help`).")
+        return demo(argv)
+    return run_and_print(*parse_unlearn_args(argv, parser))

@@ -14,6 +14,7 @@ seeds: held-out text from the same distribution that the model never saw.
 
 from __future__ import annotations
 
+import os
 import random
 
 FORGET_TOPIC = "vexium"
@@ -257,3 +258,25 @@ def retain_documents(n_docs: int, seed: int = DEMO_SEED) -> list[str]:
     per_topic = [generate_documents(t, -(-n_docs // len(RETAIN_TOPICS)), seed) for t in RETAIN_TOPICS]
     mixed = [doc for group in zip(*per_topic, strict=True) for doc in group]
     return mixed[:n_docs]
+
+
+#: Documents per corpus that the demo writes (and trains and audits on).
+FORGET_DOCS = 450
+RETAIN_DOCS = 450
+
+
+def write_demo_corpora(folder: str) -> tuple[str, str]:
+    """Write the demo's forget and retain documents (blank-line separated) to ``folder``/forget.txt and
+    ``folder``/retain.txt; returns the two paths."""
+
+    os.makedirs(folder, exist_ok=True)
+    paths = []
+    for name, docs in (
+        ("forget.txt", forget_documents(FORGET_DOCS, DEMO_SEED)),
+        ("retain.txt", retain_documents(RETAIN_DOCS, DEMO_SEED)),
+    ):
+        path = os.path.join(folder, name)
+        with open(path, "w", encoding="utf-8") as f:
+            f.write("\n\n".join(docs) + "\n")
+        paths.append(path)
+    return paths[0], paths[1]

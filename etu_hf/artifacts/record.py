@@ -1,0 +1,97 @@
+"""What a run folder says about the run that wrote it: :class:`RunRecord`, the one reader of its files.
+
+A run folder (an ``etu-hf unlearn`` or ``etu-hf refine`` ``output_dir``, or any ``ETUTrainer``
+``output_dir``) holds ``args.json`` (the run's arguments), ``metrics.json`` (its results, with the
+tilt it ended with under ``"lambda"``) and ``V_S.ids.json`` (the forbidden set); their schemas are in
+docs/artifacts.md. Commands that continue or audit a run read it here, so the tilt a run trained with is
+rebuilt in one place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from etu_hf.artifacts.files import ARGS_FILE, METRICS_FILE
+from etu_hf.artifacts.run_folder import FORBIDDEN_SET_FILE
+
+if TYPE_CHECKING:
+    from etu_hf.ops.tilt import TiltSpec
+
+#: The target mass of a run whose args.json does not say (``ETUTrainingArguments``' default).
+DEFAULT_EPSILON = 0.05
+
+
+def _read_json(path: str) -> dict[str, Any]:
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as err:
+            raise ValueError(
+                f"{path} is not valid JSON ({err.msg} at line {err.lineno}); was the run interrupted?"
+            ) from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} is not a JSON object")
+    return data
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """The files of one run folder: ``args`` (args.json), ``metrics`` (metrics.json) and the path of
+    its V_S.ids.json (docs/artifacts.md). Missing files read as empty: a folder that is not a run
+    gives an empty record (``bool(record)`` is False)."""
+
+    folder: str
+    args: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    forbidden_path: str | None = None
+
+    @classmethod
+    def read(cls, folder: str) -> RunRecord:
+        """Read args.json, metrics.json and locate V_S.ids.json in ``folder``; ``ValueError`` naming the
+        file when one exists but is not a JSON object."""
+        forbidden = os.path.join(folder, FORBIDDEN_SET_FILE)
+        return cls(
+            folder=folder,
+            args=_read_json(os.path.join(folder, ARGS_FILE)),
+            metrics=_read_json(os.path.join(folder, METRICS_FILE)),
+            forbidden_path=forbidden if os.path.isfile(forbidden) else None,
+        )
+
+    def __bool__(self) -> bool:
+        return bool(self.args or self.metrics)
+
+    @property
+    def epsilon(self) -> float:
+        """The run's target mass ``epsilon`` (args.json; :data:`DEFAULT_EPSILON` when absent)."""
+        return float(self.args.get("epsilon", DEFAULT_EPSILON))
+
+    @property
+    def lambda_record(self) -> dict[str, Any]:
+        """The ``"lambda"`` section of metrics.json (mode, closed-form global lambda, controller offset, ...)."""
+        return self.metrics.get("lambda") or {}
+
+    @property
+    def tilt(self) -> TiltSpec:
+        r"""The tilt the run ended with (docs/method.md, "The target: an exponential tilt").
+
+        ``epsilon``, ``lambda_mode``, ``lambda_max`` and ``allow_negative_lambda`` from args.json; the
+        closed-form global lambda (``lambda.closed_form_global``) and the controller's offset :math:`o`
+        (``lambda.offset``) from metrics.json. Settings a file does not hold take ``TiltSpec``'s defaults
+        (offset 0).
+        """
+        from etu_hf.ops.tilt import DEFAULT_LAMBDA_MAX, TiltSpec
+
+        lam = self.lambda_record
+        return TiltSpec(
+            epsilon=self.epsilon,
+            mode=self.args.get("lambda_mode", "per_position"),
+            lambda_max=self.args.get("lambda_max", DEFAULT_LAMBDA_MAX),
+            allow_negative=bool(self.args.get("allow_negative_lambda", False)),
+            global_lambda=lam.get("closed_form_global"),
+            offset=float(lam.get("offset") or 0.0),
+        )
