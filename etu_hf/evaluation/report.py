@@ -1,4 +1,6 @@
-"""The suppression report: its versioned JSON schema, the printed table, Markdown and plots."""
+"""The suppression report: its versioned JSON schema (:data:`DEFINITIONS` says what each number means;
+docs/method.md, "The audit and its verdict"), the printed table and Markdown, and :func:`build_report`,
+which turns the audit's measurements into bounds and a verdict."""
 
 from __future__ import annotations
 
