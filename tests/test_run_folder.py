@@ -3,6 +3,7 @@ atomic artifacts, replacement of a previous run only by a run that succeeds, and
 
 import json
 import logging
+import math
 import os
 import zipfile
 
@@ -283,3 +284,76 @@ def test_cli_refuses_an_incomplete_checkpoint_before_loading_anything(tmp_path, 
     assert "checkpoint-4" in err and "trainer_state.json is empty" in err and "checkpoint-2" in err
     assert len(err.strip().splitlines()) == 1
     assert snapshot(out) == before  # args.json was not rewritten
+
+
+# ------------------------------------------------------------------------------------- the run record
+def test_run_record_reads_the_tilt_a_run_ended_with(tmp_path):
+    from etu_hf.artifacts.record import RunRecord
+
+    run = tmp_path / "run"
+    run.mkdir()
+    args = {"epsilon": 0.02, "lambda_mode": "global", "lambda_max": 3.0, "allow_negative_lambda": True, "seed": 7}
+    (run / "args.json").write_text(json.dumps(args))
+    lam = {"mode": "global", "closed_form_global": 4.5, "offset": -0.75, "adaptive": True}
+    (run / "metrics.json").write_text(json.dumps({"epsilon": 0.02, "lambda": lam, "steps": 9}))
+    (run / "V_S.ids.json").write_text("[3, 4]")
+    record = RunRecord.read(str(run))
+    assert record and record.args == args and record.metrics["steps"] == 9
+    assert record.forbidden_path == str(run / "V_S.ids.json")
+    tilt = record.tilt
+    assert (tilt.epsilon, tilt.mode, tilt.lambda_max, tilt.allow_negative) == (0.02, "global", 3.0, True)
+    assert (tilt.global_lambda, tilt.offset) == (4.5, -0.75)
+    assert tilt.global_value() == 3.0  # clamp(4.5 - 0.75, -3, 3): lambda_max binds
+
+    # per-position mode: eps' = sigmoid(logit(eps) - offset), computed here by hand
+    args.update(lambda_mode="per_position")
+    (run / "args.json").write_text(json.dumps(args))
+    eps = RunRecord.read(str(run)).tilt.effective_epsilon
+    assert abs(eps - 1 / (1 + (0.98 / 0.02) * math.exp(-0.75))) < 1e-12
+
+
+def test_run_record_of_a_folder_without_a_run(tmp_path, monkeypatch):
+    from etu_hf.artifacts.record import RunRecord
+    from etu_hf.ops.tilt import DEFAULT_LAMBDA_MAX
+
+    empty = RunRecord.read(str(tmp_path))
+    assert not empty and empty.args == {} and empty.metrics == {} and empty.forbidden_path is None
+    tilt = empty.tilt
+    assert (tilt.epsilon, tilt.mode, tilt.lambda_max, tilt.allow_negative, tilt.global_lambda, tilt.offset) == (
+        0.05, "per_position", DEFAULT_LAMBDA_MAX, False, None, 0.0
+    )  # fmt: skip
+    (tmp_path / "metrics.json").write_text('{"lambda": ')  # a write interrupted before atomic writes
+    with pytest.raises(ValueError, match=r"metrics.json is not valid JSON"):
+        RunRecord.read(str(tmp_path))
+    (tmp_path / "metrics.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"metrics.json is not a JSON object"):
+        RunRecord.read(str(tmp_path))
+
+
+def test_audit_settings_come_from_the_run_and_flags_win(tmp_path):
+    from etu_hf.commands.audit import AuditArguments, resolve_forbidden, resolve_tilt, run_of
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "args.json").write_text(json.dumps({"epsilon": 0.02, "lambda_mode": "global", "lambda_max": 9.0}))
+    (run / "metrics.json").write_text(json.dumps({"lambda": {"closed_form_global": 2.0, "offset": 0.5}}))
+    (run / "V_S.ids.json").write_text("[3]")
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    args = AuditArguments(
+        output_dir="unused", adapter=str(merged), forget_corpora=["f"], forbidden=str(run / "V_S.ids.json")
+    )
+    tilt = resolve_tilt(args, run_of(args))  # a merged model with its run's V_S: that run's settings
+    assert (tilt.epsilon, tilt.mode, tilt.lambda_max, tilt.global_lambda, tilt.offset) == (
+        0.02,
+        "global",
+        9.0,
+        2.0,
+        0.5,
+    )
+    args = AuditArguments(output_dir="unused", adapter=str(run), forget_corpora=["f"], epsilon=0.1, lambda_max=4.0)
+    tilt = resolve_tilt(args, run_of(args))
+    assert (tilt.epsilon, tilt.mode, tilt.lambda_max, tilt.offset) == (0.1, "global", 4.0, 0.5)
+    assert resolve_forbidden(args) == str(run / "V_S.ids.json")
+    with pytest.raises(ValueError, match="--forbidden: no V_S given"):
+        resolve_forbidden(AuditArguments(output_dir="unused", adapter=str(merged), forget_corpora=["f"]))

@@ -14,14 +14,13 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from etu_hf.artifacts.files import METRICS_FILE, write_json
+from etu_hf.artifacts.record import RunRecord
 from etu_hf.artifacts.run_folder import RunFolder, check_output_dir, resolve_resume_checkpoint
 from etu_hf.commands.arguments import DataArguments, ModelArguments, parse_unlearn_args, unlearn_parser
 from etu_hf.commands.cli import setup_logging
 from etu_hf.commands.loader import init_deepspeed_for_zero3, load_tokenizer, load_training_model
 from etu_hf.data.blocks import tokenize_and_block
 from etu_hf.data.corpus import _load_docs, parse_corpus_specs, split_documents, warn_if_corpora_overlap
-from etu_hf.evaluation.report import REPORT_FILE
 from etu_hf.training.config import ETUTrainingArguments
 
 logger = _logging_for_logger.getLogger(__name__)
@@ -166,8 +165,8 @@ def run_unlearning(
         data_collator=default_data_collator,
         peft_config=peft_config,
         heldout_dataset=heldout,
+        run_arguments={**asdict(model_args), **asdict(data_args)},
     )
-    trainer.extra_run_arguments = {**asdict(model_args), **asdict(data_args)}
     fs = trainer.forbidden_set
     logger.info("V_S: %d tokens (%.2f%% of the vocabulary), method %s", len(fs), 100 * (fs.fraction or 0), fs.method)
 
@@ -194,38 +193,11 @@ def run_unlearning(
                 "heldout": f"{data_args.eval_fraction:.0%} of the documents, held out of training",
             },
         )
-        audit_summary = {
-            "definition": "see suppression_report.json: held-out forget documents (never trained on) and held-out "
-            "retain documents",
-            "report": REPORT_FILE,
-            "epsilon": report.epsilon,
-            "base_p_S": report.base_p_S,
-            "updated_p_S": report.updated_p_S,
-            "updated_p_S_upper": report.updated_p_S_upper,
-            "updated_p_S_token_wilson_upper": report.updated_p_S_token_wilson_upper,
-            "suppression_ratio": report.suppression_ratio,
-            "share_above_epsilon_before": report.share_above_epsilon_base,
-            "share_above_epsilon_after": report.share_above_epsilon_updated,
-            "positions": report.forget_positions,
-            "sequences": report.forget_sequences,
-            "delta": report.delta,
-            "base_perplexity": report.base_perplexity,
-            "updated_perplexity": report.updated_perplexity,
-            "perplexity_ratio": report.perplexity_ratio,
-            "target_achieved": report.target_achieved,
-            "target_achieved_upper": report.target_achieved_upper,
-        }
-        counts = {
-            "forget_train_blocks": len(forget_train),
-            "controller_heldout_blocks": len(heldout) if heldout is not None else 0,
-            "forget_heldout_blocks": len(data["forget_eval"]),
-            "retain_train_blocks": len(data["retain_train"]) if data["retain_train"] is not None else 0,
-            "retain_heldout_blocks": len(data["retain_eval"]) if data["retain_eval"] is not None else 0,
-            "block_size": data_args.block_size,
-        }
-        metrics = {**getattr(trainer, "training_metrics", {}), "data": counts, "heldout": audit_summary}
-        if trainer.is_world_process_zero():
-            write_json(os.path.join(training_args.output_dir, METRICS_FILE), metrics)
+    # The trainer wrote metrics.json (training, then the audit's "heldout" and "data" sections); the main
+    # process reads it back from the run folder. Other processes did not write it (and may not share the
+    # folder's file system): they keep what their trainer holds.
+    main = trainer.is_world_process_zero()
+    metrics = RunRecord.read(training_args.output_dir).metrics if main else trainer.training_metrics
     return UnlearnResult(output_dir=training_args.output_dir, metrics=metrics, trainer=trainer, report=report)
 
 
