@@ -62,7 +62,7 @@ def test_plain_trainer_script_runs_with_names_swapped(tmp_path, variant):
     assert "eval_loss" in metrics
     assert os.path.exists(tmp_path / "out" / "model.safetensors")
     if variant == "etu_hf":
-        assert "eval_pi_s" in metrics
+        assert "eval_etu/pi_s" in metrics
         assert os.path.exists(tmp_path / "out" / "V_S.ids.json")
         assert os.path.exists(tmp_path / "out" / "metrics.json")
 
@@ -84,7 +84,7 @@ def test_example_script_runs(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "eval_pi_s" in done.stdout
+    assert "eval_etu/pi_s" in done.stdout
     assert os.path.exists(tmp_path / "out" / "adapter_model.safetensors") or os.path.exists(
         tmp_path / "out" / "model.safetensors"
     )
