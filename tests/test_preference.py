@@ -10,7 +10,7 @@ import torch
 from helpers import LORA, fast_args, lora_trainer
 from peft import LoraConfig
 
-import etu_hf.training.trainer as trainer_module
+import etu_hf.training.loss_terms as loss_terms
 from etu_hf import ETUTrainer
 from etu_hf.commands.cli import main
 from etu_hf.data.blocks import iter_batches
@@ -115,13 +115,13 @@ def test_in_loop_reference_logps_are_the_base_models(model, tokenizer, corpora, 
             if "lora_B" in name:
                 p.normal_(0, 0.05)
     seen = {}
-    real = trainer_module.preference_losses
+    real = loss_terms.preference_losses
 
     def spy(fmt, beta, margin, policy, ref, lengths, chosen=None):
         seen.update(policy=policy.detach(), ref=ref, lengths=lengths)
         return real(fmt, beta, margin, policy, ref, lengths, chosen)
 
-    monkeypatch.setattr(trainer_module, "preference_losses", spy)
+    monkeypatch.setattr(loss_terms, "preference_losses", spy)
     batch = next(iter_batches(corpora["forget_heldout"].select(range(3)), None, 3))
     trainer.model.train()
     trainer.compute_loss(trainer.model, batch)
@@ -172,19 +172,22 @@ def test_npo_in_the_loop_lowers_forget_completions_more(tokenizer, corpora, tmp_
 
 
 @pytest.mark.parametrize("source", ["refusal", "retain", "data"])
-def test_dpo_in_the_loop_with_each_chosen_source(model, tokenizer, corpora, tmp_path, source):
-    forget = corpora["forget"]
+def test_dpo_chosen_completions_come_from_the_selected_source(model, tokenizer, corpora, tmp_path, monkeypatch, source):
+    """The chosen log-probabilities fed to the DPO loss are those of prompt + the completion that
+    ``pref_chosen`` names (a refusal in turn, the start of the paired retain row, or the row's
+    pref_chosen_ids), under the model and under the base, recomputed here one sequence at a time."""
+    prompt_tokens = 8
+    forget = corpora["forget"].select(range(32))
+    alt = tokenizer(" The weather is mild today.", add_special_tokens=False)["input_ids"]
     if source == "data":
-        alt = tokenizer(" The weather is mild today.", add_special_tokens=False)["input_ids"]
         forget = forget.add_column("pref_chosen_ids", [alt] * len(forget))
     args = fast_args(
         str(tmp_path / "run"),
-        max_steps=3,
-        logging_steps=3,
+        per_device_train_batch_size=4,
         preference_weight=0.5,
         pref_format="dpo",
         pref_chosen=source,
-        pref_every=1,
+        pref_prompt_tokens=prompt_tokens,
     )
     trainer = ETUTrainer(
         model=model,
@@ -194,9 +197,45 @@ def test_dpo_in_the_loop_with_each_chosen_source(model, tokenizer, corpora, tmp_
         processing_class=tokenizer,
         peft_config=LoraConfig(**LORA),
     )
-    trainer.train()
-    log = next(h for h in trainer.state.log_history if "etu/pref_loss" in h)
-    assert 0 < log["etu/pref_loss"] <= math.log(2) + 1e-3  # starts at log 2: the adapter starts at the base
+    torch.manual_seed(2)
+    with torch.no_grad():  # move the adapter away from zero so that model != base
+        for name, p in trainer.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    seen = {}
+    real = loss_terms.preference_losses
+
+    def spy(fmt, beta, margin, policy, ref, lengths, chosen=None):
+        seen["chosen"] = chosen
+        return real(fmt, beta, margin, policy, ref, lengths, chosen)
+
+    monkeypatch.setattr(loss_terms, "preference_losses", spy)
+    batch = next(iter(trainer.get_train_dataloader()))
+    trainer.model.train()
+    trainer.compute_loss(trainer.model, batch)
+    refusals = [tokenizer(r, add_special_tokens=False)["input_ids"] for r in args.pref_refusals]
+    expected_policy, expected_ref = [], []
+    for i in range(batch["input_ids"].shape[0]):
+        attended = batch["input_ids"][i][batch["attention_mask"][i].bool()].tolist()
+        prompt, completion = attended[:prompt_tokens], attended[prompt_tokens:]
+        if source == "refusal":
+            chosen = refusals[i % len(refusals)]
+        elif source == "retain":
+            retain_row = batch["retain_input_ids"][i][batch["retain_attention_mask"][i].bool()].tolist()
+            chosen = retain_row[: len(completion)]
+            assert chosen != completion
+        else:
+            chosen = alt
+        ids = torch.tensor([prompt + chosen])
+        cm = torch.tensor([[0] * len(prompt) + [1] * len(chosen)])
+        with torch.no_grad():
+            expected_policy.append(sequence_logps(trainer.model(input_ids=ids).logits, ids, cm))
+            with trainer.model.disable_adapter():
+                expected_ref.append(sequence_logps(trainer.model(input_ids=ids).logits, ids, cm))
+    policy, ref = seen["chosen"]
+    torch.testing.assert_close(policy.detach(), torch.cat(expected_policy), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(ref, torch.cat(expected_ref), atol=1e-4, rtol=1e-5)
+    assert (policy.detach() - ref).abs().max() > 1e-3  # model and base differ: each side is the right one
 
 
 def test_gradient_accumulation_is_exact_with_the_preference_term(tokenizer, corpora, tmp_path):

@@ -211,7 +211,9 @@ def test_artifacts_logging_evaluate_save_and_model_card(
         eval_dataset=corpora["forget_heldout"],
         processing_class=tokenizer,
         peft_config=LoraConfig(**LORA),
+        run_arguments={"block_size": 64, "service_api_key": "not-for-the-disk-42"},
     )
+    assert trainer.training_metrics is None
     trainer.train()
     out = args.output_dir
     with open(os.path.join(out, "V_S.ids.json")) as f:
@@ -220,7 +222,8 @@ def test_artifacts_logging_evaluate_save_and_model_card(
     assert {"counts", "scores"} <= {k.replace("forget_", "") for k in vs}
     raw_args = open(os.path.join(out, "args.json")).read()
     assert "hf_abcdefghijklmnopqrstuvwxyz0123" not in raw_args
-    assert json.loads(raw_args)["epsilon"] == 0.05
+    assert json.loads(raw_args)["epsilon"] == 0.05 and json.loads(raw_args)["block_size"] == 64
+    assert "not-for-the-disk-42" not in raw_args  # run_arguments are recorded with secrets redacted
     with open(os.path.join(out, "metrics.json")) as f:
         metrics = json.load(f)
     check_metrics_schema(metrics)
@@ -240,6 +243,27 @@ def test_artifacts_logging_evaluate_save_and_model_card(
     assert ev["eval_etu/pi_s"] == pytest.approx(direct.mean, rel=1e-4)
     assert ev["eval_etu/forget_positions"] == direct.n_positions
     assert ev["eval_etu/q_s"] <= trainer.args.epsilon + 1e-6  # the per-position target is min(p, epsilon)
+    assert trainer.training_metrics == metrics
+    # the audit into the run's own folder completes metrics.json: its summary and the data's block counts
+    report = trainer.audit(
+        forget_data=corpora["forget_heldout"], retain_data=corpora["retain_heldout"], output_dir=out, overwrite=True
+    )
+    with open(os.path.join(out, "metrics.json")) as f:
+        audited = json.load(f)
+    assert {k: v for k, v in audited.items() if k not in ("heldout", "data")} == metrics  # training numbers kept
+    check_metrics_schema(audited, heldout=True)
+    assert audited["heldout"]["updated_p_S"] == report.updated_p_S and audited["heldout"]["report"] == (
+        "suppression_report.json"
+    )
+    assert audited["data"] == {
+        "forget_train_blocks": len(corpora["forget"]),
+        "controller_heldout_blocks": 0,
+        "forget_heldout_blocks": len(corpora["forget_heldout"]),
+        "retain_train_blocks": len(corpora["retain"]),
+        "retain_heldout_blocks": len(corpora["retain_heldout"]),
+        "block_size": 64,
+    }
+    assert trainer.training_metrics == audited
     save_dir = tmp_path / "saved"
     trainer.save_model(str(save_dir))
     assert (save_dir / "adapter_model.safetensors").exists() and (save_dir / "V_S.ids.json").exists()
@@ -475,3 +499,47 @@ def test_adapter_that_leaves_the_head_frozen_is_warned_about(model, tokenizer, c
             peft_config=LoraConfig(r=4, target_modules="all-linear"),
         )
     assert "leaves the output head (lm_head) frozen" in caplog.text
+
+
+def test_loss_chunk_size_zero_means_unchunked(tokenizer, corpora, make_args):
+    """``loss_chunk_size=0`` computes the loss in one piece (it used to become 1024): the output head sees
+    every position at once, and loss and gradient equal those of small chunks."""
+    from transformers import AutoModelForCausalLM
+
+    from etu_hf.demo import DEMO_MODEL_DIR
+
+    batch = next(iter_batches(corpora["forget"].select(range(4)), None, 4))
+    positions = batch["input_ids"].shape[0] * (batch["input_ids"].shape[1] - 1)
+    results = {}
+    for chunk in (0, 7):
+        trainer = ETUTrainer(
+            model=AutoModelForCausalLM.from_pretrained(DEMO_MODEL_DIR),
+            args=make_args(loss_chunk_size=chunk, retain_weight=0.0),
+            train_dataset=corpora["forget"],
+            processing_class=tokenizer,
+        )
+        trainer.tilt_state.decide_head(trainer.model, batch)
+        rows = []
+        hook = trainer.model.lm_head.register_forward_hook(lambda m, i, o, rows=rows: rows.append(i[0].shape[0]))
+        trainer.model.train()
+        loss = trainer.compute_loss(trainer.model, batch)
+        head_calls = rows[1:]  # rows[0]: the model's own forward, truncated to no position
+        hook.remove()
+        loss.backward()
+        grads = {k: p.grad.clone() for k, p in trainer.model.named_parameters() if p.grad is not None}
+        results[chunk] = loss.detach(), grads, head_calls
+    assert results[0][2] == [positions]  # one chunk of every position
+    assert results[7][2] == [7] * (positions // 7) + ([positions % 7] if positions % 7 else [])
+    torch.testing.assert_close(results[0][0], results[7][0], atol=1e-6, rtol=1e-6)
+    for name, g in results[0][1].items():
+        torch.testing.assert_close(g, results[7][1][name], atol=1e-6, rtol=1e-5)
+
+
+def test_loss_chunk_size_zero_trains_with_the_controller(model, tokenizer, corpora, make_args):
+    """Unchunked everywhere: the p_S estimate, the loss and the held-out probe."""
+    args = make_args(loss_chunk_size=0, max_steps=2, adaptive_lambda=True, lambda_update_freq=2, logging_steps=2)
+    trainer = lora_trainer(model, tokenizer, corpora, args)
+    assert trainer.heldout_probe.chunk_size == 0
+    trainer.train()
+    assert trainer.lambda_controller.history[0]["positions"] > 0
+    assert 0 < trainer.base_p_s < 1

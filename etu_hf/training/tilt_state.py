@@ -112,7 +112,7 @@ class TiltState:
         """Set :attr:`use_hidden` from one forward on ``batch``: hidden states when ``head(hidden)``
         reproduces the model's logits, full logits otherwise (a warning: memory then grows with |V|)."""
         device = next(model.parameters()).device
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
         self.use_hidden = head_matches_logits(unwrap_model(model), output_head(model), batch)
         if not self.use_hidden:
             logger.warning(
