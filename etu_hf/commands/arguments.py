@@ -139,30 +139,36 @@ class DataArguments:
             raise ValueError(f"max_num_batches: must be >= 1, got {self.max_num_batches}")
 
 
-def add_short_names(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the short flag names ``etu-hf unlearn`` and ``etu-hf demo`` accept for flags of
-    ``ETUTrainingArguments`` (``--max_length`` is declared on :class:`DataArguments` itself).
-
-    Each is an option of the same parser writing the same destination as the flag it stands for, so
-    the usual argparse rule holds across both spellings: the one given last wins.
-    """
+def _vs_method(value: str) -> str:
     from transformers.hf_argparser import string_to_bool
 
-    def vs_method(value: str) -> str:
-        return "pmi" if string_to_bool(value) else "frequency"
+    return "pmi" if string_to_bool(value) else "frequency"
 
+
+#: Short flag names of ``etu-hf unlearn`` and ``etu-hf demo``: ``name: (destination, argparse settings)``.
+#: (``--max_length`` is declared on :class:`DataArguments` itself.)
+SHORT_NAMES: dict[str, tuple[str, dict[str, Any]]] = {
+    "--batch_size": ("per_device_train_batch_size", {"type": int, "metavar": "N"}),
+    "--log_every": ("logging_steps", {"type": float, "metavar": "N"}),
+    "--verbose": ("log_level", {"action": "store_const", "const": "info"}),
+    "--deterministic": ("full_determinism", {"action": "store_const", "const": True}),
+    "--use_pmi_vs": ("vs_method", {"nargs": "?", "const": "true", "type": _vs_method, "metavar": "BOOL"}),
+}
+
+
+def add_short_names(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add :data:`SHORT_NAMES` to ``parser``, a parser that has the flags they stand for.
+
+    Each short name is an option of the same parser writing the same destination as its full flag
+    (with no default of its own), so the usual argparse rule holds across both spellings: the one
+    given last wins.
+    """
     group = parser.add_argument_group("short flag names")
-    same = {"default": argparse.SUPPRESS}  # the full flag's default stays the default
-    group.add_argument("--batch_size", dest="per_device_train_batch_size", type=int, metavar="N", **same,
-                       help="= --per_device_train_batch_size N")  # fmt: skip
-    group.add_argument("--log_every", dest="logging_steps", type=float, metavar="N", **same,
-                       help="= --logging_steps N")  # fmt: skip
-    group.add_argument("--verbose", dest="log_level", action="store_const", const="info", **same,
-                       help="= --log_level info (transformers and etu-hf log at INFO)")  # fmt: skip
-    group.add_argument("--deterministic", dest="full_determinism", action="store_const", const=True, **same,
-                       help="= --full_determinism (deterministic algorithms; may be slower)")  # fmt: skip
-    group.add_argument("--use_pmi_vs", dest="vs_method", nargs="?", const="true", type=vs_method, metavar="BOOL",
-                       **same, help="= --vs_method pmi (false: --vs_method frequency)")  # fmt: skip
+    for name, (dest, settings) in SHORT_NAMES.items():
+        meaning = f"--{dest} {settings.get('metavar', settings.get('const'))}"
+        if dest == "vs_method":
+            meaning = "--vs_method pmi (false: frequency)"
+        group.add_argument(name, dest=dest, default=argparse.SUPPRESS, help=f"= {meaning}", **settings)
     return parser
 
 
