@@ -384,6 +384,7 @@ def test_npo_trainer_alone(tokenizer, tmp_path):
         processing_class=tokenizer,
         peft_config=LoraConfig(**LORA),
     )
+    assert {"etu-hf", "npo", "unlearning"} <= set(trainer.model.model_tags)  # for model cards and hub commits
     trainer.train()
     first = trainer.state.log_history[0]
     assert first["loss"] == pytest.approx(2 / 0.1 * math.log(2), rel=1e-4)  # policy == reference at step 0

@@ -16,6 +16,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from etu_hf.artifacts.files import SecretFreeArguments
+from etu_hf.data.blocks import pad_token_id
 from etu_hf.modeling.head import eval_mode, is_peft_model, unwrap_model
 from etu_hf.ops.preference import npo_loss, sequence_logps, simnpo_loss
 from etu_hf.training.config import check_training_arguments
@@ -111,11 +112,7 @@ class NPOTrainer(Trainer):
         if ref_model is None and not is_peft_model(model) and args.loss_type == "npo":
             ref_model = copy.deepcopy(model).requires_grad_(False).eval()
         self.ref_model = ref_model
-        pad_id = (
-            processing_class.pad_token_id
-            if processing_class.pad_token_id is not None
-            else processing_class.eos_token_id
-        )
+        pad_id = pad_token_id(processing_class)
         super().__init__(
             model=model,
             args=args,
@@ -128,6 +125,8 @@ class NPOTrainer(Trainer):
         if self.ref_model is not None:
             self.ref_model.to(self.args.device)
         self._metrics: dict[str, list[torch.Tensor]] = {"policy_logps": [], "ref_logps": []}
+        if hasattr(self.model, "add_model_tags"):  # as TRL's trainers: the tags go to model cards and hub commits
+            self.model.add_model_tags(list(self._tag_names))
 
     @staticmethod
     def _tokenize(dataset: Any, tokenizer: Any) -> Any:

@@ -1,4 +1,6 @@
-r"""``TiltState``: the one owner of the facts that define the training target (docs/method.md, "The tilt").
+r"""``TiltState``: the one owner of the facts that define the training target.
+
+See docs/method.md, "The target: an exponential tilt". It holds:
 
 - V_S, the forbidden set (loaded, or built from the forget and retain data: :func:`forbidden_set_for_run`);
 - the base mass :math:`p_S` (mean of :math:`\pi_b(S|x)` over a seeded sample of forget positions) and
@@ -133,7 +135,7 @@ def forbidden_set_for_run(
 ) -> ForbiddenSet | None:
     """V_S of a run: ``forbidden_set`` (a ForbiddenSet, ids or a V_S.ids.json path), else
     ``args.forbidden_ids_path``, else built from the forget data against the retain data with the
-    ``vs_*``/``pmi_*`` settings (docs/method.md, "The forbidden set"). ``None`` without any of them."""
+    ``vs_*``/``pmi_*`` settings (docs/method.md, "Notation"). ``None`` without any of them."""
     source = "forbidden_set"
     if forbidden_set is None and args.forbidden_ids_path:
         forbidden_set, source = args.forbidden_ids_path, "--forbidden_ids_path"
