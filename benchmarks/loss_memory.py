@@ -28,6 +28,7 @@ def worker(n, h, v, chunk, out):
     import torch
 
     from etu_hf.ops.chunked import tilted_kl_loss
+    from etu_hf.ops.tilt import TiltSpec
 
     on_gpu = torch.cuda.is_available()
     device = "cuda" if on_gpu else "cpu"
@@ -38,14 +39,16 @@ def worker(n, h, v, chunk, out):
     ids = torch.arange(0, v, 97, device=device)
     # warm-up on a small slice so that one-time allocations do not count
     tilted_kl_loss(
-        hs[:8], hb[:8], ids, epsilon=0.05, student_head=head, base_head=head, chunk_size=chunk or None
+        hs[:8], hb[:8], ids, TiltSpec(epsilon=0.05), student_head=head, base_head=head, chunk_size=chunk or None
     ).loss.backward()
     if on_gpu:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     before = peak_bytes(on_gpu)
     start = time.perf_counter()
-    out_ = tilted_kl_loss(hs, hb, ids, epsilon=0.05, student_head=head, base_head=head, chunk_size=chunk or None)
+    out_ = tilted_kl_loss(
+        hs, hb, ids, TiltSpec(epsilon=0.05), student_head=head, base_head=head, chunk_size=chunk or None
+    )
     out_.loss.backward()
     if on_gpu:
         torch.cuda.synchronize()

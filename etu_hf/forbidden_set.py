@@ -136,8 +136,8 @@ class ForbiddenSet:
 
     @classmethod
     def load(cls, path: str) -> ForbiddenSet:
-        """Read ``V_S.ids.json`` (or a folder holding it). A flat JSON list of ids (the original tool's
-        format) is accepted too."""
+        """Read ``V_S.ids.json`` (or a folder holding it). A flat JSON list of ids is accepted
+        too."""
         if os.path.isdir(path):
             path = os.path.join(path, FORBIDDEN_SET_FILE)
         if not os.path.isfile(path):
