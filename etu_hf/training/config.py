@@ -33,8 +33,8 @@ class ETUTrainingArguments(SecretFreeArguments, TrainingArguments):
         lambda_mode (`str`, *optional*, defaults to `"per_position"`):
             `"per_position"`: exact tilt per context, `lam(x) = max(0, logit(p(x)) - logit(epsilon))`,
             so the target has `q(S|x) = min(p(x), epsilon)` everywhere (the true I-projection).
-            `"global"`: one `lam = logit(p_S) - logit(epsilon)` from the mean base mass `p_S` (the
-            original tool's rule; by Jensen the mean target mass is then above `epsilon` when the
+            `"global"`: one `lam = logit(p_S) - logit(epsilon)` from the mean base mass `p_S` (one
+            number for all contexts; by Jensen the mean target mass is then above `epsilon` when the
             masses differ across contexts).
         lambda_max (`float`, *optional*, defaults to `100.0`):
             `lam` is clamped to `[-lambda_max, lambda_max]`. Must be finite and > 0. The default does
