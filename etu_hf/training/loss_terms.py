@@ -22,7 +22,8 @@ from torch import nn
 
 from etu_hf.data.blocks import scored_positions
 from etu_hf.data.pairing import PREF_CHOSEN_COLUMN, chosen_batch
-from etu_hf.modeling.head import forward_hidden, head_fn
+from etu_hf.modeling.head import head_fn
+from etu_hf.modeling.states import scored_states
 from etu_hf.ops.chunked import TiltedKLOutput, chunked_nll, tilted_kl_loss
 from etu_hf.ops.preference import completion_mask, preference_losses, prompts_of
 from etu_hf.training.config import ETUTrainingArguments
@@ -54,27 +55,19 @@ def count_scored(batch: dict[str, Any], device: torch.device) -> torch.Tensor:
     return mask.sum().to(device=device, dtype=torch.float32)
 
 
-def _flatten_positions(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``[B, T, D] -> [B*(T-1), D]`` for the predictions at positions ``0..T-2``, unscored rows zeroed
-    (finite inputs, so no NaN from padding reaches the gradient)."""
-    flat = h[:, :-1].reshape(-1, h.shape[-1])
-    return torch.where(mask.reshape(-1, 1), flat, flat.new_zeros(()))
-
-
 def student_positions(ctx: LossContext, batch: dict[str, Any], keep_logits: bool = False):
-    """The model's states at every prediction position: ``(states [B*(T-1), D], outputs, mask, targets)``."""
+    """The model's states at every prediction position, unscored rows zeroed (so the mask serves as
+    weights): ``(states [B*(T-1), D], outputs, mask, targets)``."""
     mask, targets = scored_positions(batch["input_ids"], batch.get("attention_mask"), batch.get("labels"))
-    h, outputs = forward_hidden(ctx.model, ctx.head, batch, truncate=ctx.use_hidden and not keep_logits)
-    if not ctx.use_hidden:
-        h = outputs.logits
-    return _flatten_positions(h, mask), outputs, mask, targets
+    st = scored_states(ctx.model, batch, mask, ctx.use_hidden, all_positions=True, keep_logits=keep_logits)
+    return st.states, st.outputs, mask, targets
 
 
 def base_positions(ctx: LossContext, batch: dict[str, Any], mask: torch.Tensor) -> torch.Tensor:
-    """The base distribution's states at the same positions (no gradient)."""
+    """The base distribution's states at the same positions (no gradient), in the precision of the
+    model's own forward: accelerate wraps only the trained model in autocast."""
     with ctx.autocast():
-        h = ctx.base.hidden(batch) if ctx.use_hidden else ctx.base.logits(batch)
-    return _flatten_positions(h, mask.to(h.device))
+        return scored_states(ctx.base, batch, mask, ctx.use_hidden, all_positions=True).states
 
 
 def _heads(ctx: LossContext, device: torch.device) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from torch import nn
 
 from etu_hf.data.blocks import iter_batches
 from etu_hf.forbidden_set import ForbiddenSet, build_forbidden_set, resolve_forbidden_set
-from etu_hf.modeling.head import head_matches_logits, output_head, unwrap_model
+from etu_hf.modeling.head import probe_hidden_states
 from etu_hf.ops.tilt import TiltSpec, closed_form_lambda, lambda_bounds
 from etu_hf.training.config import ETUTrainingArguments
 
@@ -113,9 +113,8 @@ class TiltState:
     def decide_head(self, model: nn.Module, batch: dict[str, Any]) -> bool:
         """Set :attr:`use_hidden` from one forward on ``batch``: hidden states when ``head(hidden)``
         reproduces the model's logits, full logits otherwise (a warning: memory then grows with |V|)."""
-        device = next(model.parameters()).device
-        batch = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
-        self.use_hidden = head_matches_logits(unwrap_model(model), output_head(model), batch)
+        batch = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        self.use_hidden = probe_hidden_states(model, batch)
         if not self.use_hidden:
             logger.warning(
                 "the model post-processes its output head (e.g. logit soft-capping): the loss uses "
