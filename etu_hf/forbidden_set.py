@@ -28,7 +28,7 @@ import logging
 import math
 import os
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from etu_hf.artifacts.files import atomic_write
-from etu_hf.data.blocks import scored_positions
+from etu_hf.data.token_counts import PieceInfo, count_scored_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -65,9 +65,6 @@ def token_ids(values: Any, source: str = "forbidden ids") -> list[int]:
             )
         out.append(int(v))
     return out
-
-
-_WORD_START_MARKERS = ("Ġ", "▁", "Ċ")
 
 
 @dataclass
@@ -157,107 +154,6 @@ class ForbiddenSet:
 
 
 # ---------------------------------------------------------------------------------------------
-# Counting
-# ---------------------------------------------------------------------------------------------
-def _as_batch(item: Any) -> Mapping[str, torch.Tensor]:
-    if isinstance(item, Mapping):
-        return {k: torch.as_tensor(v) for k, v in item.items() if k in ("input_ids", "attention_mask", "labels")}
-    ids = torch.as_tensor(item, dtype=torch.long)
-    return {"input_ids": ids.reshape(1, -1)}
-
-
-@dataclass
-class _Counts:
-    counts: np.ndarray
-    total: int
-    span_pairs: np.ndarray | None  # unique first_id * V + continuation_id
-
-
-class _PieceInfo:
-    """Per-token string facts, computed lazily for the ids that occur."""
-
-    def __init__(self, tokenizer: Any, vocab_size: int):
-        self.tokenizer = tokenizer
-        self.vocab_size = vocab_size
-        self.known = np.zeros(vocab_size, dtype=bool)
-        self.has_letter = np.zeros(vocab_size, dtype=bool)
-        self.starts_word = np.zeros(vocab_size, dtype=bool)
-        self.raw: dict[int, str | None] = {}
-        special = getattr(tokenizer, "all_special_ids", None) or []
-        self.special = np.zeros(vocab_size, dtype=bool)
-        self.special[[i for i in special if 0 <= i < vocab_size]] = True
-
-    def ensure(self, ids: np.ndarray) -> None:
-        todo = np.unique(ids[~self.known[ids]])
-        if len(todo) == 0:
-            return
-        pieces = self.tokenizer.convert_ids_to_tokens(todo.tolist())
-        for i, raw in zip(todo.tolist(), pieces, strict=True):
-            self.raw[i] = raw
-            text = self.tokenizer.convert_tokens_to_string([raw]) if raw is not None else ""
-            self.has_letter[i] = any(c.isalpha() for c in text)
-            self.starts_word[i] = raw is not None and (raw.startswith(_WORD_START_MARKERS) or text[:1].isspace())
-        self.known[todo] = True
-
-    def allowed(self) -> np.ndarray:
-        """Tokens that may enter V_S: not special, and with at least one letter."""
-        return self.has_letter & ~self.special
-
-
-def _span_pairs(stream: np.ndarray, info: _PieceInfo, n_max: int) -> np.ndarray:
-    """Unique ``first * V + piece`` keys for continuation pieces of words of 2..n_max pieces.
-
-    ``stream`` holds token ids with -1 separators. A word is a maximal run of lettered pieces whose
-    pieces after the first do not start a new word (no ``Ġ``/``▁`` marker, no leading space).
-    """
-    valid = stream >= 0
-    safe = np.where(valid, stream, 0)
-    word = valid & info.has_letter[safe]
-    prev_word = np.concatenate([[False], word[:-1]])
-    cont = word & prev_word & ~info.starts_word[safe]
-    start = word & ~cont
-    run = np.cumsum(start) - 1  # run index of every token (meaningful where word)
-    n_runs = int(start.sum())
-    if n_runs == 0:
-        return np.zeros(0, dtype=np.int64)
-    length = np.bincount(run[word], minlength=n_runs)
-    first = safe[start]
-    sel = cont & (length[run] >= 2) & (length[run] <= n_max)
-    keys = first[run[sel]].astype(np.int64) * info.vocab_size + safe[sel].astype(np.int64)
-    return np.unique(keys)
-
-
-def count_scored_tokens(
-    batches: Iterable[Any],
-    vocab_size: int,
-    piece_info: _PieceInfo | None = None,
-    span_ngram_max: int = 0,
-    source: str = "forget data",
-) -> _Counts:
-    """Count target tokens over scored positions (``torch.bincount``), and collect span pairs."""
-    counts = torch.zeros(vocab_size, dtype=torch.long)
-    pairs: list[np.ndarray] = []
-    for item in batches:
-        batch = _as_batch(item)
-        mask, targets = scored_positions(batch["input_ids"], batch.get("attention_mask"), batch.get("labels"))
-        ids = targets[mask].long()
-        if ids.numel() and (int(ids.max()) >= vocab_size or int(ids.min()) < 0):
-            raise ValueError(
-                f"{source} holds token id {int(ids.max())} outside the model's vocabulary of {vocab_size}: "
-                "the tokenizer does not match the model."
-            )
-        counts += torch.bincount(ids, minlength=vocab_size)
-        if piece_info is not None and span_ngram_max >= 2:
-            rows = torch.where(mask, targets, torch.full_like(targets, -1))
-            rows = torch.cat([rows, torch.full((rows.shape[0], 1), -1, dtype=rows.dtype)], dim=1)
-            stream = rows.reshape(-1).numpy()
-            piece_info.ensure(stream[stream >= 0])
-            pairs.append(_span_pairs(stream, piece_info, span_ngram_max))
-    c = counts.numpy()
-    return _Counts(c, int(c.sum()), np.unique(np.concatenate(pairs)) if pairs else None)
-
-
-# ---------------------------------------------------------------------------------------------
 # Selection rules (pure numpy, exposed for tests)
 # ---------------------------------------------------------------------------------------------
 def frequency_selection(
@@ -336,7 +232,7 @@ def build_forbidden_set(
         raise ValueError(f"vs_method must be 'pmi' or 'frequency', got {method!r}")
     if span_masking and tokenizer is None:
         raise ValueError("span_masking needs the tokenizer (to find word boundaries)")
-    info = _PieceInfo(tokenizer, vocab_size) if tokenizer is not None else None
+    info = PieceInfo(tokenizer, vocab_size) if tokenizer is not None else None
     fc = count_scored_tokens(forget, vocab_size, info, span_ngram_max if span_masking else 0, "forget data")
     if fc.total == 0:
         raise ValueError("the forget data has no scored token (empty, or every label is -100): nothing to forget.")
