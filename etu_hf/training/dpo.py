@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from trl import DPOConfig
 
 from etu_hf.artifacts.files import SecretFreeArguments
-from etu_hf.training.config import check_training_arguments
+from etu_hf.training.argument_checks import check_training_arguments
 
 
 @dataclass

@@ -19,7 +19,7 @@ from etu_hf.artifacts.files import SecretFreeArguments
 from etu_hf.data.blocks import pad_token_id
 from etu_hf.modeling.head import eval_mode, is_peft_model, unwrap_model
 from etu_hf.ops.preference import npo_loss, sequence_logps, simnpo_loss
-from etu_hf.training.config import check_training_arguments
+from etu_hf.training.argument_checks import check_training_arguments
 
 
 @dataclass
