@@ -35,12 +35,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from etu_hf.artifacts.files import atomic_write
+from etu_hf.artifacts.files import FORBIDDEN_SET_FILE, atomic_write
 from etu_hf.data.token_counts import PieceInfo, count_scored_tokens
 
 logger = logging.getLogger(__name__)
 
-FORBIDDEN_SET_FILE = "V_S.ids.json"
 FORMAT_NAME = "etu-hf/forbidden-set"
 FORMAT_VERSION = 1
 

@@ -16,9 +16,21 @@ import tempfile
 from collections.abc import Callable
 from typing import IO, Any
 
+# The files of a run folder (their schemas: docs/artifacts.md). Names live here only.
 ARGS_FILE = "args.json"
-
 METRICS_FILE = "metrics.json"
+FORBIDDEN_SET_FILE = "V_S.ids.json"
+REPORT_FILE = "suppression_report.json"
+MARKDOWN_FILE = "suppression_report.md"
+HISTOGRAM_FILE = "suppression_histogram.png"
+ACTIVATIONS_FILE = "activation_stats.png"
+LAMBDA_HISTORY_FILE = "lambda_history.json"
+LAMBDA_PLOT_FILE = "lambda_history.png"
+#: In every checkpoint: the controller's state (offset, history), so a resume continues its trajectory.
+CONTROLLER_STATE_FILE = "etu_controller.json"
+#: In every checkpoint, written before transformers' own files (so a complete trainer_state.json implies
+#: a complete one): what metrics.json needs to cover the whole run after a resume.
+RUN_STATE_FILE = "etu_trainer_state.json"
 
 REDACTED = "<redacted>"
 

@@ -14,8 +14,7 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from etu_hf.artifacts.files import ARGS_FILE, METRICS_FILE
-from etu_hf.artifacts.run_folder import FORBIDDEN_SET_FILE
+from etu_hf.artifacts.files import ARGS_FILE, FORBIDDEN_SET_FILE, METRICS_FILE
 
 if TYPE_CHECKING:
     from etu_hf.ops.tilt import TiltSpec

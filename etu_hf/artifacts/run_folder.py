@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import logging as _logging_for_logger
+import logging
 import os
 import re
 import shutil
@@ -25,11 +25,10 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any, ClassVar
 
-from etu_hf.artifacts.files import ARGS_FILE, METRICS_FILE, safetensors_problem
+from etu_hf.artifacts.files import ARGS_FILE, FORBIDDEN_SET_FILE, METRICS_FILE, safetensors_problem
 
-logger = _logging_for_logger.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
-FORBIDDEN_SET_FILE = "V_S.ids.json"  # = etu_hf.forbidden_set.FORBIDDEN_SET_FILE (not imported: it loads torch)
 
 TRAINER_STATE_FILE = "trainer_state.json"
 

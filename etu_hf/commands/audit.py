@@ -176,12 +176,12 @@ def cmd(argv: Sequence[str]) -> int:
     """``etu-hf audit``: suppression report of a base model plus adapter (or merged model)."""
     from transformers import HfArgumentParser
 
+    from etu_hf.artifacts.files import REPORT_FILE
     from etu_hf.artifacts.run_folder import check_writable
     from etu_hf.commands.cli import setup_logging
     from etu_hf.data.blocks import tokenize_and_block
     from etu_hf.data.corpus import load_documents
     from etu_hf.evaluation.audit import AuditOptions, audit
-    from etu_hf.evaluation.report import REPORT_FILE
 
     parser = HfArgumentParser(AuditArguments, prog="etu-hf audit")
     (args,) = parser.parse_args_into_dataclasses(args=list(argv))

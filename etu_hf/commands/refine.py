@@ -18,19 +18,18 @@ disabled, and no second copy of the weights exists. :func:`check_reference_is_ba
 from __future__ import annotations
 
 import argparse
-import logging as _logging_for_logger
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from etu_hf.artifacts.files import ARGS_FILE, METRICS_FILE, atomic_write, write_json
+from etu_hf.artifacts.files import ARGS_FILE, FORBIDDEN_SET_FILE, METRICS_FILE, atomic_write, write_json
 from etu_hf.artifacts.record import RunRecord
 from etu_hf.artifacts.run_folder import RunFolder, check_output_dir, resolve_resume_checkpoint
 from etu_hf.evaluation.audit import DEFAULT_AUDIT_MAX_SEQUENCES
-from etu_hf.forbidden_set import FORBIDDEN_SET_FILE
 
-logger = _logging_for_logger.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 DEFAULT_REFUSALS = ["I can't help with that.", "Sorry, I won't share that.", "I don't know."]
 

@@ -8,7 +8,7 @@ Python (:class:`~etu_hf.ETUTrainer`, :func:`~etu_hf.audit`, ...). Flags: ``etu-h
 
 from __future__ import annotations
 
-import logging as _logging_for_logger
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -23,7 +23,7 @@ from etu_hf.data.blocks import tokenize_and_block
 from etu_hf.data.corpus import _load_docs, parse_corpus_specs, split_documents, warn_if_corpora_overlap
 from etu_hf.training.config import ETUTrainingArguments
 
-logger = _logging_for_logger.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 
 @dataclass

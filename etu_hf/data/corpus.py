@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import codecs
 import json
-import logging as _logging_for_logger
+import logging
 import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-logger = _logging_for_logger.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 _LOCAL_SUFFIXES = {
     ".txt": "text",
@@ -61,7 +61,8 @@ class CorpusSpec:
         return f"{self.repo} (config={self.config or 'default'}, split={self.split})"
 
 
-def _looks_local(spec: str) -> bool:
+def looks_local(spec: str) -> bool:
+    """Whether a corpus spec reads as a local path (not a hub dataset id)."""
     return (
         spec.startswith(("/", "./", "../", "~"))
         or os.path.splitext(spec)[1].lower() in _LOCAL_SUFFIXES
@@ -103,7 +104,7 @@ def parse_corpus_specs(value: str | Sequence[str] | None, flag: str = "--forget_
         elif item in CORPUS_ALIASES:
             repo, config, split = CORPUS_ALIASES[item]
             specs.append(CorpusSpec(raw=item, kind="hub", repo=repo, config=config, split=split))
-        elif _looks_local(item):
+        elif looks_local(item):
             raise FileNotFoundError(
                 f"{flag}: corpus {item!r} does not exist. Give an existing .txt/.json/.jsonl/.parquet/.csv "
                 "file or folder, or a hub dataset as 'repo:config[:split]'."

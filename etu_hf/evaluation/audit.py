@@ -15,7 +15,7 @@ files. :class:`AuditOptions` holds how it measures.
 from __future__ import annotations
 
 import dataclasses
-import logging as _logging_for_logger
+import logging
 import os
 import time
 from collections.abc import Sequence
@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from etu_hf.artifacts.files import ACTIVATIONS_FILE, HISTOGRAM_FILE, REPORT_FILE
 from etu_hf.data.blocks import iter_batches, tokenize_and_block
 from etu_hf.evaluation.activations import activation_statistics
 from etu_hf.evaluation.measures import (
@@ -37,7 +38,7 @@ from etu_hf.evaluation.measures import (
     tilt_statistics,
 )
 from etu_hf.evaluation.plots import plot_activations, plot_histogram
-from etu_hf.evaluation.report import ACTIVATIONS_FILE, HISTOGRAM_FILE, REPORT_FILE, AuditReport, build_report
+from etu_hf.evaluation.report import AuditReport, build_report
 from etu_hf.evaluation.samples import greedy_samples
 from etu_hf.forbidden_set import ForbiddenSet, resolve_forbidden_set
 from etu_hf.modeling.base import AdapterDisabledBase, BaseDistribution, FrozenCopyBase
@@ -46,7 +47,7 @@ from etu_hf.modeling.head import is_peft_model, output_vocab_size, probe_hidden_
 from etu_hf.ops.chunked import DEFAULT_CHUNK_SIZE
 from etu_hf.ops.tilt import TiltSpec, closed_form_lambda
 
-logger = _logging_for_logger.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 #: Default cap on the held-out blocks the audit measures per corpus (about 0.5M positions at 512 tokens
 #: per block): a seeded sample of this many blocks keeps an end-of-run audit in minutes whatever the

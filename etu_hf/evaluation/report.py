@@ -10,7 +10,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from etu_hf.artifacts.files import write_json
+from etu_hf.artifacts.files import MARKDOWN_FILE, REPORT_FILE, write_json
 from etu_hf.ops.bounds import bootstrap_ratio_interval, pinsker_slack, sequence_upper_bound, wilson_upper
 
 if TYPE_CHECKING:
@@ -22,13 +22,6 @@ REPORT_FORMAT = "etu-hf/suppression-report"
 
 REPORT_VERSION = 2
 
-REPORT_FILE = "suppression_report.json"
-
-MARKDOWN_FILE = "suppression_report.md"
-
-HISTOGRAM_FILE = "suppression_histogram.png"
-
-ACTIVATIONS_FILE = "activation_stats.png"
 
 #: What every number of the report means; written into the JSON next to the numbers.
 DEFINITIONS = {

@@ -8,9 +8,10 @@
 
 from __future__ import annotations
 
-from etu_hf.hub.card import NotARunError, build_model_card, read_run, write_model_card
+from etu_hf.hub.card import build_model_card, write_model_card
 from etu_hf.hub.load import load_unlearned, resolve_run_folder
 from etu_hf.hub.push import PUSH_PATTERNS, PushError, check_push, files_to_push, push_run
+from etu_hf.hub.run_files import NotARunError, read_run
 
 __all__ = [
     "PUSH_PATTERNS",

@@ -13,8 +13,9 @@ from typing import TYPE_CHECKING, Any
 
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-from etu_hf.hub.card import ADAPTER_CONFIG_FILE, FORBIDDEN_SET_FILE, MODEL_CONFIG_FILE
+from etu_hf.artifacts.files import FORBIDDEN_SET_FILE
 from etu_hf.hub.push import PUSH_PATTERNS
+from etu_hf.hub.run_files import ADAPTER_CONFIG_FILE, MODEL_CONFIG_FILE
 
 if TYPE_CHECKING:
     from torch import nn

@@ -22,7 +22,8 @@ from collections.abc import Sequence
 from huggingface_hub import CommitOperationAdd, HfApi, get_token
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-from etu_hf.hub.card import CARD_FILE, NotARunError, build_model_card, read_run
+from etu_hf.hub.card import CARD_FILE, build_model_card
+from etu_hf.hub.run_files import NotARunError, read_run
 
 logger = logging.getLogger(__name__)
 

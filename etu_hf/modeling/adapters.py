@@ -7,14 +7,14 @@ and module names are matched as PEFT matches them (by suffix).
 
 from __future__ import annotations
 
-import logging as _logging_for_logger
+import logging
 from typing import Any
 
 from torch import nn
 
 from etu_hf.modeling.head import causal_lm_of
 
-logger = _logging_for_logger.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 
 def parse_ids(value: str | list[int] | None, flag: str) -> list[int] | None:

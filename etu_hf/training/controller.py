@@ -14,7 +14,7 @@ trajectory. The history also goes to ``lambda_history.json`` and ``lambda_histor
 from __future__ import annotations
 
 import json
-import logging as _logging_for_logger
+import logging
 import math
 import os
 from dataclasses import asdict
@@ -22,6 +22,9 @@ from typing import Any, Protocol
 
 from transformers import TrainerCallback
 
+from etu_hf.artifacts.files import CONTROLLER_STATE_FILE as STATE_FILE
+from etu_hf.artifacts.files import LAMBDA_HISTORY_FILE as HISTORY_FILE
+from etu_hf.artifacts.files import LAMBDA_PLOT_FILE as PLOT_FILE
 from etu_hf.artifacts.files import write_json
 from etu_hf.evaluation.measures import TiltStatistics
 from etu_hf.evaluation.plots import load_pyplot
@@ -39,13 +42,8 @@ __all__ = [
     "controller_step",
 ]
 
-logger = _logging_for_logger.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
-STATE_FILE = "etu_controller.json"
-
-HISTORY_FILE = "lambda_history.json"
-
-PLOT_FILE = "lambda_history.png"
 
 #: Share of clamped positions above which the controller warns (the target misses epsilon there).
 CLAMP_WARN_SHARE = 0.01

@@ -20,9 +20,8 @@ import torch
 from torch import nn
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from etu_hf.artifacts.files import ARGS_FILE, write_json
+from etu_hf.artifacts.files import ARGS_FILE, FORBIDDEN_SET_FILE, write_json
 from etu_hf.artifacts.run_folder import RunFolder, check_output_dir, resolve_resume_checkpoint
-from etu_hf.forbidden_set import FORBIDDEN_SET_FILE
 from etu_hf.modeling.head import _output_head_adapted_without_resize, is_peft_model, unwrap_model
 from etu_hf.training import run_state
 

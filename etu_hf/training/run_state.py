@@ -14,17 +14,12 @@ import logging
 import os
 from typing import Any
 
-from etu_hf.artifacts.files import METRICS_FILE, write_json
-from etu_hf.evaluation.report import REPORT_FILE
-from etu_hf.forbidden_set import FORBIDDEN_SET_FILE, ForbiddenSet
+from etu_hf.artifacts.files import FORBIDDEN_SET_FILE, METRICS_FILE, REPORT_FILE, RUN_STATE_FILE, write_json
+from etu_hf.forbidden_set import ForbiddenSet
 from etu_hf.training.statistics import StatisticsAccumulator
 from etu_hf.training.tilt_state import TiltState
 
 logger = logging.getLogger(__name__)
-
-#: Written into every checkpoint (before transformers' own files, so a complete trainer_state.json
-#: implies a complete one): what metrics.json needs to cover the whole run after a resume.
-RUN_STATE_FILE = "etu_trainer_state.json"
 
 
 def check_checkpoint_forbidden_set(checkpoint: str, forbidden_set: ForbiddenSet) -> None:
