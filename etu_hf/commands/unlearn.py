@@ -20,7 +20,7 @@ from etu_hf.commands.arguments import DataArguments, ModelArguments, parse_unlea
 from etu_hf.commands.cli import setup_logging
 from etu_hf.commands.loader import init_deepspeed_for_zero3, load_tokenizer, load_training_model
 from etu_hf.data.blocks import tokenize_and_block
-from etu_hf.data.corpus import _load_docs, parse_corpus_specs, split_documents, warn_if_corpora_overlap
+from etu_hf.data.corpus import load_corpora, parse_corpus_specs, split_documents, warn_if_corpora_overlap
 from etu_hf.training.config import ETUTrainingArguments
 
 logger = logging.getLogger(__name__)
@@ -53,10 +53,10 @@ def prepare_corpora(data_args: DataArguments, tokenizer: Any, seed: int) -> dict
     if data_args.retain_broadcast and len(retain_specs) > 1:
         raise ValueError("--retain_broadcast reuses ONE retain corpus; --retain_corpora names several")
 
-    forget_docs = _load_docs(forget_specs, data_args.text_column, "--forget_corpora")
+    forget_docs = load_corpora(forget_specs, data_args.text_column, "--forget_corpora")
     if sum(len(d) for d in forget_docs) == 0:
         raise ValueError(f"--forget_corpora: {data_args.forget_corpora!r} holds no text: nothing to forget")
-    retain_docs = _load_docs(retain_specs, data_args.text_column, "--retain_corpora")
+    retain_docs = load_corpora(retain_specs, data_args.text_column, "--retain_corpora")
     warn_if_corpora_overlap([d for docs in forget_docs for d in docs], [d for docs in retain_docs for d in docs])
 
     paired = len(retain_specs) > 1  # corpus-aligned pairing (forget k with retain k)

@@ -279,10 +279,11 @@ def split_documents(docs: Sequence[str], heldout_fraction: float, seed: int) -> 
 
 def load_documents(value: str | None, text_column: str, flag: str) -> list[str]:
     """All documents of a comma-separated list of corpus specs (see :func:`etu_hf.data.parse_corpus_specs`)."""
-    return [doc for docs in _load_docs(parse_corpus_specs(value, flag), text_column, flag) for doc in docs]
+    return [doc for docs in load_corpora(parse_corpus_specs(value, flag), text_column, flag) for doc in docs]
 
 
-def _load_docs(specs: list[CorpusSpec], text_column: str, flag: str) -> list[list[str]]:
+def load_corpora(specs: list[CorpusSpec], text_column: str, flag: str) -> list[list[str]]:
+    """The documents of each corpus spec (one list per spec, in order), with a log line for each."""
     out = []
     for spec in specs:
         docs = load_corpus(spec, text_column, flag)

@@ -172,7 +172,7 @@ def probe_hidden_states(model: nn.Module, batch: dict[str, Any]) -> bool:
     return head_matches_logits(unwrap_model(model), output_head(model), moved)
 
 
-def _output_head_trainable(model: nn.Module) -> bool:
+def output_head_trainable(model: nn.Module) -> bool:
     """True when some parameter of the output head module (LoRA factors, modules_to_save, ...) is trained."""
     head = model.get_output_embeddings()
     if head is None:
@@ -180,7 +180,7 @@ def _output_head_trainable(model: nn.Module) -> bool:
     return any(p.requires_grad for p in head.parameters())
 
 
-def _output_head_adapted_without_resize(model: nn.Module) -> bool:
+def output_head_adapted_without_resize(model: nn.Module) -> bool:
     """True when a PEFT model adapts its output head and the vocabulary has its configured size."""
     base = model.get_base_model()
     head = base.get_output_embeddings()

@@ -22,7 +22,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from etu_hf.artifacts.files import ARGS_FILE, FORBIDDEN_SET_FILE, write_json
 from etu_hf.artifacts.run_folder import RunFolder, check_output_dir, resolve_resume_checkpoint
-from etu_hf.modeling.head import _output_head_adapted_without_resize, is_peft_model, unwrap_model
+from etu_hf.modeling.head import is_peft_model, output_head_adapted_without_resize, unwrap_model
 from etu_hf.training import run_state
 
 logger = logging.getLogger(__name__)
@@ -187,7 +187,7 @@ class RunRecords:
         was not, those weights are the base model's own and the LoRA factors are all the adapter needs.
         """
         model = unwrap_model(self.model)
-        if not (is_peft_model(model) and _output_head_adapted_without_resize(model)):
+        if not (is_peft_model(model) and output_head_adapted_without_resize(model)):
             return super()._save(output_dir, state_dict)
         model.save_pretrained = functools.partial(model.save_pretrained, save_embedding_layers=False)
         try:

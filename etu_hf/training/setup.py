@@ -14,9 +14,9 @@ from etu_hf.modeling.base import AdapterDisabledBase, BaseDistribution, FrozenCo
 from etu_hf.modeling.bnb import prepare_4bit_model
 from etu_hf.modeling.checks import check_causal_lm, check_tokenizer_matches
 from etu_hf.modeling.head import (
-    _output_head_trainable,
     is_peft_model,
     output_head_name,
+    output_head_trainable,
     output_vocab_size,
     unwrap_model,
 )
@@ -83,7 +83,7 @@ def choose_base(model: nn.Module, ref_model: nn.Module | None, args: ETUTraining
             raise ValueError("ref_model has a different vocabulary size than model")
         return FrozenCopyBase(ref_model, device=device, copy_model=False)
     if is_peft_model(model):
-        if not _output_head_trainable(unwrap_model(model)):
+        if not output_head_trainable(unwrap_model(model)):
             logger.warning(
                 "the adapter leaves the output head (%s) frozen: the tilted target lowers the logits of V_S by a "
                 "context-dependent amount, which adapters on the transformer layers alone generally cannot fit "

@@ -38,8 +38,7 @@ from etu_hf.data.pairing import (
 )
 from etu_hf.evaluation.measures import TiltStatistics
 from etu_hf.forbidden_set import ForbiddenSet
-from etu_hf.modeling.head import output_head, unwrap_model
-from etu_hf.modeling.head import output_vocab_size as _vocab_size
+from etu_hf.modeling.head import output_head, output_vocab_size, unwrap_model
 from etu_hf.ops.preference import completion_mask
 from etu_hf.ops.tilt import TiltSpec
 from etu_hf.training.config import ETUTrainingArguments
@@ -142,7 +141,7 @@ class ETUTrainer(RunRecords, Trainer):
                 "process per GPU with `torchrun` or `accelerate launch` (DDP) instead."
             )
         a = self.args
-        self.vocab_size = _vocab_size(self.model)
+        self.vocab_size = output_vocab_size(self.model)
         self.forget_dataset, self.retain_dataset, self.heldout_dataset = train_dataset, retain_dataset, heldout_dataset
         self.run_arguments: dict[str, Any] = dict(run_arguments or {})
         #: The content of metrics.json: set by train(), completed by audit() into the run's output_dir.
