@@ -18,7 +18,7 @@ from typing import Any
 
 PACKAGES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "deepspeed", "bitsandbytes", "matplotlib")
 
-EXTRAS = {"deepspeed": "deepspeed", "bnb": "bitsandbytes", "plot": "matplotlib"}
+EXTRAS = {"deepspeed": "deepspeed", "bnb": "bitsandbytes"}
 
 
 def _version(name: str) -> str | None:

@@ -341,6 +341,6 @@ def _write_plots(report: AuditReport, output_dir: str, base: MassResult, updated
     if plot_histogram(np.asarray(base.positions), np.asarray(updated.positions), report.epsilon, hist):
         report.files["histogram"] = HISTOGRAM_FILE
     else:
-        logger.warning("matplotlib is not installed: skipped %s (pip install 'etu-hf[plot]')", HISTOGRAM_FILE)
+        logger.warning("matplotlib is not installed: skipped %s (pip install matplotlib)", HISTOGRAM_FILE)
     if report.activations and plot_activations(report.activations, os.path.join(output_dir, ACTIVATIONS_FILE)):
         report.files["activations"] = ACTIVATIONS_FILE

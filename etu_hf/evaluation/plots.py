@@ -56,8 +56,8 @@ def _save(plt: Any, fig: Any, path: str) -> str:
 
 
 def load_pyplot():
-    """matplotlib's pyplot with the non-interactive Agg backend, or ``None`` when matplotlib (the
-    ``plot`` extra) is not installed; callers then skip the figure with a warning."""
+    """matplotlib's pyplot with the non-interactive Agg backend, or ``None`` when matplotlib (a dependency)
+    is missing from the environment; callers then skip the figure with a warning."""
     try:
         import matplotlib
 

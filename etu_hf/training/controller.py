@@ -295,12 +295,12 @@ class AdaptiveLambdaCallback(TrainerCallback):
     def plot(self, output_dir: str) -> str | None:
         """Write ``lambda_history.png`` (lambda and held-out mass against epsilon over steps).
 
-        matplotlib is an optional extra (``pip install etu-hf[plot]``); without it the plot is skipped
+        matplotlib is a dependency; should it be missing, the plot is skipped
         with a warning and the JSON history remains.
         """
         plt = load_pyplot()
         if plt is None:
-            logger.warning("matplotlib is not installed: skipped %s (pip install 'etu-hf[plot]')", PLOT_FILE)
+            logger.warning("matplotlib is not installed: skipped %s (pip install matplotlib)", PLOT_FILE)
             return None
         rec = self.history
         mode = self._require_bound().args.lambda_mode
