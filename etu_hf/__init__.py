@@ -36,6 +36,7 @@ _EXPORTS = {
     "evaluate_mass": "etu_hf.evaluation.measures",
     "evaluate_perplexity": "etu_hf.evaluation.measures",
     "forbidden_mass": "etu_hf.ops.tilt",
+    "load_unlearned": "etu_hf.hub.load",
     "per_position_lambda": "etu_hf.ops.tilt",
     "tilted_kl_loss": "etu_hf.ops.chunked",
     "tilted_log_probs": "etu_hf.ops.tilt",
@@ -62,6 +63,7 @@ __all__ = [
     "evaluate_mass",
     "evaluate_perplexity",
     "forbidden_mass",
+    "load_unlearned",
     "per_position_lambda",
     "tilted_kl_loss",
     "tilted_log_probs",
@@ -86,6 +88,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs
     from etu_hf.evaluation.measures import MassResult, PerplexityResult, evaluate_mass, evaluate_perplexity
     from etu_hf.evaluation.report import AuditReport
     from etu_hf.forbidden_set import ForbiddenSet, build_forbidden_set
+    from etu_hf.hub.load import load_unlearned
     from etu_hf.modeling.base import adapters_disabled
     from etu_hf.ops.chunked import TiltedKLOutput, chunked_nll, tilted_kl_loss
     from etu_hf.ops.tilt import (

@@ -214,6 +214,15 @@ def test_plots_and_loading_snippet_of_an_adapter(tmp_path):
     assert 'PeftModel.from_pretrained(base, "etu-user/cyber-unlearned")' in text
     snippet = re.search(r"```python\n(.*?)```", text, re.S).group(1)
     compile(snippet, "snippet", "exec")  # valid Python
+    assert "from etu_hf import load_unlearned\n" in text
+    assert 'model, forbidden_set = load_unlearned("etu-user/cyber-unlearned")' in text
+
+
+def test_load_unlearned_is_a_top_level_export():
+    import etu_hf
+    from etu_hf.hub import load_unlearned
+
+    assert "load_unlearned" in etu_hf.__all__ and etu_hf.load_unlearned is load_unlearned
 
 
 def test_full_model_without_plots_or_audit(tmp_path):

@@ -382,7 +382,7 @@ def build_model_card(
     body += [
         "V_S is in `V_S.ids.json` (`ids`: the token ids). With etu-hf installed, the model and V_S together:",
         "",
-        f'```python\nfrom etu_hf.hub import load_unlearned\n\nmodel, forbidden_set = load_unlearned("{where}")\n```',
+        f'```python\nfrom etu_hf import load_unlearned\n\nmodel, forbidden_set = load_unlearned("{where}")\n```',
         "",
         "## Framework versions",
         "",
