@@ -1,5 +1,6 @@
 """push_to_hub keeps the Trainer's behaviour: the adapter, V_S.ids.json and the artifacts reach the
-hub (a local stand-in server), and the token appears in no uploaded file and no log."""
+hub (a local stand-in server) with etu-hf's model card (built by ETUTrainer.create_model_card from
+Trainer's own arguments), and the token appears in no uploaded file and no log."""
 
 import os
 import subprocess
@@ -7,6 +8,7 @@ import sys
 import textwrap
 
 from hub_server import HubStandIn
+from huggingface_hub import ModelCard
 
 from etu_hf.demo import DEMO_MODEL_DIR
 
@@ -30,7 +32,8 @@ SCRIPT = textwrap.dedent(
                          retain_dataset=tokenize_and_block(retain_documents(60), tok, 64),
                          peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
     trainer.train()
-    trainer.push_to_hub(commit_message="unlearned")
+    trainer.push_to_hub(commit_message="unlearned", tags=["mine"], dataset="org/forget-data",
+                        finetuned_from="org/base-model", license="mit", language="en")
     print("PUSHED")
     """
 )
@@ -57,10 +60,28 @@ def test_push_to_hub_uploads_the_unlearned_adapter_and_artifacts(tmp_path):
     ):
         assert name in uploads, sorted(uploads)
         assert uploads[name] == (out / name).read_bytes()
-    assert "etu-hf" in uploads["README.md"].decode()
+    card = uploads["README.md"].decode()
+    data = ModelCard(card).data
+    assert data.tags[:2] == ["etu-hf", "unlearning"] and "mine" in data.tags and "peft" in data.tags
+    assert data.base_model == "org/base-model" and data.datasets == ["org/forget-data"]
+    assert data.license == "mit" and data.language == "en" and data.library_name == "peft"
+    assert "## ETU settings" in card and "## Audit on held-out data" in card and "V_S" in card
+    assert 'load_unlearned("etu-user/etu-test")' in card
+    assert "More information needed" not in card  # not Trainer's generic card
     assert not any(TOKEN.encode() in data for data in uploads.values())
     assert TOKEN not in done.stdout and TOKEN not in done.stderr
     assert any(
         r[2].get("authorization") == f"Bearer {TOKEN}" or r[2].get("Authorization") == f"Bearer {TOKEN}"
         for r in requests
     )  # the token was used for the upload itself, and only there
+
+
+def test_create_model_card_before_training_falls_back_to_trainers_card(model, tokenizer, corpora, make_args):
+    from helpers import lora_trainer
+
+    args = make_args(max_steps=1)
+    trainer = lora_trainer(model, tokenizer, corpora, args)
+    trainer.create_model_card(tags="mine")  # nothing of the run in output_dir yet: Trainer's generic card
+    card = ModelCard.load(os.path.join(args.output_dir, "README.md"))
+    assert {"mine", "etu-hf", "unlearning"} <= set(card.data.tags)
+    assert "## Audit on held-out data" not in card.text

@@ -195,9 +195,56 @@ class RunRecords:
         finally:
             del model.save_pretrained  # back to the class's method
 
-    def create_model_card(self, *args: Any, **kwargs: Any) -> None:
-        """``Trainer.create_model_card`` with the ``etu-hf`` and ``unlearning`` tags added."""
-        tags = kwargs.get("tags") or []
-        tags = [tags] if isinstance(tags, str) else list(tags)
-        kwargs["tags"] = tags + [t for t in self._tag_names if t not in tags]
-        return super().create_model_card(*args, **kwargs)
+    def create_model_card(
+        self,
+        language: str | None = None,
+        license: str | None = None,
+        tags: str | list[str] | None = None,
+        model_name: str | None = None,
+        finetuned_from: str | None = None,
+        tasks: str | list[str] | None = None,
+        dataset_tags: str | list[str] | None = None,
+        dataset: str | list[str] | None = None,
+        dataset_args: str | list[str] | None = None,
+    ) -> None:
+        """Write etu-hf's model card (:func:`etu_hf.hub.card.write_model_card`) as ``README.md`` in
+        ``output_dir``: what was unlearned, the ETU settings, the held-out audit and its verdict, the
+        plots and a loading snippet. ``Trainer.push_to_hub`` calls this before uploading the folder.
+
+        Takes ``Trainer.create_model_card``'s arguments: ``finetuned_from`` is the base model,
+        ``dataset`` the data names, ``tags`` are added after ``etu-hf`` and ``unlearning``,
+        ``model_name`` is the title, ``language`` and ``license`` go into the metadata. ``tasks``,
+        ``dataset_tags`` and ``dataset_args`` are accepted for compatibility (the card is a causal-LM
+        ``text-generation`` card). Only the main process writes.
+        """
+        if not self.is_world_process_zero():
+            return
+        from etu_hf.hub.card import write_model_card
+        from etu_hf.hub.run_files import NotARunError  # etu_hf.hub reads run folders; it never imports training
+
+        tags = [tags] if isinstance(tags, str) else list(tags or [])
+        tags += [t for t in self._tag_names if t not in tags]
+        try:
+            write_model_card(
+                self.args.output_dir,
+                base_model=finetuned_from,
+                tags=tags,
+                dataset=dataset if dataset is not None else dataset_tags,
+                model_name=model_name,
+                license=license,
+                language=language,
+                repo_id=getattr(self, "hub_model_id", None) or self.args.hub_model_id,
+            )
+        except NotARunError as err:  # not trained into output_dir yet: nothing of the run to report
+            logger.warning("the model card is Trainer's generic one: %s", err)
+            super().create_model_card(  # type: ignore[misc]
+                language=language,
+                license=license,
+                tags=tags,
+                model_name=model_name,
+                finetuned_from=finetuned_from,
+                tasks=tasks,
+                dataset_tags=dataset_tags,
+                dataset=dataset,
+                dataset_args=dataset_args,
+            )
