@@ -320,3 +320,32 @@ def test_offline_says_nothing_was_pushed_and_where_the_files_are(audited_run, mo
     assert "HF_HUB_OFFLINE" in message and "nothing was pushed" in message
     assert os.path.abspath(audited_run) in message
     assert TOKEN not in message
+
+
+def test_push_command_publishes_the_run_and_refuses_bad_input_with_exit_2(audited_run, tmp_path):
+    """``etu-hf push``: the same upload as push_run, the token from --hub_token in no uploaded byte and no
+    output; a refusal is one line, exit status 2, and no request."""
+    with HubStandIn() as hub:
+        env = hub_env(hub, tmp_path, None)  # no HF_TOKEN, no login
+        argv = [sys.executable, "-m", "etu_hf", "push", "--output_dir", str(audited_run), "--repo_id", REPO]
+        refused = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
+        assert hub.requests == []
+        done = subprocess.run(
+            [*argv, "--hub_token", TOKEN, "--private", "--commit_message", "from the CLI", "--tags", "cli"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+        )
+        uploads = dict(hub.uploads)
+        requests = list(hub.requests)
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert refused.stderr.strip().splitlines() == [refused.stderr.strip()]  # one line, no traceback
+    assert "etu-hf push: error: no Hugging Face token" in refused.stderr and "nothing was pushed" in refused.stderr
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert f"to {REPO}" in done.stdout
+    assert set(uploads) == set(files_to_push(str(audited_run))) | {"README.md"}
+    assert "cli" in ModelCard(uploads["README.md"].decode()).data.tags
+    assert not any(TOKEN.encode() in data for data in uploads.values())
+    assert TOKEN not in done.stdout + done.stderr
+    assert any(m == "POST" and path.startswith("/api/repos/create") for m, path, _ in requests)

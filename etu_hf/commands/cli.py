@@ -26,6 +26,7 @@ COMMANDS = {
     "unlearn": "unlearn your corpora from your model (`etu-hf unlearn --help` lists every flag)",
     "audit": "suppression report of a base model plus an unlearned adapter (or merged model)",
     "refine": "continue an ETU adapter with DPO (TRL) or NPO/SimNPO, then audit it",
+    "push": "publish a finished run to the Hugging Face Hub with its model card (the audit included)",
     "env": "versions, hardware, installed extras and suggested settings",
 }
 
