@@ -349,3 +349,34 @@ def test_push_command_publishes_the_run_and_refuses_bad_input_with_exit_2(audite
     assert not any(TOKEN.encode() in data for data in uploads.values())
     assert TOKEN not in done.stdout + done.stderr
     assert any(m == "POST" and path.startswith("/api/repos/create") for m, path, _ in requests)
+
+
+def test_unlearn_push_to_hub_pushes_once_after_the_audit(tmp_path):
+    """``etu-hf unlearn --push_to_hub``: no push before the run is audited (the Trainer's own pushes are off),
+    then one commit with the report and the card; without a token it refuses before training."""
+    from helpers import cli_flags
+
+    from etu_hf.demo.corpus import write_demo_corpora
+
+    forget, retain = write_demo_corpora(str(tmp_path / "data"))
+    flags = cli_flags(tmp_path, forget, retain, "--use_lora", "--lora_r", "4", "--lora_alpha", "8", "--use_cpu")
+    argv = [sys.executable, "-m", "etu_hf", "unlearn", *flags, "--push_to_hub", "--hub_model_id", REPO]
+    with ServingHub() as hub:
+        env = hub_env(hub, tmp_path, None)
+        refused = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
+        assert hub.requests == [] and not (tmp_path / "run").exists()
+        done = subprocess.run([*argv, "--hub_token", TOKEN], capture_output=True, text=True, env=env, timeout=600)
+        uploads = dict(hub.uploads)
+        requests = list(hub.requests)
+    assert refused.returncode == 2 and "no Hugging Face token" in refused.stderr, refused.stderr[-2000:]
+    assert done.returncode == 0, done.stderr[-4000:]
+    run = tmp_path / "run"
+    commits = [path for m, path, _ in requests if m == "POST" and "/commit/" in path]
+    assert len(commits) == 1  # one upload: no checkpoint or save_model push before it
+    assert {"suppression_report.json", "adapter_model.safetensors", "V_S.ids.json", "README.md"} <= set(uploads)
+    assert set(uploads) == set(files_to_push(str(run))) | {"README.md"}
+    card = uploads["README.md"].decode()
+    assert "## Audit on held-out data" in card and "not audited" not in card
+    assert json.loads((run / "args.json").read_text())["push_to_hub"] is True
+    assert not any(TOKEN.encode() in data for data in uploads.values())
+    assert TOKEN not in done.stdout + done.stderr

@@ -119,6 +119,51 @@ def trainable_setup(model: Any, model_args: ModelArguments) -> Any:
     return None
 
 
+def hub_repo_before_training(training_args: ETUTrainingArguments) -> str | None:
+    """With ``--push_to_hub``: the repo to push to once the run is audited, checked now (repo id, online,
+    a token from ``--hub_token``, ``HF_TOKEN`` or the login) so that a run that cannot be pushed fails
+    before training. The Trainer's own pushes (repo creation at start, checkpoints, ``save_model``) are
+    turned off: the run is pushed once, complete, by :func:`etu_hf.hub.push.push_run`."""
+    if not training_args.push_to_hub:
+        return None
+    from pathlib import Path
+
+    from etu_hf.hub.push import check_hub_access, check_repo_id
+
+    repo_id = training_args.hub_model_id or Path(training_args.output_dir).absolute().name
+    check_repo_id(repo_id)
+    check_hub_access(training_args.output_dir, training_args.hub_token)
+    training_args.push_to_hub = False
+    return repo_id
+
+
+def push_finished_run(training_args: ETUTrainingArguments, repo_id: str, base_model: str | None) -> str:
+    """Publish the audited run in ``output_dir`` (:func:`etu_hf.hub.push.push_run`); an upload that fails
+    says the run itself is complete and how to push it again."""
+    from etu_hf.hub.push import PushError, push_run
+
+    out = training_args.output_dir
+    try:
+        url = push_run(
+            out,
+            repo_id,
+            private=bool(training_args.hub_private_repo),
+            revision=training_args.hub_revision,
+            commit_message="etu-hf unlearn: unlearned model, V_S and audit",
+            token=training_args.hub_token,
+            base_model=base_model,
+        )
+    except PushError:
+        raise
+    except Exception as err:  # HTTP and network errors: the run is complete, only the upload failed
+        raise PushError(
+            f"the upload to {repo_id} failed ({type(err).__name__}: {err}); the run itself is complete in "
+            f"{os.path.abspath(out)}: push it with `etu-hf push --output_dir {out} --repo_id {repo_id}`"
+        ) from err
+    logger.info("pushed %s to %s: %s", out, repo_id, url)
+    return url
+
+
 def run_unlearning(
     model_args: ModelArguments, data_args: DataArguments, training_args: ETUTrainingArguments
 ) -> UnlearnResult:
@@ -132,6 +177,7 @@ def run_unlearning(
     # in a second instead of after loading a large model.
     check_output_dir(training_args.output_dir, training_args.overwrite_output_dir, training_args.resume_from_checkpoint)
     resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
+    push_repo = hub_repo_before_training(training_args)
     # The corpora before the weights: a bad corpus fails in seconds, not after loading a large model.
     tokenizer = load_tokenizer(
         model_args.tokenizer_name_or_path or model_args.model_name_or_path, model_args.trust_remote_code
@@ -165,7 +211,7 @@ def run_unlearning(
         data_collator=default_data_collator,
         peft_config=peft_config,
         heldout_dataset=heldout,
-        run_arguments={**asdict(model_args), **asdict(data_args)},
+        run_arguments={**asdict(model_args), **asdict(data_args), **({"push_to_hub": True} if push_repo else {})},
     )
     fs = trainer.forbidden_set
     logger.info("V_S: %d tokens (%.2f%% of the vocabulary), method %s", len(fs), 100 * (fs.fraction or 0), fs.method)
@@ -197,6 +243,8 @@ def run_unlearning(
     # process reads it back from the run folder. Other processes did not write it (and may not share the
     # folder's file system): they keep what their trainer holds.
     main = trainer.is_world_process_zero()
+    if push_repo and main:  # after the RunFolder: a failed upload never undoes the finished run
+        push_finished_run(training_args, push_repo, model_args.model_name_or_path)
     metrics = RunRecord.read(training_args.output_dir).metrics if main else trainer.training_metrics
     return UnlearnResult(output_dir=training_args.output_dir, metrics=metrics, trainer=trainer, report=report)
 

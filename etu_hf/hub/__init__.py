@@ -10,7 +10,15 @@ from __future__ import annotations
 
 from etu_hf.hub.card import build_model_card, write_model_card
 from etu_hf.hub.load import load_unlearned, resolve_run_folder
-from etu_hf.hub.push import PUSH_PATTERNS, PushError, check_push, files_to_push, push_run
+from etu_hf.hub.push import (
+    PUSH_PATTERNS,
+    PushError,
+    check_hub_access,
+    check_push,
+    check_repo_id,
+    files_to_push,
+    push_run,
+)
 from etu_hf.hub.run_files import NotARunError, read_run
 
 __all__ = [
@@ -18,7 +26,9 @@ __all__ = [
     "NotARunError",
     "PushError",
     "build_model_card",
+    "check_hub_access",
     "check_push",
+    "check_repo_id",
     "files_to_push",
     "load_unlearned",
     "push_run",

@@ -110,30 +110,22 @@ def _check_no_token_in(run_dir: str, names: Sequence[str], card_text: str, token
                 )
 
 
-def check_push(run_dir: str, repo_id: str, *, token: str | None = None) -> str:
-    """Every check :func:`push_run` makes before its first request; returns the token to use.
-
-    Raises:
-        PushError: the repo id is invalid, the folder is missing or not a finished etu-hf run with a saved
-            model, offline mode is on, or no token is available. Nothing has been sent anywhere.
-    """
+def check_repo_id(repo_id: str) -> None:
+    """Raise :class:`PushError` unless ``repo_id`` is a valid hub repo id (``"USER/NAME"`` or ``"NAME"``)."""
     if not isinstance(repo_id, str) or not repo_id:
         raise PushError("repo_id is required ('USER/NAME'); nothing was pushed")
     try:
         validate_repo_id(repo_id)
     except HFValidationError as err:
         raise PushError(f"invalid repo id {repo_id!r}: {err} Use 'USER/NAME'; nothing was pushed") from err
-    if not os.path.exists(run_dir):
-        raise PushError(f"{run_dir!r} does not exist: give the output_dir of a finished etu-hf run; nothing was pushed")
-    try:
-        run = read_run(run_dir)
-    except (FileNotFoundError, NotARunError, ValueError) as err:
-        raise PushError(f"{err}; nothing was pushed") from err
-    if not run.has_model:
-        raise PushError(
-            f"{run_dir} holds no saved model (no adapter_config.json or config.json): save the model first "
-            "(trainer.save_model()); nothing was pushed"
-        )
+
+
+def check_hub_access(run_dir: str, token: str | None = None) -> str:
+    """The checks that need no run folder: online (no ``HF_HUB_OFFLINE``) and a token; returns the token.
+
+    ``run_dir`` is only named in the messages (where the local files are, or will be). ``etu-hf unlearn
+    --push_to_hub`` runs these (with :func:`check_repo_id`) before training, so a run that cannot be
+    pushed fails in seconds, not after training."""
     if _offline():
         raise PushError(
             "HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set, so the hub cannot be reached: nothing was pushed. "
@@ -146,6 +138,28 @@ def check_push(run_dir: str, repo_id: str, *, token: str | None = None) -> str:
             f"nothing was pushed. The run's files are in {os.path.abspath(run_dir)}."
         )
     return resolved
+
+
+def check_push(run_dir: str, repo_id: str, *, token: str | None = None) -> str:
+    """Every check :func:`push_run` makes before its first request; returns the token to use.
+
+    Raises:
+        PushError: the repo id is invalid, the folder is missing or not a finished etu-hf run with a saved
+            model, offline mode is on, or no token is available. Nothing has been sent anywhere.
+    """
+    check_repo_id(repo_id)
+    if not os.path.exists(run_dir):
+        raise PushError(f"{run_dir!r} does not exist: give the output_dir of a finished etu-hf run; nothing was pushed")
+    try:
+        run = read_run(run_dir)
+    except (FileNotFoundError, NotARunError, ValueError) as err:
+        raise PushError(f"{err}; nothing was pushed") from err
+    if not run.has_model:
+        raise PushError(
+            f"{run_dir} holds no saved model (no adapter_config.json or config.json): save the model first "
+            "(trainer.save_model()); nothing was pushed"
+        )
+    return check_hub_access(run_dir, token)
 
 
 def push_run(
