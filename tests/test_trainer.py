@@ -2,6 +2,7 @@
 
 import gc
 import json
+import logging
 import os
 
 import datasets
@@ -400,27 +401,23 @@ def test_model_that_is_not_a_causal_lm(make_args):
             ETUTrainer(model=cls(config), args=make_args())
 
 
-def test_previous_run_is_refused_and_replaced_only_by_a_run_that_succeeds(
-    model, tokenizer, corpora, make_args, tmp_path
+def test_rerun_replaces_a_previous_run_like_trainer_and_only_when_it_succeeds(
+    model, tokenizer, corpora, make_args, tmp_path, caplog
 ):
+    """Drop-in: an unchanged script runs again into the same output_dir (Trainer writes over a previous
+    run); the previous run is named in a warning, put back if the new run fails, removed when it succeeds."""
     out = tmp_path / "out"
     out.mkdir()
     (out / "metrics.json").write_text('{"precious": true}')
     (out / "checkpoint-7").mkdir()
     (out / "my_notes.txt").write_text("not a run artifact")
-    trainer = ETUTrainer(
-        model=model, args=make_args(output_dir=str(out)), train_dataset=corpora["forget"], processing_class=tokenizer
-    )
-    with pytest.raises(ValueError, match=r"overwrite_output_dir.*resume_from_checkpoint"):
-        trainer.train()
-    assert sorted(os.listdir(out)) == ["checkpoint-7", "metrics.json", "my_notes.txt"]
 
     class Fail(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
             raise RuntimeError("simulated crash")
 
-    def overwrite(callbacks=None):
-        args = make_args(output_dir=str(out), overwrite_output_dir=True, max_steps=2)
+    def rerun(callbacks=None, **kwargs):
+        args = make_args(output_dir=str(out), max_steps=2, **kwargs)
         return ETUTrainer(
             model=model,
             args=args,
@@ -429,16 +426,24 @@ def test_previous_run_is_refused_and_replaced_only_by_a_run_that_succeeds(
             callbacks=callbacks,
         )
 
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        overwrite([Fail()]).train()
+    with caplog.at_level(logging.WARNING, logger="etu_hf"), pytest.raises(RuntimeError, match="simulated crash"):
+        rerun([Fail()]).train()
+    warning = next(r.getMessage() for r in caplog.records if "holds a previous run" in r.getMessage())
+    assert "checkpoint-7, metrics.json" in warning and "my_notes.txt" not in warning
+    assert "--overwrite_output_dir" in warning  # says the command line is stricter
     # the failed run wrote V_S.ids.json and args.json, then crashed: the previous run is back as it was
     assert sorted(os.listdir(out)) == ["checkpoint-7", "metrics.json", "my_notes.txt"]
     assert (out / "metrics.json").read_text() == '{"precious": true}'
-    overwrite().train()
+    rerun().train()
     # a run that succeeds replaces the previous run entirely (no stale checkpoint-7 beside the new V_S);
     # files that are not run artifacts stay
     assert sorted(os.listdir(out)) == ["V_S.ids.json", "args.json", "metrics.json", "my_notes.txt"]
     assert json.loads((out / "metrics.json").read_text())["steps"] == 2
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="etu_hf"):
+        rerun(overwrite_output_dir=True).train()  # asked for: replaced without a warning
+    assert not any("holds a previous run" in r.getMessage() for r in caplog.records)
+    assert sorted(os.listdir(out)) == ["V_S.ids.json", "args.json", "metrics.json", "my_notes.txt"]
 
 
 def test_mass_estimator_matches_direct_computation(model, tokenizer, corpora, make_args):

@@ -2,7 +2,9 @@
 
 - :func:`check_output_dir`: before anything is loaded or written, refuse an ``output_dir`` that is a
   file, that cannot be written to, or that holds a previous run (unless ``--overwrite_output_dir`` or
-  ``--resume_from_checkpoint``), with a message naming the flag and the fix.
+  ``--resume_from_checkpoint``), with a message naming the flag and the fix. The ``etu-hf`` command
+  line applies it; ``ETUTrainer.train`` (a drop-in for ``Trainer``, which writes over a previous run)
+  only checks that the folder is writable and replaces a previous run with a warning.
 - :class:`RunFolder`: wraps a run's writes. A run that fails leaves the folder as it found it, except
   for complete checkpoints (they can be resumed); with ``--overwrite_output_dir`` the previous run is
   moved aside into ``_previous_run_<time>/`` first, deleted when the new run succeeds and put back
@@ -99,6 +101,16 @@ def previous_run_files(output_dir: str) -> list[str]:
     found = [m for m in RUN_MARKERS if os.path.exists(os.path.join(output_dir, m))]
     found += [name for _, name in list_checkpoints(output_dir)]
     return found
+
+
+def replaced_entries(output_dir: str) -> list[str]:
+    """The entries of ``output_dir`` that a replacing run moves aside (:data:`RUN_ARTIFACTS`; your other
+    files stay), sorted."""
+    if not os.path.isdir(output_dir):
+        return []
+    return sorted(
+        n for n in os.listdir(output_dir) if _matches(n, RUN_ARTIFACTS) and not n.startswith(PREVIOUS_RUN_PREFIX)
+    )
 
 
 def check_writable(output_dir: str, flag: str = "--output_dir") -> None:
@@ -350,7 +362,7 @@ class RunFolder:
             aside = os.path.join(self.output_dir, f"{PREVIOUS_RUN_PREFIX}{stamp}-{k}")
             k += 1
         os.mkdir(aside)
-        moved = sorted(n for n in self._before if _matches(n, RUN_ARTIFACTS) and not n.startswith(PREVIOUS_RUN_PREFIX))
+        moved = [n for n in replaced_entries(self.output_dir) if n in self._before]
         for name in moved:
             os.rename(os.path.join(self.output_dir, name), os.path.join(aside, name))
         self._before = (self._before - set(moved)) | {os.path.basename(aside)}

@@ -137,8 +137,10 @@ class ETUTrainingArguments(SecretFreeArguments, TrainingArguments):
         > Parameters that control the output
 
         overwrite_output_dir (`bool`, *optional*, defaults to `False`):
-            Allow a run to write into an `output_dir` that holds a previous run. Without it (and
-            without `resume_from_checkpoint`) the trainer refuses before writing anything.
+            Replace a previous run in `output_dir`. `ETUTrainer.train` replaces it either way, as
+            `Trainer` writes over it, and warns (naming the files) when this is not set; the `etu-hf`
+            command line refuses such a folder without it (or `resume_from_checkpoint`). The previous
+            run is moved aside and deleted only when the new run succeeds.
     """
 
     # ----- target
@@ -248,7 +250,8 @@ class ETUTrainingArguments(SecretFreeArguments, TrainingArguments):
     )
     # ----- output
     overwrite_output_dir: bool = field(
-        default=False, metadata={"help": "Allow writing into an output_dir that holds a previous run."}
+        default=False,
+        metadata={"help": "Replace a previous run in output_dir (`etu-hf unlearn` refuses one without this flag)."},
     )
 
     def __post_init__(self) -> None:

@@ -21,7 +21,14 @@ from torch import nn
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from etu_hf.artifacts.files import ARGS_FILE, FORBIDDEN_SET_FILE, write_json
-from etu_hf.artifacts.run_folder import RunFolder, check_output_dir, resolve_resume_checkpoint
+from etu_hf.artifacts.run_folder import (
+    PREVIOUS_RUN_PREFIX,
+    RunFolder,
+    check_writable,
+    previous_run_files,
+    replaced_entries,
+    resolve_resume_checkpoint,
+)
 from etu_hf.modeling.head import is_peft_model, output_head_adapted_without_resize, unwrap_model
 from etu_hf.training import run_state
 
@@ -44,16 +51,31 @@ class RunRecords:
         """``Trainer.train`` with etu-hf's rules for ``output_dir``; writes V_S.ids.json and args.json
         first and metrics.json at the end.
 
-        Before anything is written, ``output_dir`` is checked (writable; no previous run unless
-        ``overwrite_output_dir`` or a resume) and ``resume_from_checkpoint`` (``True``/``"true"`` for
-        the last complete checkpoint, or a path) is resolved to a complete checkpoint whose V_S is this
-        run's. The writes happen inside a :class:`~etu_hf.artifacts.run_folder.RunFolder`: a failure leaves
-        ``output_dir`` as it was found, complete checkpoints excepted. After a resume, metrics.json
+        Before anything is written, ``output_dir`` is checked (writable) and ``resume_from_checkpoint``
+        (``True``/``"true"`` for the last complete checkpoint, or a path) is resolved to a complete
+        checkpoint whose V_S is this run's. As with ``Trainer``, an unchanged script can run again into
+        the same ``output_dir``: a previous run there is replaced, with a warning naming its files
+        (``overwrite_output_dir=True`` asks for it and silences the warning; the ``etu-hf`` command line
+        refuses without it). The writes happen inside a :class:`~etu_hf.artifacts.run_folder.RunFolder`:
+        the previous run's files are moved aside and deleted only when this run succeeds, and a failure
+        leaves ``output_dir`` as it was found, complete checkpoints excepted. After a resume, metrics.json
         still covers the whole run (the loss and statistic sums so far are saved in every checkpoint).
         """
         a = self.args
-        check_output_dir(a.output_dir, a.overwrite_output_dir, resume_from_checkpoint)
-        # Every process checks before any writes: otherwise a slower process sees the main one's
+        check_writable(a.output_dir)
+        replaced = [] if resume_from_checkpoint else replaced_entries(a.output_dir)
+        if replaced and previous_run_files(a.output_dir):
+            if not a.overwrite_output_dir and self.is_world_process_zero():
+                shown = ", ".join(replaced[:8]) + (f", ... ({len(replaced)} entries)" if len(replaced) > 8 else "")
+                logger.warning(
+                    "output_dir %s holds a previous run; this run replaces it: %s are moved into %s<time>/, deleted "
+                    "when this run succeeds and put back if it fails (other files stay). `etu-hf unlearn` refuses "
+                    "this without --overwrite_output_dir.",
+                    a.output_dir,
+                    shown,
+                    PREVIOUS_RUN_PREFIX,
+                )
+        # Every process looks before any writes: otherwise a slower process sees the main one's
         # V_S.ids.json and takes this run for a previous one.
         self.accelerator.wait_for_everyone()
         if self.forget_dataset is None:
@@ -69,7 +91,9 @@ class RunRecords:
         controller = self.lambda_controller
         if controller is not None and resume is not None and not controller.load_from_checkpoint(resume):
             logger.warning("%s holds no lambda controller state (etu_controller.json); the controller restarts", resume)
-        with RunFolder(a.output_dir, a.overwrite_output_dir, resume is not None, main):
+        # overwrite=True: like Trainer, a rerun into the same output_dir replaces the previous run (warned
+        # above); inside `etu-hf unlearn`, whose stricter check already ran, the outer RunFolder decides.
+        with RunFolder(a.output_dir, True, resume is not None, main):
             if main:
                 self.forbidden_set.save(os.path.join(a.output_dir, FORBIDDEN_SET_FILE))
                 write_json(os.path.join(a.output_dir, ARGS_FILE), {**a.to_dict(), **self.run_arguments})
