@@ -1,4 +1,6 @@
-"""Drop-in: a plain Trainer script keeps working with the two class names swapped."""
+"""Drop-in: a plain Trainer script keeps working with the two class names swapped: run_clm-style
+evaluation (``compute_metrics`` with ``preprocess_logits_for_metrics``) included, and run twice into the
+same output_dir as an unchanged script would be."""
 
 import os
 import subprocess
@@ -32,10 +34,24 @@ def group_texts(examples, block_size=64):
     return result
 
 lm = tokenized.map(group_texts, batched=True)
+
+def preprocess_logits_for_metrics(logits, labels):  # as in transformers' run_clm.py
+    if isinstance(logits, tuple):
+        logits = logits[0]
+    return logits.argmax(dim=-1)
+
+def compute_metrics(eval_preds):  # run_clm.py's accuracy, without the `evaluate` package
+    preds, labels = eval_preds
+    labels = labels[:, 1:].reshape(-1)
+    preds = preds[:, :-1].reshape(-1)
+    keep = labels != -100
+    return {{"accuracy": float((preds[keep] == labels[keep]).mean())}}
+
 args = {ARGS}(output_dir=OUT, per_device_train_batch_size=4, max_steps=3, logging_steps=1, report_to="none",
               save_strategy="no", use_cpu=True)
 trainer = {TRAINER}(model=model, args=args, train_dataset=lm["train"], eval_dataset=lm["validation"],
-                    processing_class=tokenizer, data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False))
+                    processing_class=tokenizer, data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+                    compute_metrics=compute_metrics, preprocess_logits_for_metrics=preprocess_logits_for_metrics)
 trainer.train()
 trainer.save_model()
 METRICS = trainer.evaluate()
@@ -56,15 +72,22 @@ def test_plain_trainer_script_runs_with_names_swapped(tmp_path, variant):
             ARGS="ETUTrainingArguments",
         ),
     }[variant]
-    scope = {"MODEL": DEMO_MODEL_DIR, "TRAIN": forget, "VALID": retain, "OUT": str(tmp_path / "out")}
-    exec(compile(SCRIPT.format(**names), "user_script.py", "exec"), scope)
-    metrics = scope["METRICS"]
-    assert "eval_loss" in metrics
-    assert os.path.exists(tmp_path / "out" / "model.safetensors")
-    if variant == "etu_hf":
-        assert "eval_etu/pi_s" in metrics
-        assert os.path.exists(tmp_path / "out" / "V_S.ids.json")
-        assert os.path.exists(tmp_path / "out" / "metrics.json")
+    code = compile(SCRIPT.format(**names), "user_script.py", "exec")
+    out = tmp_path / "out"
+    for run in (1, 2):  # the unchanged script run again into the same output_dir
+        scope = {"MODEL": DEMO_MODEL_DIR, "TRAIN": forget, "VALID": retain, "OUT": str(out)}
+        exec(code, scope)
+        metrics = scope["METRICS"]
+        assert "eval_loss" in metrics, run
+        assert 0.0 <= metrics["eval_accuracy"] <= 1.0, run  # compute_metrics on the preprocessed logits
+        assert os.path.exists(out / "model.safetensors")
+        if variant == "etu_hf":
+            for name in ("pi_s", "q_s", "base_p_s", "lambda", "loss"):
+                assert f"eval_etu/{name}" in metrics, (run, sorted(metrics))
+            assert 0.0 <= metrics["eval_etu/pi_s"] <= 1.0
+            assert os.path.exists(out / "V_S.ids.json")
+            assert os.path.exists(out / "metrics.json")
+    assert not any(name.startswith("_previous_run_") for name in os.listdir(out))  # the first run was replaced
 
 
 def test_example_script_runs(tmp_path):
