@@ -274,6 +274,9 @@ def test_artifacts_logging_evaluate_save_and_model_card(
     trainer.create_model_card(model_name="etu-test")
     card = open(os.path.join(out, "README.md")).read()
     assert "etu-hf" in card and "unlearning" in card
+    # etu-hf's card, with the audit just written into the run folder and no hub token
+    assert card.startswith("---\n") and "# etu-test" in card and "## Audit on held-out data" in card
+    assert f"{report.updated_p_S_upper:.4f}" in card and "hf_abcdefghijklmnopqrstuvwxyz0123" not in card
 
 
 def test_resume_from_checkpoint_reproduces_the_uninterrupted_run(tokenizer, corpora, make_args, tmp_path):
