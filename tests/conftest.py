@@ -121,3 +121,14 @@ def trained(tmp_path_factory, corpora, tokenizer):
     trainer.train()
     trainer.save_model()
     return trainer, out
+
+
+@pytest.fixture(autouse=True)
+def _restore_transformers_verbosity():
+    """`etu-hf ... --log_level info` run in-process sets transformers' verbosity for the whole process
+    (as a command should); put it back so later tests do not log to a stream pytest has closed."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    yield
+    hf_logging.set_verbosity(level)
