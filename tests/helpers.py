@@ -87,3 +87,14 @@ def make_read_only(path, monkeypatch):
             return real(*args, dir=dir, **kwargs)
 
         monkeypatch.setattr("etu_hf.artifacts.run_folder.tempfile.mkstemp", refuse)
+
+
+def audit_table(text: str) -> dict[str, list[str]]:
+    """The rows of the card's audit table, by measure: ``{measure: [base, unlearned, notes]}``."""
+    section = text.split("## Audit on held-out data", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        if line.startswith("| ") and not line.startswith("| measure") and "---" not in line:
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            rows[cells[0]] = cells[1:]
+    return rows

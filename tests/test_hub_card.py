@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 
 import pytest
+from helpers import audit_table
 from huggingface_hub import ModelCard
 
 from etu_hf.hub import NotARunError, build_model_card, write_model_card
@@ -117,17 +118,6 @@ def write_run(
         (path / "lambda_history.png").write_bytes(b"\x89PNG\r\n\x1a\n")
         (path / "suppression_histogram.png").write_bytes(b"\x89PNG\r\n\x1a\n")
     return path
-
-
-def audit_table(text: str) -> dict[str, list[str]]:
-    """The rows of the card's audit table, by measure: ``{measure: [base, unlearned, notes]}``."""
-    section = text.split("## Audit on held-out data", 1)[1].split("\n## ", 1)[0]
-    rows = {}
-    for line in section.splitlines():
-        if line.startswith("| ") and not line.startswith("| measure") and "---" not in line:
-            cells = [c.strip() for c in line.strip().strip("|").split("|")]
-            rows[cells[0]] = cells[1:]
-    return rows
 
 
 def close(cell: str, value: float, decimals: int) -> bool:

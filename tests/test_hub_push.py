@@ -22,6 +22,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 import pytest
+from helpers import audit_table
 from hub_server import HubStandIn, _Handler
 from huggingface_hub import ModelCard
 
@@ -117,16 +118,6 @@ def run_script(code: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
     return done
-
-
-def audit_table(text: str) -> dict[str, list[str]]:
-    section = text.split("## Audit on held-out data", 1)[1].split("\n## ", 1)[0]
-    rows = {}
-    for line in section.splitlines():
-        if line.startswith("| ") and not line.startswith("| measure") and "---" not in line:
-            cells = [c.strip() for c in line.strip().strip("|").split("|")]
-            rows[cells[0]] = cells[1:]
-    return rows
 
 
 @pytest.fixture(scope="module")
