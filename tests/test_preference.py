@@ -107,13 +107,18 @@ def _trainer(model, tokenizer, corpora, tmp_path, **kwargs):
     return lora_trainer(model, tokenizer, corpora, fast_args(str(tmp_path / "run"), **kwargs))
 
 
-def test_in_loop_reference_logps_are_the_base_models(model, tokenizer, corpora, tmp_path, monkeypatch):
-    trainer = _trainer(model, tokenizer, corpora, tmp_path, preference_weight=1.0, pref_prompt_tokens=5)
-    torch.manual_seed(1)
-    with torch.no_grad():  # move the adapter away from zero so that model != base
+def _move_adapter_off_zero(trainer, seed: int) -> None:
+    """Random LoRA B factors, so that the model differs from the base (fresh adapters equal it)."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
         for name, p in trainer.model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.05)
+
+
+def test_in_loop_reference_logps_are_the_base_models(model, tokenizer, corpora, tmp_path, monkeypatch):
+    trainer = _trainer(model, tokenizer, corpora, tmp_path, preference_weight=1.0, pref_prompt_tokens=5)
+    _move_adapter_off_zero(trainer, seed=1)
     seen = {}
     real = loss_terms.preference_losses
 
@@ -197,11 +202,7 @@ def test_dpo_chosen_completions_come_from_the_selected_source(model, tokenizer, 
         processing_class=tokenizer,
         peft_config=LoraConfig(**LORA),
     )
-    torch.manual_seed(2)
-    with torch.no_grad():  # move the adapter away from zero so that model != base
-        for name, p in trainer.model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
+    _move_adapter_off_zero(trainer, seed=2)
     seen = {}
     real = loss_terms.preference_losses
 
