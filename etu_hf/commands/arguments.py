@@ -1,5 +1,6 @@
-"""The flags of ``etu-hf unlearn`` (and ``etu-hf demo``): two dataclasses beside
-:class:`~etu_hf.ETUTrainingArguments`, the short names the command accepts, and its parser.
+"""The flags of ``etu-hf unlearn`` (and ``etu-hf demo``): two dataclasses beside the training arguments
+(:class:`~etu_hf.ETUTrainingArguments`, or :class:`~etu_hf.BaselineTrainingArguments` for a baseline chosen
+with ``--method``), the short names the command accepts, and its parser.
 
 :class:`ModelArguments` sits where TRL's ``trl.ModelConfig`` sits in TRL's scripts, but is not one:
 its flags are etu-hf's (``--use_lora``/``--use_qlora``, not ``--use_peft``/``--load_in_4bit``; a
@@ -20,6 +21,10 @@ from typing import Any
 
 from etu_hf.evaluation.audit import DEFAULT_AUDIT_MAX_SEQUENCES
 
+#: ``etu-hf unlearn --method`` values: ETU and the baselines of docs/baselines.md (the keys of
+#: :data:`etu_hf.training.baselines.UNLEARNING_METHODS`, kept here so that parsing imports no trainer).
+UNLEARNING_METHOD_NAMES = ("etu", "ga", "graddiff", "npo", "simnpo", "undial")
+
 #: ``etu-hf unlearn``'s learning rate when an adapter is trained and --learning_rate is not given
 #: (transformers' default, 5e-5, is a full fine-tuning rate; LoRA needs a larger one).
 ADAPTER_LEARNING_RATE = 1e-3
@@ -27,8 +32,17 @@ ADAPTER_LEARNING_RATE = 1e-3
 
 @dataclass
 class ModelArguments:
-    """Which model to unlearn and how to adapt it."""
+    """Which model to unlearn, by which method, and how to adapt it."""
 
+    method: str = field(
+        default="etu",
+        metadata={
+            "help": "Unlearning method: 'etu' (this package's tilt), or a baseline on the same data, adapters and "
+            "launch options: 'ga', 'graddiff', 'npo', 'simnpo', 'undial' (docs/baselines.md). "
+            "`--method M --help` lists M's flags.",
+            "choices": list(UNLEARNING_METHOD_NAMES),
+        },
+    )
     model_name_or_path: str | None = field(
         default=None,
         metadata={"help": "Model id or local folder (AutoModelForCausalLM). Default: the embedded demo model."},
@@ -74,6 +88,7 @@ class ModelArguments:
         return self.use_lora or self.use_dora or self.use_qlora
 
     def __post_init__(self) -> None:
+        check_method(self.method)
         if self.adapter and (self.name_keywords or self.param_ids):
             raise ValueError(
                 "--name_keywords/--param_ids select the model's own parameters; with LoRA use "
@@ -172,15 +187,42 @@ def add_short_names(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def unlearn_parser(prog: str = "etu-hf unlearn", description: str | None = None, epilog: str | None = None) -> Any:
-    """``HfArgumentParser`` over ``(ModelArguments, DataArguments, ETUTrainingArguments)``, with the
-    short flag names of :func:`add_short_names`."""
+def check_method(method: str) -> str:
+    """``method`` when it is one of :data:`UNLEARNING_METHOD_NAMES`, else a ``ValueError`` listing them."""
+    if method not in UNLEARNING_METHOD_NAMES:
+        raise ValueError(f"--method: unknown unlearning method {method!r}; known: {', '.join(UNLEARNING_METHOD_NAMES)}")
+    return method
+
+
+def unlearn_method(argv: Sequence[str]) -> str:
+    """The ``--method`` of an ``etu-hf unlearn`` command line (default ``etu``), read first (as ``etu-hf
+    refine`` reads its own) because it decides which training arguments the command takes."""
+    front = argparse.ArgumentParser(add_help=False)
+    front.add_argument("--method", default="etu")
+    return check_method(front.parse_known_args(list(argv))[0].method)
+
+
+def training_arguments_class(method: str) -> type:
+    """The training-arguments dataclass of ``method``: :class:`~etu_hf.ETUTrainingArguments` for ``etu``,
+    :class:`~etu_hf.BaselineTrainingArguments` (ETU's fields plus the baselines', no controller) otherwise."""
+    if check_method(method) == "etu":
+        from etu_hf.training.config import ETUTrainingArguments
+
+        return ETUTrainingArguments
+    from etu_hf.training.baselines import BaselineTrainingArguments
+
+    return BaselineTrainingArguments
+
+
+def unlearn_parser(
+    prog: str = "etu-hf unlearn", description: str | None = None, epilog: str | None = None, method: str = "etu"
+) -> Any:
+    """``HfArgumentParser`` over ``(ModelArguments, DataArguments, <the method's training arguments>)``
+    (:func:`training_arguments_class`), with the short flag names of :func:`add_short_names`."""
     from transformers import HfArgumentParser
 
-    from etu_hf.training.config import ETUTrainingArguments
-
     parser = HfArgumentParser(
-        (ModelArguments, DataArguments, ETUTrainingArguments),
+        (ModelArguments, DataArguments, training_arguments_class(method)),
         prog=prog,
         description=description,
         epilog=epilog,
@@ -191,7 +233,8 @@ def unlearn_parser(prog: str = "etu-hf unlearn", description: str | None = None,
 
 def parse_unlearn_args(argv: Sequence[str], parser: Any = None) -> tuple[ModelArguments, DataArguments, Any]:
     """Parse ``etu-hf unlearn`` flags (short names included) into ``(ModelArguments, DataArguments,
-    ETUTrainingArguments)``.
+    training arguments)``: ``ETUTrainingArguments``, or ``BaselineTrainingArguments`` for a ``--method``
+    other than ``etu`` (``parser``, when given, must be :func:`unlearn_parser` of the same method).
 
     With an adapter (``--use_lora``/``--use_dora``/``--use_qlora``) the learning rate defaults to
     :data:`ADAPTER_LEARNING_RATE`: the model flags are read first, with ``parse_known_args``, and the
@@ -200,9 +243,16 @@ def parse_unlearn_args(argv: Sequence[str], parser: Any = None) -> tuple[ModelAr
     from transformers import HfArgumentParser
 
     argv = list(argv)
-    parser = parser or unlearn_parser()
+    method = unlearn_method(argv)
+    parser = parser or unlearn_parser(method=method)
     model_flags, _ = HfArgumentParser(ModelArguments, add_help=False).parse_known_args(argv)
     if model_flags.use_lora or model_flags.use_dora or model_flags.use_qlora:
         parser.set_defaults(learning_rate=ADAPTER_LEARNING_RATE)  # transformers' 5e-5 is a full fine-tuning rate
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    if model_args.method != method:
+        raise ValueError(f"--method: give it in full, once (read as {method!r} first, then as {model_args.method!r})")
+    if type(training_args) is not training_arguments_class(method):
+        raise ValueError(
+            f"parser: built for another method than --method {method}; use unlearn_parser(method={method!r})"
+        )
     return model_args, data_args, training_args

@@ -1,9 +1,10 @@
 """``etu-hf unlearn``: the unlearning pipeline (also behind ``etu-hf demo``).
 
-Load tokenizer -> load corpora, hold out documents -> token blocks -> model -> ETUTrainer ->
-audit on held-out text -> artifacts. Everything goes through the same public API a user calls from
-Python (:class:`~etu_hf.ETUTrainer`, :func:`~etu_hf.audit`, ...). Flags: ``etu-hf unlearn --help``
-(:mod:`etu_hf.commands.arguments`).
+Load tokenizer -> load corpora, hold out documents -> token blocks -> model -> ETUTrainer (or, with
+``--method``, a baseline trainer of :mod:`etu_hf.training.baselines` on the same data, adapters and launch
+options) -> audit on held-out text -> artifacts. Everything goes through the same public API a user calls
+from Python (:class:`~etu_hf.ETUTrainer`, :func:`~etu_hf.audit`, ...). Flags: ``etu-hf unlearn --help``,
+a baseline's with ``etu-hf unlearn --method <name> --help`` (:mod:`etu_hf.commands.arguments`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,14 @@ from typing import Any
 
 from etu_hf.artifacts.record import RunRecord
 from etu_hf.artifacts.run_folder import RunFolder, check_output_dir, resolve_resume_checkpoint
-from etu_hf.commands.arguments import DataArguments, ModelArguments, parse_unlearn_args, unlearn_parser
+from etu_hf.commands.arguments import (
+    DataArguments,
+    ModelArguments,
+    parse_unlearn_args,
+    training_arguments_class,
+    unlearn_method,
+    unlearn_parser,
+)
 from etu_hf.commands.cli import setup_logging
 from etu_hf.commands.loader import init_deepspeed_for_zero3, load_tokenizer, load_training_model
 from etu_hf.data.blocks import tokenize_and_block
@@ -167,11 +175,20 @@ def push_finished_run(training_args: ETUTrainingArguments, repo_id: str, base_mo
 def run_unlearning(
     model_args: ModelArguments, data_args: DataArguments, training_args: ETUTrainingArguments
 ) -> UnlearnResult:
-    """Run ETU end to end and write the artifacts to ``training_args.output_dir``."""
+    """Run ETU (or the baseline ``model_args.method``) end to end and write the artifacts to
+    ``training_args.output_dir``."""
     from transformers import default_data_collator
 
-    from etu_hf.training.trainer import ETUTrainer, split_heldout
+    from etu_hf.training.baselines import trainer_class
+    from etu_hf.training.trainer import split_heldout
 
+    trainer_cls = trainer_class(model_args.method)
+    expected = training_arguments_class(model_args.method)
+    if not isinstance(training_args, expected):
+        raise TypeError(
+            f"--method {model_args.method} needs {expected.__name__}, got {type(training_args).__name__} "
+            "(parse_unlearn_args picks the right one)"
+        )
     # ETUTrainer.train checks output_dir and the checkpoint too, but only after the model is loaded and V_S
     # built: checked here first, a previous run, an unwritable folder or an incomplete checkpoint is refused
     # in a second instead of after loading a large model.
@@ -201,7 +218,8 @@ def run_unlearning(
         len(data["retain_train"]) if data["retain_train"] is not None else 0,
     )
 
-    trainer = ETUTrainer(
+    logger.info("method: %s (%s)", model_args.method, trainer_cls.__name__)
+    trainer = trainer_cls(
         model=model,
         args=training_args,
         train_dataset=forget_train,
@@ -262,7 +280,7 @@ def run_and_print(model_args: ModelArguments, data_args: DataArguments, training
 
 def cmd(argv: Sequence[str]) -> int:
     """``etu-hf unlearn``: with no ``--forget_corpora`` it runs the demo (:mod:`etu_hf.commands.demo`)."""
-    parser = unlearn_parser()
+    parser = unlearn_parser(method=unlearn_method(argv))  # --method decides which training flags exist
     given, _ = parser.parse_known_args(list(argv))  # -h/--help prints the flags and exits here
     if given.forget_corpora is None:
         from etu_hf.commands.demo import cmd as demo

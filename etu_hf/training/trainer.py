@@ -21,6 +21,7 @@ and :mod:`~etu_hf.training.records` (``train``, ``audit``, saving: the run's fil
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -88,6 +89,10 @@ class ETUTrainer(RunRecords, Trainer):
             of training with a seeded draw (:func:`split_heldout`), whenever a controller is active.
         run_arguments: further settings of the run (e.g. the command line's model and data arguments),
             recorded in args.json beside the training arguments, secrets redacted.
+        benchmark_evaluator: optional ``evaluator(model, accelerator) -> dict[str, float]`` run at every
+            ``evaluate()`` (e.g. :class:`etu_hf.evaluation.unlearning.BenchmarkEvaluator`): its aggregates join
+            the eval metrics under the Trainer's prefix, so they can pick the best checkpoint
+            (``metric_for_best_model``); each process scores a shard and the values are gathered.
 
     Logged every ``logging_steps`` through the Trainer's log (so ``report_to`` backends see them): the
     ``etu/...`` metrics of :mod:`etu_hf.training.statistics` (``etu/loss``, ``etu/lambda``, ``etu/pi_s``,
@@ -100,6 +105,9 @@ class ETUTrainer(RunRecords, Trainer):
     # so the Trainer must not divide by the accumulation steps again.
     loss_is_scaled_for_ga = True
     _tag_names: ClassVar[list[str]] = ["etu-hf", "unlearning"]
+    #: Whether the method has a retain term: without one, retain data only sets V_S's PMI background and is
+    #: not paired with the forget data (a baseline such as gradient ascent sets it False).
+    has_retain_term: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -116,6 +124,7 @@ class ETUTrainer(RunRecords, Trainer):
         peft_config: Any = None,
         heldout_dataset: Any = None,
         run_arguments: dict[str, Any] | None = None,
+        benchmark_evaluator: Callable[..., dict[str, float]] | None = None,
         **kwargs: Any,
     ):
         args = check_arguments(args)
@@ -144,10 +153,11 @@ class ETUTrainer(RunRecords, Trainer):
         self.vocab_size = output_vocab_size(self.model)
         self.forget_dataset, self.retain_dataset, self.heldout_dataset = train_dataset, retain_dataset, heldout_dataset
         self.run_arguments: dict[str, Any] = dict(run_arguments or {})
+        self.benchmark_evaluator = benchmark_evaluator
         #: The content of metrics.json: set by train(), completed by audit() into the run's output_dir.
         self.training_metrics: dict[str, Any] | None = None
         self._user_collator = self.data_collator
-        self.pairs_retain = retain_dataset is not None and a.retain_weight > 0
+        self.pairs_retain = self.has_retain_term and retain_dataset is not None and a.retain_weight > 0
         if self.pairs_retain:
             if train_dataset is None:
                 raise ValueError("retain_dataset needs a train_dataset (the forget data) to pair with")
@@ -249,19 +259,28 @@ class ETUTrainer(RunRecords, Trainer):
             counts[0] += count_scored(forget, device)
             if retain is not None:
                 counts[1] += count_scored(retain, device)
-            if self.args.preference_weight > 0:
-                mask, _ = scored_positions(forget["input_ids"], forget.get("attention_mask"), forget.get("labels"))
-                comp = completion_mask(mask, forget.get("attention_mask"), self.args.pref_prompt_tokens)
-                counts[2] += comp.any(1).sum().to(device=device, dtype=torch.float32)
+            counts[2] += self.count_sequences(forget, device)
         world = self.args.world_size
         if world > 1:
             counts = self.accelerator.reduce(counts, reduction="sum")
         return batch_samples, ScoredCounts(forget=counts[0], retain=counts[1], world_size=world, sequences=counts[2])
 
+    def count_sequences(self, forget: dict[str, Any], device: torch.device) -> torch.Tensor:
+        """Forget sequences of a micro-batch that a per-sequence term divides by (:attr:`ScoredCounts.sequences`):
+        with ``preference_weight > 0`` the rows with a completion, else 0. A method with its own
+        per-sequence forget term overrides it."""
+        if self.args.preference_weight <= 0:
+            return torch.zeros((), device=device)
+        mask, _ = scored_positions(forget["input_ids"], forget.get("attention_mask"), forget.get("labels"))
+        comp = completion_mask(mask, forget.get("attention_mask"), self.args.pref_prompt_tokens)
+        return comp.any(1).sum().to(device=device, dtype=torch.float32)
+
     def compute_loss(
         self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
-        """ETU loss of one micro-batch; see the module docstring for the formula."""
+        """Loss of one micro-batch: the method's forget term (:meth:`forget_loss`) plus ``retain_weight``
+        times the retain term, each over its own count of the whole accumulated batch (see the module
+        docstring for ETU's formula)."""
         if self.forbidden_set is None:
             raise ValueError("no forbidden set: pass a train_dataset to build V_S from, or forbidden_set=")
         counts = num_items_in_batch if isinstance(num_items_in_batch, ScoredCounts) else None
@@ -272,27 +291,50 @@ class ETUTrainer(RunRecords, Trainer):
         elif tilt.use_hidden is None:
             tilt.decide_head(model, forget)
         ctx = LossContext(model, output_head(model), self.base, tilt, a.loss_chunk_size, self.accelerator.autocast)
+        loss, outputs, forget_stats = self.forget_loss(ctx, forget, retain, counts, keep_logits=return_outputs)
+        zero = torch.zeros((), device=forget["input_ids"].device)
+        kept = (zero, zero)
+        if retain is not None and self.has_retain_term and a.retain_weight > 0 and model.training:
+            z = counts.retain.clamp_min(1.0) if counts is not None else None
+            r_loss, *kept = retain_term(ctx, retain, a.retain_loss_type, z)
+            loss = loss + a.retain_weight * r_loss
+        self.add_metrics("train" if model.training else "eval", forget_stats, kept)
+        if counts is not None and counts.world_size > 1:
+            # DDP/DeepSpeed average gradients over processes; the normaliser already counts all of them.
+            loss = loss * counts.world_size
+        return (loss, outputs) if return_outputs else loss
+
+    def forget_loss(
+        self,
+        ctx: LossContext,
+        forget: dict[str, Any],
+        retain: dict[str, Any] | None,
+        counts: ScoredCounts | None,
+        keep_logits: bool = False,
+    ) -> tuple[torch.Tensor, Any, Any]:
+        """The forget part of the loss of one micro-batch: ``(loss, model outputs, statistics)``, the
+        statistics going to :meth:`add_metrics`. ETU: the tilted KL over the forget positions plus, with
+        ``preference_weight > 0``, the preference term (whose DPO chosen completions may come from
+        ``retain``). The baselines (:mod:`etu_hf.training.baselines`) override this one method."""
+        a, model = self.args, ctx.model
         pref_on = a.preference_weight > 0 and model.training and self.state.global_step % a.pref_every == 0
         z = counts.forget.clamp_min(1.0) if counts is not None else None
-        kl, outputs, mask = forget_term(ctx, forget, z, keep_logits=return_outputs, with_targets=pref_on)
+        kl, outputs, mask = forget_term(ctx, forget, z, keep_logits=keep_logits, with_targets=pref_on)
         loss = kl.loss
         zero = torch.zeros((), device=forget["input_ids"].device)
-        pref, kept = (zero, zero), (zero, zero)
+        pref = (zero, zero)
         if pref_on:
             z = counts.sequences.clamp_min(1.0) if counts is not None and counts.sequences is not None else None
             pad = pad_token_id(self.processing_class)
             p_loss, *pref = preference_term(ctx, a, forget, retain, mask, kl, z, self._refusal_ids, pad)
             loss = loss + a.preference_weight * p_loss
-        if retain is not None and a.retain_weight > 0 and model.training:
-            z = counts.retain.clamp_min(1.0) if counts is not None else None
-            r_loss, *kept = retain_term(ctx, retain, a.retain_loss_type, z)
-            loss = loss + a.retain_weight * r_loss
-        mode = "train" if model.training else "eval"
-        self._metrics.add(mode, stat_values(kl, kept, pref), kl.lambda_min, kl.lambda_max)
-        if counts is not None and counts.world_size > 1:
-            # DDP/DeepSpeed average gradients over processes; the normaliser already counts all of them.
-            loss = loss * counts.world_size
-        return (loss, outputs) if return_outputs else loss
+        return loss, outputs, (kl, pref)
+
+    def add_metrics(self, mode: str, forget_stats: Any, retain_sums: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """Accumulate one micro-batch's statistics (:meth:`forget_loss`'s, then the retain term's sum and
+        weight) for the ``mode`` (``"train"``/``"eval"``) log."""
+        kl, pref = forget_stats
+        self._metrics.add(mode, stat_values(kl, retain_sums, pref), kl.lambda_min, kl.lambda_max)
 
     # ------------------------------------------------------------------ logging and evaluation
     def _reduce(self) -> Any:
@@ -304,7 +346,7 @@ class ETUTrainer(RunRecords, Trainer):
             stats = self._metrics.pop("train", self._reduce())
             if stats is not None:
                 logs.update(stats)
-                if stats["etu/clamped_share"] > CLAMP_WARN_SHARE:
+                if stats.get("etu/clamped_share", 0.0) > CLAMP_WARN_SHARE:
                     logger.warning(
                         "the lambda clamp binds at %.1f%% of the training positions: the target misses epsilon "
                         "there. Raise --lambda_max (now %s).",
@@ -324,9 +366,14 @@ class ETUTrainer(RunRecords, Trainer):
         metric_key_prefix: str = "eval",
     ) -> Any:
         """The Trainer's evaluation loop plus the ETU metrics, with the same names as in training and
-        the Trainer's prefix: ``{metric_key_prefix}_etu/pi_s``, ``..._etu/q_s``, ``..._etu/lambda``, ..."""
+        the Trainer's prefix: ``{metric_key_prefix}_etu/pi_s``, ``..._etu/q_s``, ``..._etu/lambda``, ...; with a
+        ``benchmark_evaluator`` also its aggregates (``eval_forget_quality``, ``eval_model_utility``, ...), so
+        ``metric_for_best_model="forget_quality"`` with ``load_best_model_at_end`` keeps the best checkpoint."""
         self._metrics.window["eval"].reset()
         output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
         stats = self._metrics.pop("eval", self._reduce()) or {}
+        if self.benchmark_evaluator is not None:
+            # every process scores its shard; the aggregates are the same on every rank
+            stats.update(self.benchmark_evaluator(unwrap_model(self.model), self.accelerator))
         output.metrics.update({f"{metric_key_prefix}_{key}": value for key, value in stats.items()})
         return output
