@@ -25,7 +25,9 @@ COMMANDS = {
     "demo": "run the whole pipeline offline on the embedded tiny model and generated corpora",
     "unlearn": "unlearn your corpora from your model (`etu-hf unlearn --help` lists every flag)",
     "audit": "suppression report of a base model plus an unlearned adapter (or merged model)",
+    "eval": "unlearning metrics of the field (TOFU/MUSE) and the mass on V_S on a question/answer benchmark",
     "refine": "continue an ETU adapter with DPO (TRL) or NPO/SimNPO, then audit it",
+    "compare": "ETU against GA, GradDiff, NPO, SimNPO and UNDIAL on one benchmark (Pareto front, relearning)",
     "push": "publish a finished run to the Hugging Face Hub with its model card (the audit included)",
     "env": "versions, hardware, installed extras and suggested settings",
 }

@@ -1,0 +1,111 @@
+"""``CompareArguments``: the settings of ``etu-hf compare`` (one dataclass: the command line parses it
+with ``HfArgumentParser``, a Python user fills it in)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+#: Methods ``etu-hf compare`` knows, in the order it runs them.
+KNOWN_METHODS: tuple[str, ...] = ("etu", "ga", "graddiff", "npo", "simnpo", "undial")
+
+
+def parse_list(value: str, flag: str, kind: type = float) -> list:
+    """``"a,b,c"`` -> ``[kind(a), kind(b), kind(c)]``; ``ValueError`` naming ``flag`` otherwise."""
+    parts = [p.strip() for p in str(value).split(",") if p.strip()]
+    if not parts:
+        raise ValueError(f"{flag}: empty list; give comma-separated values, e.g. {flag} 1e-4,3e-4")
+    try:
+        return [kind(p) for p in parts]
+    except ValueError as err:
+        raise ValueError(f"{flag}: cannot read {value!r} as comma-separated {kind.__name__} values") from err
+
+
+@dataclass
+class CompareArguments:
+    r"""Settings of a comparison: every method on the same benchmark, LoRA, data and step budget.
+
+    > The benchmark and models
+        benchmark: ``"builtin"`` (etu-hf's generated TOFU-shaped benchmark, its target and retain models
+            built or read from the cache) or a folder with forget/retain/holdout files.
+        model_name_or_path: the model to unlearn from (default for builtin: its target model).
+        retain_model: the model trained without the forget split (forget quality and privleak are
+            measured against it; default for builtin: its retain model).
+
+    > The grid (one run per method and setting)
+        methods: comma list of :data:`KNOWN_METHODS`.
+        etu_epsilons: ETU's target masses (ETU runs once per epsilon at ``etu_learning_rate``).
+        learning_rates: the baselines' learning rates (each baseline runs once per rate).
+
+    > The shared budget
+        max_steps, per_device_train_batch_size, lora_*: identical for every run; retain_weight and
+        retain_loss_type apply to every method with a retain term (all but ``ga``).
+
+    > The relearning attack
+        relearn_steps: after unlearning, fine-tune the same adapter for this many steps with the plain
+        next-token loss on ``relearn_fraction`` of the forget questions (a seeded sample), then
+        evaluate again; 0 = no attack.
+    """
+
+    output_dir: str = field(metadata={"help": "Where COMPARE.json, COMPARE.md, pareto.png and every run go."})
+    benchmark: str = field(default="builtin", metadata={"help": "'builtin' or a benchmark folder."})
+    model_name_or_path: str | None = field(default=None, metadata={"help": "Default (builtin): its target model."})
+    retain_model: str | None = field(default=None, metadata={"help": "Default (builtin): its retain model."})
+    methods: str = field(default=",".join(KNOWN_METHODS), metadata={"help": "Comma list of methods to run."})
+    etu_epsilons: str = field(default="0.1,0.03,0.01", metadata={"help": "ETU's epsilons (comma list)."})
+    etu_learning_rate: float = field(default=1e-3, metadata={"help": "ETU's learning rate."})
+    learning_rates: str = field(default="1e-4,3e-4,1e-3", metadata={"help": "Baselines' learning rates."})
+    max_steps: int = field(default=60, metadata={"help": "Optimiser steps of every unlearning run."})
+    per_device_train_batch_size: int = field(default=8, metadata={"help": "Forget questions per step."})
+    retain_weight: float = field(default=1.0, metadata={"help": "Weight of the retain term (all but ga)."})
+    retain_loss_type: str = field(default="kl", metadata={"help": "'kl' or 'nll'.", "choices": ["kl", "nll"]})
+    pmi_min_count: int = field(
+        default=3, metadata={"help": "V_S (shared by all runs): minimum forget count of a PMI token."}
+    )
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank (all runs)."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (all runs)."})
+    lora_target_modules: str = field(default="all-linear,lm_head", metadata={"help": "LoRA targets (all runs)."})
+    relearn_steps: int = field(default=0, metadata={"help": "Steps of the relearning attack (0: none)."})
+    relearn_fraction: float = field(default=0.25, metadata={"help": "Share of forget questions it trains on."})
+    relearn_learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate of the attack."})
+    eval_batch_size: int = field(default=16, metadata={"help": "Batch size of the evaluation."})
+    seed: int = field(default=0, metadata={"help": "Seed of every run (LoRA init, data order, attack sample)."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace an existing comparison."})
+
+    def __post_init__(self) -> None:
+        self.method_list: list[str] = [m.lower() for m in parse_list(self.methods, "--methods", str)]
+        unknown = [m for m in self.method_list if m not in KNOWN_METHODS]
+        if unknown:
+            raise ValueError(f"--methods: unknown method(s) {unknown}; known: {', '.join(KNOWN_METHODS)}")
+        self.epsilon_list: list[float] = parse_list(self.etu_epsilons, "--etu_epsilons")
+        if any(not 0 < e < 1 for e in self.epsilon_list):
+            raise ValueError(f"--etu_epsilons: every epsilon must be in (0, 1) (got {self.etu_epsilons})")
+        self.lr_list: list[float] = parse_list(self.learning_rates, "--learning_rates")
+        if any(not (math.isfinite(x) and x > 0) for x in [*self.lr_list, self.etu_learning_rate]):
+            raise ValueError("--learning_rates / --etu_learning_rate: learning rates must be > 0")
+        for flag, value in (
+            ("--max_steps", self.max_steps),
+            ("--per_device_train_batch_size", self.per_device_train_batch_size),
+            ("--lora_r", self.lora_r),
+        ):
+            if value < 1:
+                raise ValueError(f"{flag}: must be >= 1 (got {value})")
+        if self.relearn_steps < 0:
+            raise ValueError(f"--relearn_steps: must be >= 0 (got {self.relearn_steps})")
+        if not 0 < self.relearn_fraction <= 1:
+            raise ValueError(f"--relearn_fraction: must be in (0, 1] (got {self.relearn_fraction})")
+        if self.retain_weight < 0:
+            raise ValueError(f"--retain_weight: must be >= 0 (got {self.retain_weight})")
+
+    def grid(self) -> list[tuple[str, str, dict[str, float]]]:
+        """``(method, label, hyperparameters)`` of every run, in order."""
+        runs: list[tuple[str, str, dict[str, float]]] = []
+        for method in self.method_list:
+            if method == "etu":
+                runs += [
+                    ("etu", f"eps={e:g}", {"epsilon": e, "learning_rate": self.etu_learning_rate})
+                    for e in self.epsilon_list
+                ]
+            else:
+                runs += [(method, f"lr={lr:g}", {"learning_rate": lr}) for lr in self.lr_list]
+        return runs
