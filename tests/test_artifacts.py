@@ -1,11 +1,13 @@
-"""The artifacts' contract (docs/artifacts.md) against a real run.
+"""The artifacts' contract (docs/artifacts.md) against real runs.
 
 One short `etu-hf unlearn` run and one `etu-hf audit` of its adapter on held-out files written here.
 Every key that docs/artifacts.md lists for metrics.json and suppression_report.json must be in the
 files, and the numbers it marks *recomputed* are recomputed here with plain transformers + PEFT +
 torch (float64 softmax over full logits), without etu-hf's maths: masses on V_S, shares above
 epsilon, the tilted target and delta, perplexities, the token-level Wilson bound, the closed-form
-lambda and eps'.
+lambda and eps'. A one-step `etu-hf unlearn --method npo` run checks the baseline keys (NPO's loss at the
+base model is (2/beta) log 2 per sequence), and (slow) a tiny `etu-hf compare` the keys of COMPARE.json
+and EVAL.json, with the Pareto front and the comebacks recomputed by hand.
 """
 
 from __future__ import annotations
@@ -25,12 +27,15 @@ from etu_hf.demo import DEMO_MODEL_DIR
 DOC = os.path.join(os.path.dirname(__file__), "..", "docs", "artifacts.md")
 BLOCK = 64
 EPS = 0.05
+STEPS = 6  # two controller updates, at steps 3 and 6
 
 
 def documented_keys(section: str) -> list[str]:
-    """The keys in the first column of the table under the ``## `<section>` ...`` heading."""
+    """The keys in the first column of the table under the ``## `<section>` ...`` heading (or the heading that
+    starts with ``## <section>`` when ``section`` is not a file name)."""
     text = open(DOC, encoding="utf-8").read()
-    start = text.index(f"## `{section}`")
+    heading = f"## `{section}`" if "." in section and " " not in section else f"## {section}"
+    start = text.index(heading)
     end = text.find("\n## ", start + 1)
     keys = []
     for line in text[start : end if end > 0 else None].splitlines():
@@ -42,7 +47,16 @@ def documented_keys(section: str) -> list[str]:
 
 
 def lookup(data: dict, dotted: str):
-    for part in dotted.split("."):
+    """``data`` at the dotted key; ``runs[].method`` looks in every element of the list ``runs`` (and returns
+    the first one's value)."""
+    parts = dotted.split(".")
+    for k, part in enumerate(parts):
+        if part.endswith("[]"):
+            items = lookup(data, part[:-2])
+            assert isinstance(items, list) and items, f"{dotted}: {part[:-2]!r} is not a non-empty list"
+            rest = ".".join(parts[k + 1 :])
+            values = [lookup(item, rest) for item in items]  # every element has the key
+            return values[0]
         assert isinstance(data, dict) and part in data, f"{dotted}: missing {part!r}"
         data = data[part]
     return data
@@ -74,8 +88,9 @@ def run(tmp_path_factory):
         "--forget_corpora", str(root / "forget.txt"),
         "--retain_corpora", str(root / "retain.txt"),
         "--output_dir", str(out),
-        "--use_lora", "--max_steps", "12", "--block_size", str(BLOCK), "--lambda_update_freq", "6",
+        "--use_lora", "--max_steps", str(STEPS), "--block_size", str(BLOCK), "--lambda_update_freq", str(STEPS // 2),
         "--epsilon", str(EPS), "--disable_tqdm", "true", "--audit_max_sequences", "0",
+        "--batch_size", "4", "--p_s_sample_size", "16",
     )  # fmt: skip
     run_cli(
         "audit",
@@ -211,7 +226,7 @@ def test_metrics_agree_with_the_run_and_its_report(run):
     metrics = _json(out / "metrics.json")
     report = _json(out / "suppression_report.json")
     args = _json(out / "args.json")
-    assert metrics["epsilon"] == EPS and metrics["steps"] == 12 and metrics["training_success"] is True
+    assert metrics["epsilon"] == EPS and metrics["steps"] == STEPS and metrics["training_success"] is True
     lam = metrics["lambda"]
     assert lam["closed_form_global"] == pytest.approx(max(0.0, _logit(metrics["base_p_S"]) - _logit(EPS)), rel=1e-6)
     assert lam["adaptive"] is True and lam["controller_updates"] == 2
@@ -247,3 +262,120 @@ def test_metrics_agree_with_the_run_and_its_report(run):
     assert data["retain_heldout_blocks"] == report["retain_sequences"]
     assert data["block_size"] == BLOCK == args["block_size"]
     assert data["controller_heldout_blocks"] == args["heldout_batches"] * args["per_device_train_batch_size"]
+
+
+# ------------------------------------------------------------------------------------------ a baseline run
+NPO_BETA = 0.2
+
+
+@pytest.fixture(scope="module")
+def npo_run(run):
+    """One optimiser step of `etu-hf unlearn --method npo` on the same corpora (in this process)."""
+    from etu_hf.commands.cli import main
+
+    torch.set_num_threads(1)
+    root = run[0]
+    out = root / "npo"
+    argv = [
+        "unlearn", "--method", "npo", "--npo_beta", str(NPO_BETA),
+        "--forget_corpora", str(root / "forget.txt"), "--retain_corpora", str(root / "retain.txt"),
+        "--output_dir", str(out), "--use_lora", "--lora_r", "4", "--max_steps", "1", "--batch_size", "4",
+        "--block_size", str(BLOCK), "--log_every", "1", "--use_cpu", "--report_to", "none", "--save_strategy", "no",
+        "--disable_tqdm", "true", "--p_s_sample_size", "8", "--audit_max_sequences", "8",
+        "--dataloader_pin_memory", "false",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    return out
+
+
+def test_a_baseline_run_writes_the_documented_keys(run, npo_run):
+    metrics, args = _json(npo_run / "metrics.json"), _json(npo_run / "args.json")
+    for key in documented_keys("metrics.json"):  # ETU's schema, every key
+        lookup(metrics, key)
+    keys = documented_keys("Baseline runs")
+    assert "method" in keys and "method_metrics.final.<m>/loss" in keys
+    for key in keys:
+        lookup(metrics, key.replace("<m>", "npo"))
+    assert metrics["method"] == "npo" and args["method"] == "npo" and args["npo_beta"] == NPO_BETA
+    assert {"npo_beta", "simnpo_gamma", "undial_gamma"} <= set(args)
+    etu_metrics, etu_args = _json(run[1] / "metrics.json"), _json(run[1] / "args.json")
+    assert "method" not in etu_metrics and "method_metrics" not in etu_metrics and etu_args["method"] == "etu"
+
+    final, mean = metrics["method_metrics"]["final"], metrics["method_metrics"]["mean"]
+    # one step from the base model (LoRA starts at zero): every sequence's NPO loss is (2/beta) log 2
+    assert final["npo/loss"] == pytest.approx(2 / NPO_BETA * math.log(2), rel=1e-5)
+    assert final["npo/forget_sequences"] == 4  # the batch's rows, each with scored positions
+    assert 0 < final["npo/forget_positions"] <= 4 * (BLOCK - 1)
+    assert final == mean  # one step: the last window is the whole run
+    assert metrics["final_training_pi_s"] == final["npo/pi_s"] and metrics["mean_training_pi_s"] == mean["npo/pi_s"]
+    assert metrics["training_forget_positions"] == mean["npo/forget_positions"]
+    nulls = ("final_training_q_s", "final_training_kl", "training_clamped_share")
+    assert all(metrics[k] is None for k in nulls)
+    assert all(metrics["lambda"][k] is None for k in ("mean", "min", "max", "final_mean"))
+    assert metrics["lambda"]["adaptive"] is False and metrics["data"]["controller_heldout_blocks"] == 0
+
+
+def test_a_baseline_runs_model_card_names_its_method(npo_run):
+    from etu_hf.hub import build_model_card
+
+    text = str(build_model_card(str(npo_run)))
+    assert "## Method settings" in text and "## ETU settings" not in text
+    assert f"| beta (`npo_beta`) | {NPO_BETA:g} |" in text and "`npo` does not train toward it" in text
+
+
+# ------------------------------------------------------------------------------------------ a comparison
+@pytest.mark.slow
+def test_compare_json_and_eval_json_keys(tmp_path):
+    """A tiny `etu-hf compare` (the built-in benchmark's models on 8/16/8 of its rows, ETU and NPO, one step, one
+    relearning step): every documented key of COMPARE.json and of its EVAL.json files, and what it marks
+    *recomputed*, by hand."""
+    from etu_hf.benchmark import load_benchmark
+    from etu_hf.benchmark.models import benchmark_models
+    from etu_hf.commands.cli import main
+
+    torch.set_num_threads(1)
+    built = benchmark_models()
+    bench = load_benchmark(built.benchmark)
+    for name, n in (("forget", 8), ("retain", 16), ("holdout", 8)):
+        setattr(bench, name, getattr(bench, name).select(range(n)))
+    bench.save(str(tmp_path / "bench"))
+    out = tmp_path / "cmp"
+    argv = [
+        "compare", "--benchmark", str(tmp_path / "bench"), "--model_name_or_path", str(built.target),
+        "--retain_model", str(built.retain), "--output_dir", str(out), "--methods", "etu,npo", "--max_steps", "1",
+        "--etu_epsilons", "0.05", "--learning_rates", "1e-3", "--relearn_steps", "1", "--eval_batch_size", "32",
+        "--per_device_train_batch_size", "4", "--pmi_min_count", "1",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    result = _json(out / "COMPARE.json")
+    for key in documented_keys("COMPARE.json"):
+        lookup(result, key)
+    assert list(result) == ["settings", "models", "benchmark", "vs_size", "references", "runs", "goals"]
+    evals = {"reference": out / "reference", "target": out / "target"}
+    evals.update({r["run_dir"]: out / r["run_dir"] for r in result["runs"]})
+    for folder in evals.values():
+        data = _json(folder / "EVAL.json")
+        for key in documented_keys("EVAL.json"):
+            lookup(data, key)
+        assert data["format"] == "etu-hf/unlearning-eval" and data["version"] == 1
+    assert _json(evals["reference"] / "EVAL.json")["settings"]["reference"] is None
+
+    assert result["vs_size"] == len(_json(out / "V_S.ids.json")["ids"])
+    assert result["references"]["retain"] == _json(out / "reference" / "EVAL.json")["aggregates"]
+    assert result["references"]["target"] == _json(out / "target" / "EVAL.json")["aggregates"]
+    assert [(r["method"], r["label"]) for r in result["runs"]] == [("etu", "eps=0.05"), ("npo", "lr=0.001")]
+    assert result["settings"]["grid"] == [["etu", "eps=0.05"], ["npo", "lr=0.001"]]
+    points = []
+    for r in result["runs"]:
+        assert r["eval"] == _json(out / r["run_dir"] / "EVAL.json")["aggregates"]
+        assert r["relearned"]["eval"] == _json(out / r["run_dir"] / "EVAL_relearned.json")["aggregates"]
+        assert r["relearned"]["attack"] == {"rows": 2, "steps": 1, "learning_rate": 1e-3}  # 25% of 8 questions
+        points.append((r["eval"]["forget_quality"], r["eval"]["model_utility"]))
+    for r, p in zip(result["runs"], points, strict=True):  # the front, by its definition
+        beaten = any(q[0] >= p[0] and q[1] >= p[1] and q != p for q in points)
+        assert r["pareto"] is (not beaten)
+    for r in result["runs"]:
+        comeback = r["relearned"]["eval"]["forget_prob"] - r["eval"]["forget_prob"]
+        assert result["goals"]["relearn"][r["method"]]["mean_comeback"] == pytest.approx(comeback)
+    npo_metrics = _json(out / result["runs"][1]["run_dir"] / "metrics.json")
+    assert npo_metrics["method"] == "npo" and "heldout" not in npo_metrics

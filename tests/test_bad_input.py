@@ -1,10 +1,13 @@
 """Every bad input of docs/bad_inputs.md gets its one-line error (naming the flag or file and the fix)
-or its warning, before anything is written; the output folder is left as it was."""
+or its warning, before anything is written; the output folder is left as it was. For the unlearning
+methods, `etu-hf eval` and `etu-hf compare`, the messages the commands print must also be the ones the
+document quotes."""
 
 import json
 import logging
 import math
 import os
+import re
 import shutil
 import warnings
 
@@ -310,3 +313,243 @@ def test_the_audit_is_capped_and_cuts_long_documents_into_blocks(model, tokenize
     everything = audit(model, [huge], [5, 6, 7], epsilon=0.05, base=model, tokenizer=tokenizer, block_size=32,
                        max_sequences=None, bootstrap_samples=20, num_samples=0)  # fmt: skip
     assert everything.forget_sequences == n_blocks
+
+
+# ------------------------------------------------------------------------------------- methods, eval, compare
+DOC = os.path.join(os.path.dirname(__file__), "..", "docs", "bad_inputs.md")
+
+
+def documented(*fragments):
+    """Each fragment of a message is quoted in docs/bad_inputs.md."""
+    text = open(DOC, encoding="utf-8").read()
+    for fragment in fragments:
+        assert fragment in text, f"docs/bad_inputs.md does not quote {fragment!r}"
+
+
+def refused_as_documented(capsys, argv, *fragments):
+    """The command exits 2 with one error line holding every fragment, and the document quotes them."""
+    documented(*fragments)
+    line = refused(capsys, argv, fragments[0])
+    assert all(f in line for f in fragments), line
+    return line
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--method", "gd"], "--method: unknown unlearning method 'gd'; known: etu, ga, graddiff, npo, simnpo, undial"),
+        (
+            ["--method", "npo", "--adaptive_lambda", "true"],
+            "adaptive_lambda: the baselines have no tilt for a lambda controller to steer: leave it False (got True)",
+        ),
+        (
+            ["--method", "simnpo", "--preference_weight", "0.5"],
+            "preference_weight: ETU's in-loop preference term is not a baseline's: set it to 0 (--method npo) "
+            "(got 0.5)",
+        ),
+        (
+            ["--method", "undial", "--stop_when_certified", "2"],
+            "stop_when_certified: needs ETU's lambda controller, which the baselines do not have: set it to 0 (got 2)",
+        ),
+        (["--method", "npo", "--npo_beta", "0"], "npo_beta: must be > 0, e.g. 0.1 (got 0.0)"),
+        (["--method", "simnpo", "--simnpo_gamma", "-1"], "simnpo_gamma: must be >= 0, e.g. 0.0 (got -1.0)"),
+        (
+            ["--method", "undial", "--undial_gamma", "0"],
+            "undial_gamma: must be > 0 (0 leaves the base model as the target), e.g. 10.0 (got 0.0)",
+        ),
+        (["--method", "npo", "--npo_beta", "nan"], "npo_beta: must be a finite number, got nan"),
+        (["--npo_beta", "0.2"], "Some specified arguments are not used by the HfArgumentParser: ['--npo_beta', '0.2']"),
+    ],
+)
+def test_bad_method_flags(tmp_path, corpora, capsys, no_model_load, extra, message):
+    refused_as_documented(capsys, ["unlearn", *flags(tmp_path, *corpora, *extra)], message)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_frozen_output_head_is_warned_about_for_etu_only(tmp_path, tokenizer, caplog):
+    """ETU's target needs the head; a baseline (GA here, same settings) is not warned about it, but GA is
+    warned that it has no retain term; a lambda controller is refused for a baseline."""
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM
+
+    from etu_hf import AdaptiveLambdaCallback, BaselineTrainingArguments, GradAscentTrainer
+    from etu_hf.data.blocks import tokenize_and_block
+    from etu_hf.demo.corpus import retain_documents
+
+    forget = tokenize_and_block(forget_documents(20, seed=2), tokenizer, 64)
+    retain = tokenize_and_block(retain_documents(20, seed=2), tokenizer, 64)
+    head = "the adapter leaves the output head (lm_head) frozen: ETU's tilted target lowers the logits of V_S,"
+    no_retain = (
+        "GradAscentTrainer has no retain term: the retain data only sets V_S's PMI background (use graddiff for one)"
+    )
+    refusal = "callbacks: GradAscentTrainer has no tilt for an AdaptiveLambdaCallback to steer; remove it"
+    documented(head, no_retain, refusal)
+    common = dict(output_dir=str(tmp_path / "o"), max_steps=1, use_cpu=True, report_to="none", save_strategy="no",
+                  pmi_min_count=1, pmi_top_k=32, p_s_sample_size=8, adaptive_lambda=False)  # fmt: skip
+    for cls, arguments, etu in (
+        (ETUTrainer, ETUTrainingArguments(**common), True),
+        (GradAscentTrainer, BaselineTrainingArguments(**common), False),
+    ):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="etu_hf.training"):
+            cls(
+                model=AutoModelForCausalLM.from_pretrained(DEMO_MODEL_DIR),
+                args=arguments,
+                train_dataset=forget,
+                retain_dataset=retain,
+                processing_class=tokenizer,
+                peft_config=LoraConfig(r=4, target_modules="all-linear"),
+            )
+        assert ("leaves the output head (lm_head) frozen" in caplog.text) is etu, (cls.__name__, caplog.text)
+        assert (head in caplog.text) is etu
+        assert (no_retain in caplog.text) is not etu
+    with pytest.raises(ValueError, match=re.escape(refusal)):
+        GradAscentTrainer(args=BaselineTrainingArguments(**common), callbacks=[AdaptiveLambdaCallback()])
+
+
+def qa_benchmark(folder, drop_split=None, drop_column=None):
+    """A benchmark folder of 3 question/answer rows per split (<split>.jsonl), maybe missing a split or a column."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for split in ("forget", "retain", "holdout"):
+        if split == drop_split:
+            continue
+        with open(folder / f"{split}.jsonl", "w") as f:
+            for i in range(3):
+                name = f"{split} author {i}"
+                row = {
+                    "entity": name,
+                    "question": f"Where was {name} born?",
+                    "answer": f"{name} was born in town {i}.",
+                    "paraphrased_answer": f"Town {i} is where {name} was born.",
+                    "perturbed_answers": [f"Town {i + j} is where {name} was born." for j in (1, 2)],
+                }
+                row.pop(drop_column, None)
+                f.write(json.dumps(row) + "\n")
+    return str(folder)
+
+
+def other_tokenizer_model(tmp_path):
+    """A copy of the demo model whose tokenizer swaps the ids of two tokens."""
+    folder = _model_copy(tmp_path)
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    vocab["!"], vocab['"'] = vocab['"'], vocab["!"]
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    return str(folder)
+
+
+def test_eval_bad_inputs(tmp_path, capsys, no_model_load):
+    bench = qa_benchmark(tmp_path / "bench")
+    out = tmp_path / "eval"
+    base = ["eval", "--benchmark", bench, "--model_name_or_path", DEMO_MODEL_DIR, "--output_dir", str(out)]
+    known = "prob, rouge, truth_ratio, forget_quality, model_utility, exact_memorization, extraction_strength, "
+    known += "mia_loss, mia_zlib, mia_mink, mia_minkpp, privleak, vs_mass (or 'all')"
+    cases = [
+        ([*base, "--metrics", "prob,bogus"], [f"--metrics: unknown metric(s) 'bogus'; known: {known}"]),
+        (
+            [*base, "--metrics", "vs_mass"],
+            [
+                "metrics: vs_mass needs V_S (etu-hf eval: --forbidden_ids_path or a run folder as --adapter; "
+                "Python: forbidden_set=)"
+            ],
+        ),
+        (
+            [*base, "--retain_model", DEMO_MODEL_DIR, "--reference_eval", "x.json"],
+            ["--retain_model and --reference_eval: give one (the EVAL.json replaces evaluating it)"],
+        ),
+        (
+            [*base, "--retain_model", other_tokenizer_model(tmp_path)],
+            [
+                "its tokenizer differs from the model's (",
+                "2048 vs 2048 tokens, 4 (token, id) pairs not shared. The retain model must use the model's tokenizer.",
+            ],
+        ),
+        (
+            [*base, "--benchmark", qa_benchmark(tmp_path / "b1", drop_split="holdout")],
+            [
+                ": no holdout split; expected a file holdout.jsonl (or holdout.json, holdout.parquet, holdout.csv) "
+                "with the columns entity, question, answer, paraphrased_answer, perturbed_answers."
+            ],
+        ),
+        (
+            [*base, "--benchmark", qa_benchmark(tmp_path / "b2", drop_column="perturbed_answers")],
+            [
+                ": the forget split lacks the column(s) perturbed_answers; every split needs entity, question, answer, "
+                "paraphrased_answer, perturbed_answers (it has entity, question, answer, paraphrased_answer)."
+            ],
+        ),
+        ([*base, "--benchmark", str(tmp_path / "nowhere")], ["': not 'builtin' and not a folder"]),
+        (
+            ["eval", "--benchmark", bench, "--output_dir", str(out)],
+            ["--model_name_or_path: required with the benchmark folder '", "(the model to evaluate, or the base of "],
+        ),
+        ([*base, "--batch_size", "0"], ["--batch_size: must be >= 1, got 0"]),
+        ([*base, "--max_new_tokens", "0"], ["--max_new_tokens: must be >= 1, got 0"]),
+    ]
+    for argv, fragments in cases:
+        refused_as_documented(capsys, argv, *fragments)
+        assert not out.exists()
+    reference = tmp_path / "ref.json"
+    reference.write_text(
+        json.dumps({"format": "etu-hf/unlearning-eval", "settings": {"benchmark": {"fingerprint": "x"}}})
+    )
+    fragments = ["was made on another benchmark (fingerprint ", "; evaluate the retain model on this benchmark"]
+    refused_as_documented(capsys, [*base, "--reference_eval", str(reference)], *fragments)
+    out.mkdir()
+    (out / "EVAL.json").write_text("{}")
+    message = (
+        "already holds EVAL.json; nothing was written. Pass --overwrite_output_dir or choose another --output_dir."
+    )
+    refused_as_documented(capsys, base, message)
+    assert os.listdir(out) == ["EVAL.json"]
+
+
+def test_compare_bad_inputs(tmp_path, capsys, no_model_load):
+    out = tmp_path / "cmp"
+    base = ["compare", "--output_dir", str(out)]
+    lr_message = "--learning_rates / --etu_learning_rate: learning rates must be > 0"
+    cases = [
+        (
+            ["--methods", "etu,rmu"],
+            "--methods: unknown method(s) ['rmu']; known: etu, ga, graddiff, npo, simnpo, undial",
+        ),
+        (["--etu_epsilons", "0.1,1.5"], "--etu_epsilons: every epsilon must be in (0, 1) (got 0.1,1.5)"),
+        (["--learning_rates", "fast"], "--learning_rates: cannot read 'fast' as comma-separated float values"),
+        (
+            ["--learning_rates", ""],
+            "--learning_rates: empty list; give comma-separated values, e.g. --learning_rates 1e-4,3e-4",
+        ),
+        (["--learning_rates", "0,1e-3"], lr_message),
+        (["--learning_rates", "nan"], lr_message),
+        (["--etu_learning_rate", "-1"], lr_message),
+        (["--max_steps", "0"], "--max_steps: must be >= 1 (got 0)"),
+        (["--relearn_steps", "-1"], "--relearn_steps: must be >= 0 (got -1)"),
+        (["--relearn_fraction", "0"], "--relearn_fraction: must be in (0, 1] (got 0.0)"),
+        (["--retain_weight", "-1"], "--retain_weight: must be >= 0 (got -1.0)"),
+        (["--benchmark", str(tmp_path / "nowhere")], "': not 'builtin' and not a folder"),
+    ]
+    for extra, message in cases:
+        refused_as_documented(capsys, [*base, *extra], message)
+        assert not out.exists()
+    # found once the benchmark is read, still before anything is written
+    bench = qa_benchmark(tmp_path / "bench")
+    message = (
+        "--model_name_or_path and --retain_model are required with a benchmark folder (the model trained on forget "
+        "+ retain, and the one trained on retain only)"
+    )
+    refused_as_documented(capsys, [*base, "--benchmark", bench], message)
+    assert not out.exists()
+    other = other_tokenizer_model(tmp_path)
+    argv = [*base, "--benchmark", bench, "--model_name_or_path", DEMO_MODEL_DIR, "--retain_model", other]
+    fragments = [
+        "--retain_model: ",
+        " has another tokenizer (2048 tokens) than the model being unlearned (2048 tokens, ",
+    ]
+    refused_as_documented(capsys, argv, *fragments, "; both models must share one tokenizer")
+    assert not out.exists()
+    out.mkdir()
+    (out / "COMPARE.json").write_text("{}")
+    message = (
+        "already holds COMPARE.json; nothing was written. Pass --overwrite_output_dir or choose another --output_dir."
+    )
+    refused_as_documented(capsys, base, message)

@@ -274,3 +274,113 @@ def test_not_a_run(tmp_path):
     (tmp_path / "other" / "metrics.json").write_text("{}")
     with pytest.raises(NotARunError, match=r"no V_S\.ids\.json"):
         build_model_card(str(tmp_path / "other"))
+
+
+# ------------------------------------------------------------------------------------------ baseline runs
+def baseline_metrics(method: str) -> dict:
+    """metrics.json of a baseline run as `etu-hf unlearn --method <method>` writes it (docs/artifacts.md): ETU's
+    schema with the controller off and no tilt statistics, plus `method` and `method_metrics`."""
+    final = {f"{method}/loss": 0.777, f"{method}/forget_nll": 1.7315, f"{method}/pi_s": 0.2687}
+    lam = {**METRICS["lambda"], "offset": 0.0, "adaptive": False, "controller_updates": 0, "effective_epsilon": 0.05}
+    return {
+        **METRICS,
+        "lambda": lam,
+        "final_training_pi_s": 0.2687,
+        "final_training_q_s": None,
+        "final_training_kl": None,
+        "method": method,
+        "method_metrics": {"final": final, "mean": final},
+    }
+
+
+BASELINE_ARGS = {
+    **ARGS,
+    "adaptive_lambda": False,
+    "retain_loss_type": "kl",
+    "npo_beta": 0.2,
+    "simnpo_gamma": 0.5,
+    "undial_gamma": 3.0,
+}
+
+
+def settings_table(text: str, heading: str) -> dict[str, str]:
+    """``{setting: value}`` of the settings table under ``heading``; every row must have exactly two cells
+    (a ``|`` inside a cell must be escaped, or the table breaks on the Hub)."""
+    section = text.split(f"## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        if line.startswith("| ") and not line.startswith("| setting") and "---" not in line:
+            cells = [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]]
+            assert len(cells) == 2, line
+            rows[cells[0]] = cells[1]
+    return rows
+
+
+@pytest.mark.parametrize(
+    "method, own",
+    [
+        ("npo", {"beta (`npo_beta`)": "0.2"}),
+        ("simnpo", {"beta (`npo_beta`)": "0.2", "margin gamma (`simnpo_gamma`)": "0.5"}),
+        ("undial", {"strength gamma (`undial_gamma`)": "3"}),
+        ("graddiff", {}),
+        ("ga", {}),
+    ],
+)
+def test_a_baseline_card_names_its_method_and_claims_no_tilt(tmp_path, method, own):
+    run = write_run(tmp_path / "run", metrics=baseline_metrics(method), args={**BASELINE_ARGS, "method": method})
+    text = str(build_model_card(str(run)))
+    assert method in ModelCard(text).data.tags
+    intro = text.split("\n# run\n", 1)[1].split("\n## ", 1)[0]
+    assert f"`etu-hf unlearn --method {method}`" in intro and "not trained toward ETU's target" in intro
+    assert "Exponential-Tilted" not in intro and "exp(-lambda" not in intro
+    assert "## ETU settings" not in text
+    settings = settings_table(text, "Method settings")
+    assert settings["method"].startswith(f"`{method}`: ")
+    for label, value in own.items():
+        assert settings[label] == value
+    hyper = [k for k in settings if "npo_beta" in k or "gamma" in k]
+    assert sorted(hyper) == sorted(own)  # only the method's own hyperparameters
+    if method == "ga":
+        assert settings["retain term"].startswith("none")
+    else:
+        assert settings["retain term"] == "1 x `kl`: KL(pi_base ‖ pi_theta) on retain text"
+    assert settings["audit reference epsilon (not trained toward)"] == "0.05"
+    assert settings["mean forget-token NLL, last logging window (training data)"] == "1.7315"
+    assert settings["mean mass on V_S, last logging window (training data)"] == "0.2687"
+    assert not [k for k in settings if "lambda" in k or "eps'" in k or "controller" in k or "offset" in k]
+    # the audit: the same numbers, epsilon as a reference that is met or not, never a target reached
+    rows = audit_table(text)
+    assert close(rows["upper bound (sequence-level, 95%)"][1], REPORT["updated_p_S_upper"], 4)
+    assert rows["held-out forget mass on V_S"][2] == "reference <= 0.05"
+    assert "ETU's target" in rows["delta = KL(model ‖ ETU target)"][2]
+    head = f"reference bound pi_theta(S) <= 0.05 (ETU's target; `{method}` does not train toward it)"
+    assert f"{head}: **met** (upper bound 0.0469); 988 positions in 16 held-out sequences" in text
+    assert "reached" not in text and "target pi_theta(S)" not in text
+
+
+def test_a_baseline_verdict_not_met(tmp_path):
+    report = {**REPORT, "target_achieved": True, "target_achieved_upper": False}
+    run = write_run(tmp_path / "run", report=report, metrics=baseline_metrics("npo"), args=BASELINE_ARGS)
+    text = str(build_model_card(str(run)))  # the method from metrics.json alone (args.json without it)
+    assert "`npo` does not train toward it): **not met**: the point estimate 0.0389 is below epsilon" in text
+    assert "**met**" not in text and "reached" not in text
+
+
+def test_the_etu_card_keeps_its_target_and_names_no_method(tmp_path):
+    run = write_run(tmp_path / "run", args={**ARGS, "method": "etu"})
+    text = str(build_model_card(str(run)))
+    assert "## Method settings" not in text and "## ETU settings" in text
+    assert "target pi_theta(S) <= 0.05: **reached**" in text and "reference bound" not in text
+
+
+def test_the_cards_methods_are_the_trainers():
+    """The card describes every baseline etu-hf trains, with hyperparameters that are real arguments."""
+    from dataclasses import fields
+
+    from etu_hf.hub.card import BASELINE_METHODS, NO_RETAIN_TERM
+    from etu_hf.training.baselines import UNLEARNING_METHODS, BaselineTrainingArguments
+
+    assert set(BASELINE_METHODS) == set(UNLEARNING_METHODS) - {"etu"}
+    names = {f.name for f in fields(BaselineTrainingArguments)}
+    assert all(key in names for _, _, hyper in BASELINE_METHODS.values() for key, _ in hyper)
+    assert NO_RETAIN_TERM == {m for m, cls in UNLEARNING_METHODS.items() if not cls.has_retain_term}

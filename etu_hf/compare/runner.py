@@ -196,8 +196,8 @@ def run_compare(cfg: CompareArguments) -> dict[str, Any]:
     pareto.png into ``cfg.output_dir`` and returns the COMPARE.json content."""
     from etu_hf.compare.report import goal_checks, write_outputs
 
+    inputs = CompareInputs(cfg)  # every refusal comes before anything is written
     os.makedirs(cfg.output_dir, exist_ok=True)
-    inputs = CompareInputs(cfg)
     forbidden_set = build_forbidden(cfg, inputs)
     forbidden_set.save(os.path.join(cfg.output_dir, "V_S.ids.json"))
     logger.info("V_S: %d tokens (PMI of forget vs retain answers)", len(forbidden_set))

@@ -5,6 +5,12 @@ Built with huggingface_hub's :class:`~huggingface_hub.ModelCard` and
 (docs/artifacts.md): ``metrics.json``, ``suppression_report.json``, ``V_S.ids.json``, ``args.json``,
 ``adapter_config.json`` or ``config.json``, and the plots when present. The files are read directly
 with :func:`json.load`, so the card needs nothing but the folder.
+
+A baseline run (``etu-hf unlearn --method ga|graddiff|npo|simnpo|undial``, docs/baselines.md; its
+metrics.json has ``method``) gets a card that names the method and its own hyperparameters instead of ETU's
+tilt settings. Its audit table is the same (the mass on V_S is measured for every method), but epsilon is
+only the audit's reference there: the verdict says whether the bound is *met*, never that a target was
+*reached*, since a baseline does not train toward it.
 """
 
 from __future__ import annotations
@@ -30,6 +36,35 @@ CARD_FILE = "README.md"
 DEFAULT_TAGS = ("etu-hf", "unlearning")
 
 _TEMPLATE = "---\n{{ card_data }}\n---\n\n{{ body }}\n"
+
+#: The method of a run that records none (metrics.json of an ETU run has no ``method`` key).
+ETU_METHOD = "etu"
+
+#: The baselines of ``etu-hf unlearn --method`` (docs/baselines.md; etu_hf.training.baselines, which this layer
+#: does not import): name, forget term, and the args.json fields of its own hyperparameters with their labels.
+BASELINE_METHODS: dict[str, tuple[str, str, tuple[tuple[str, str], ...]]] = {
+    "ga": ("Gradient Ascent (GA)", "mean over forget tokens of `log pi_theta(y|x)`, minimised (the NLL raised)", ()),
+    "graddiff": ("Gradient Difference (GradDiff)", "gradient ascent on the forget tokens, plus a retain term", ()),
+    "npo": (
+        "NPO (Zhang et al., 2024)",
+        "mean over forget sequences of `-(2/beta) log sigmoid(-beta (log pi_theta(y|x) - log pi_base(y|x)))`",
+        (("npo_beta", "beta (`npo_beta`)"),),
+    ),
+    "simnpo": (
+        "SimNPO (Fan et al., 2024)",
+        "mean over forget sequences of `-(2/beta) log sigmoid(-(beta/|y|) log pi_theta(y|x) - gamma)`",
+        (("npo_beta", "beta (`npo_beta`)"), ("simnpo_gamma", "margin gamma (`simnpo_gamma`)")),
+    ),
+    "undial": (
+        "UNDIAL (Dong et al., 2024)",
+        "mean over forget tokens of `KL(t ‖ pi_theta)`, `t = softmax(z_base - gamma e_y)`: the base distribution "
+        "with the logit of the token seen lowered by gamma",
+        (("undial_gamma", "strength gamma (`undial_gamma`)"),),
+    ),
+}
+
+#: Methods whose loss has no retain term (the retain data then only sets V_S's PMI background).
+NO_RETAIN_TERM = frozenset({"ga"})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -68,35 +103,52 @@ def audit_numbers(run: RunFiles) -> dict[str, Any] | None:
     return out
 
 
-def verdict(numbers: dict[str, Any]) -> str:
-    """One line: "reached" only when the sequence-level upper bound ``updated_p_S_upper`` is at most
-    epsilon (``target_achieved_upper``); the point estimate alone is never enough."""
+def run_method(run: RunFiles) -> str:
+    """The run's unlearning method: metrics.json's ``method``, else args.json's, else ``"etu"`` (ETU runs
+    record none)."""
+    method = run.metrics.get("method") or run.args.get("method") or ETU_METHOD
+    return str(method)
+
+
+def verdict(numbers: dict[str, Any], method: str = ETU_METHOD) -> str:
+    """One line: for ETU, "reached" only when the sequence-level upper bound ``updated_p_S_upper`` is at most
+    epsilon (``target_achieved_upper``); the point estimate alone is never enough. For another ``method``
+    the same test against the same number, worded as a reference bound that is "met" or "not met": the
+    method did not train toward it."""
     eps = _fmt(numbers.get("epsilon"), "g")
     upper = numbers.get("updated_p_S_upper")
     mean = numbers.get("updated_p_S")
     where = f"{numbers.get('forget_positions', 'n/a')} positions in {numbers.get('forget_sequences', 'n/a')} "
     where += "held-out sequences"
+    if method == ETU_METHOD:
+        head, yes, no = f"target pi_theta(S) <= {eps}", "reached", "NOT reached"
+    else:
+        head = f"reference bound pi_theta(S) <= {eps} (ETU's target; `{method}` does not train toward it)"
+        yes, no = "met", "not met"
     if numbers.get("target_achieved_upper") is True:
-        return f"target pi_theta(S) <= {eps}: **reached** (upper bound {_fmt(upper)}); {where}"
+        return f"{head}: **{yes}** (upper bound {_fmt(upper)}); {where}"
     if upper is None:
-        return f"target pi_theta(S) <= {eps}: **not established**: the audit has no upper bound; {where}"
+        return f"{head}: **not established**: the audit has no upper bound; {where}"
     if numbers.get("target_achieved"):
         return (
-            f"target pi_theta(S) <= {eps}: **NOT reached**: the point estimate {_fmt(mean)} is below epsilon "
+            f"{head}: **{no}**: the point estimate {_fmt(mean)} is below epsilon "
             f"but its upper bound {_fmt(upper)} is not; {where}"
         )
-    return f"target pi_theta(S) <= {eps}: **NOT reached** (point estimate {_fmt(mean)}); {where}"
+    return f"{head}: **{no}** (point estimate {_fmt(mean)}); {where}"
 
 
-def audit_rows(numbers: dict[str, Any]) -> list[tuple[str, str, str, str]]:
-    """The audit table: ``(measure, base, unlearned, notes)`` rows, numbers as in the report."""
+def audit_rows(numbers: dict[str, Any], method: str = ETU_METHOD) -> list[tuple[str, str, str, str]]:
+    """The audit table: ``(measure, base, unlearned, notes)`` rows, numbers as in the report. For a method
+    other than ETU, epsilon is called the reference and delta names ETU's target (it is the KL to the tilted
+    target of the run's epsilon, which that method does not fit)."""
     eps = numbers.get("epsilon")
+    etu = method == ETU_METHOD
     rows = [
         (
             "held-out forget mass on V_S",
             _fmt(numbers.get("base_p_S")),
             _fmt(numbers.get("updated_p_S")),
-            f"target <= {_fmt(eps, 'g')}",
+            f"{'target' if etu else 'reference'} <= {_fmt(eps, 'g')}",
         ),
         (
             "upper bound (sequence-level, 95%)",
@@ -119,7 +171,11 @@ def audit_rows(numbers: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     ]
     if numbers.get("delta") is not None:
         notes = f"Pinsker bound {_fmt(numbers['pinsker_bound'])}" if numbers.get("pinsker_bound") is not None else ""
-        rows.append(("delta = KL(model ‖ target)", "", _fmt(numbers.get("delta")), notes))
+        if etu:
+            rows.append(("delta = KL(model ‖ target)", "", _fmt(numbers.get("delta")), notes))
+        else:
+            notes = "ETU's target at epsilon, not this method's" + (f"; {notes}" if notes else "")
+            rows.append(("delta = KL(model ‖ ETU target)", "", _fmt(numbers.get("delta")), notes))
     if numbers.get("base_perplexity") is not None or numbers.get("updated_perplexity") is not None:
         rows.append(
             (
@@ -168,6 +224,7 @@ def _vs_lines(forbidden: dict[str, Any], max_tokens: int = 20) -> list[str]:
 
 
 def _settings_rows(run: RunFiles) -> list[tuple[str, str]]:
+    """ETU's settings: epsilon, the lambda mode, the closed-form lambda, p_S, the controller and its offset."""
     m, a = run.metrics, run.args
     lam = m.get("lambda") or {}
     mode = lam.get("mode", a.get("lambda_mode"))
@@ -190,7 +247,12 @@ def _settings_rows(run: RunFiles) -> list[tuple[str, str]]:
         rows.append(("lambda clamp", _fmt(a.get("lambda_max"), "g")))
     if a.get("retain_weight") is not None:
         rows.append(("retain weight", _fmt(a.get("retain_weight"), "g")))
-    rows.append(("optimiser steps", _fmt(m.get("steps"), "d") if isinstance(m.get("steps"), int) else "n/a"))
+    return rows + _budget_rows(run)
+
+
+def _budget_rows(run: RunFiles) -> list[tuple[str, str]]:
+    steps = run.metrics.get("steps")
+    rows = [("optimiser steps", _fmt(steps, "d") if isinstance(steps, int) else "n/a")]
     if run.is_adapter:
         cfg = run.adapter_config or {}
         rows.append(
@@ -200,6 +262,39 @@ def _settings_rows(run: RunFiles) -> list[tuple[str, str]]:
             )
         )
     return rows
+
+
+def _retain_term(run: RunFiles, method: str) -> str:
+    """The retain term of a baseline in words: ``retain_weight`` times ``KL(pi_base || pi_theta)`` (``kl``) or the
+    retain NLL (``nll``) on paired retain text; none for GA, with weight 0, or without retain data."""
+    a = run.args
+    if method in NO_RETAIN_TERM:
+        return f"none (`{method}` has none; the retain data only sets V_S's PMI background)"
+    weight = a.get("retain_weight")
+    if weight == 0:
+        return "off (`retain_weight` 0)"
+    if "retain_corpora" in a and not a.get("retain_corpora"):
+        return "none (no retain data)"
+    kind = {"kl": "`kl`: KL(pi_base ‖ pi_theta)", "nll": "`nll`: the NLL"}.get(a.get("retain_loss_type"), "")
+    if weight is None:
+        return f"{kind} on retain text" if kind else "n/a"
+    return f"{_fmt(weight, 'g')} x {kind} on retain text" if kind else f"weight {_fmt(weight, 'g')}"
+
+
+def _baseline_rows(run: RunFiles, method: str) -> list[tuple[str, str]]:
+    """A baseline's settings: the method and its forget term, its own hyperparameters (args.json), its retain
+    term, the mass on V_S it reached in training, and epsilon as what it is for it: the audit's reference."""
+    m, a = run.metrics, run.args
+    name, loss, hyper = BASELINE_METHODS.get(method, (f"`{method}`", "n/a", ()))
+    rows = [("method", f"`{method}`: {name}"), ("forget term", loss)]
+    rows += [(label, _fmt(a.get(key), "g")) for key, label in hyper]
+    rows.append(("retain term", _retain_term(run, method)))
+    final = (m.get("method_metrics") or {}).get("final") or {}
+    rows.append(("mean forget-token NLL, last logging window (training data)", _fmt(final.get(f"{method}/forget_nll"))))
+    rows.append(("mean mass on V_S, last logging window (training data)", _fmt(m.get("final_training_pi_s"))))
+    rows.append(("base mass p_S on the training forget data", _fmt(m.get("base_p_S"))))
+    rows.append(("audit reference epsilon (not trained toward)", _fmt(m.get("epsilon", a.get("epsilon")), "g")))
+    return rows + _budget_rows(run)
 
 
 def _versions() -> str:
@@ -248,9 +343,30 @@ def _loading_snippet(run: RunFiles, base: str | None, where: str) -> str:
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """A markdown table; a ``|`` in a cell (a formula's ``pi(y|x)``) is escaped, as GFM tables need even in code."""
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
     return lines
+
+
+def _intro(kind: str, base_text: str | None, method: str, eps: Any) -> str:
+    """The card's first paragraph: what the model is, from what, and what its training aimed at."""
+    source = f" from {base_text}." if base_text else "."
+    if method == ETU_METHOD:
+        return (
+            f"This is {kind} trained with etu-hf's Exponential-Tilted Unlearning (ETU){source} At contexts like its "
+            f"forget data it puts at most epsilon = {_fmt(eps, 'g')} probability on a forbidden token set V_S, and "
+            "elsewhere stays as close as possible to the base model: its target is the base model exponentially "
+            "tilted away from V_S, `q(y|x) ∝ pi_base(y|x) · exp(-lambda · 1[y ∈ V_S])`."
+        )
+    name, loss, _ = BASELINE_METHODS.get(method, (f"`{method}`", "", ()))
+    return (
+        f"This is {kind} trained with the unlearning baseline {name} (`etu-hf unlearn --method {method}`){source}"
+        + (f" Its forget term: {loss}." if loss else "")
+        + " It was not trained toward ETU's target (at most epsilon probability on a forbidden token set V_S): "
+        f"etu-hf builds V_S and audits every method on it, so the audit below measures this model's mass on V_S "
+        f"against epsilon = {_fmt(eps, 'g')} as a reference shared with ETU runs, not as a goal of this method."
+    )
 
 
 def build_model_card(
@@ -282,6 +398,7 @@ def build_model_card(
         A :class:`huggingface_hub.ModelCard`; ``card.save(path)`` writes it, ``str(card)`` is the text.
     """
     run = read_run(run_dir)
+    method = run_method(run)
     base = base_model_name(run, base_model)
     base_id = base if is_hub_id(base) else None
     folder_name = os.path.basename(os.path.normpath(os.path.abspath(run_dir)))
@@ -304,6 +421,8 @@ def build_model_card(
         peft_type = (run.adapter_config or {}).get("peft_type")
         if isinstance(peft_type, str):
             all_tags.append(peft_type.lower())
+    if method != ETU_METHOD:
+        all_tags.append(method)  # as the baseline trainers tag their models and hub commits
     all_tags += list(tags or [])
     card_data = ModelCardData(
         base_model=base_id,
@@ -326,14 +445,7 @@ def build_model_card(
         base_text = f"`{os.path.basename(os.path.normpath(base))}` (a local folder)"
     else:
         base_text = None
-    intro = f"This is {kind} trained with etu-hf's Exponential-Tilted Unlearning"
-    intro += f" (ETU) from {base_text}." if base_text else " (ETU)."
-    eps = run.metrics.get("epsilon")
-    intro += (
-        f" At contexts like its forget data it puts at most epsilon = {_fmt(eps, 'g')} probability on a forbidden "
-        "token set V_S, and elsewhere stays as close as possible to the base model: its target is the base model "
-        "exponentially tilted away from V_S, `q(y|x) ∝ pi_base(y|x) · exp(-lambda · 1[y ∈ V_S])`."
-    )
+    intro = _intro(kind, base_text, method, run.metrics.get("epsilon"))
     body += [intro, "", "## What was unlearned", ""]
     if user_datasets and not forget:
         body.append("- **Data**: " + ", ".join(f"`{d}`" for d in user_datasets))
@@ -345,8 +457,12 @@ def build_model_card(
         body.append("- **Forget data**: not recorded in this run folder")
     body += _vs_lines(run.forbidden)
 
-    body += ["", "## ETU settings", ""]
-    body += _table(("setting", "value"), _settings_rows(run))
+    if method == ETU_METHOD:
+        body += ["", "## ETU settings", ""]
+        body += _table(("setting", "value"), _settings_rows(run))
+    else:
+        body += ["", "## Method settings", ""]
+        body += _table(("setting", "value"), _baseline_rows(run, method))
 
     body += ["", "## Audit on held-out data", ""]
     numbers = audit_numbers(run)
@@ -356,13 +472,14 @@ def build_model_card(
             "V_S, its sequence-level upper bound and the retain perplexity."
         )
     else:
-        body += [verdict(numbers), ""]
-        body += _table(("measure", "base", "unlearned", "notes"), audit_rows(numbers))
+        body += [verdict(numbers, method), ""]
+        body += _table(("measure", "base", "unlearned", "notes"), audit_rows(numbers, method))
+        bound = "the target counts as reached" if method == ETU_METHOD else "the reference bound counts as met"
         body += [
             "",
             "Masses are means over the scored positions of held-out forget text never trained on; the upper bound "
-            "is a one-sided 95% bound with the sequence as the unit, and the target counts as reached only when "
-            "it is at most epsilon. Perplexity is on held-out retain text.",
+            f"is a one-sided 95% bound with the sequence as the unit, and {bound} only when it is at most epsilon. "
+            "Perplexity is on held-out retain text.",
         ]
         if run.has_file(REPORT_FILE):
             body.append("")

@@ -205,6 +205,7 @@ class BaselineTrainer(ETUTrainer):
     method_name: ClassVar[str]
     #: True: the forget term is a mean over forget sequences (ScoredCounts.sequences), else over positions.
     per_sequence: ClassVar[bool] = False
+    fits_tilted_target: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -73,9 +73,15 @@ def check_datasets(train: Any, retain: Any, heldout: Any, evaluation: Any) -> No
         check_token_dataset(dataset, name)
 
 
-def choose_base(model: nn.Module, ref_model: nn.Module | None, args: ETUTrainingArguments) -> BaseDistribution:
+def choose_base(
+    model: nn.Module, ref_model: nn.Module | None, args: ETUTrainingArguments, *, tilted_target: bool = True
+) -> BaseDistribution:
     """The base distribution: ``ref_model`` when given; the PEFT model with adapters disabled (no copy);
-    else a frozen copy of ``model`` taken now (on CPU with ``frozen_on_cpu``)."""
+    else a frozen copy of ``model`` taken now (on CPU with ``frozen_on_cpu``).
+
+    ``tilted_target``: the run trains toward ETU's tilted target (``ETUTrainer.fits_tilted_target``), so
+    an adapter that leaves the output head frozen gets a warning; the baselines (docs/baselines.md) have no
+    mass bound to reach and are commonly trained with adapters on the layers alone."""
     device = "cpu" if args.frozen_on_cpu else args.device
     if ref_model is not None:
         check_causal_lm(ref_model)
@@ -83,11 +89,11 @@ def choose_base(model: nn.Module, ref_model: nn.Module | None, args: ETUTraining
             raise ValueError("ref_model has a different vocabulary size than model")
         return FrozenCopyBase(ref_model, device=device, copy_model=False)
     if is_peft_model(model):
-        if not output_head_trainable(unwrap_model(model)):
+        if tilted_target and not output_head_trainable(unwrap_model(model)):
             logger.warning(
-                "the adapter leaves the output head (%s) frozen: the tilted target lowers the logits of V_S by a "
-                "context-dependent amount, which adapters on the transformer layers alone generally cannot fit "
-                "(held-out mass then stays above epsilon). Add it to the LoRA target_modules (e.g. "
+                "the adapter leaves the output head (%s) frozen: ETU's tilted target lowers the logits of V_S, "
+                "against every other token, by lambda(x), which adapters on the transformer layers alone generally "
+                "cannot fit (held-out mass then stays above epsilon). Add it to the LoRA target_modules (e.g. "
                 "target_modules=['q_proj', ..., 'lm_head'], or --lora_target_modules all-linear,lm_head).",
                 output_head_name(unwrap_model(model)),
             )

@@ -104,6 +104,8 @@ class ETUTrainer(RunRecords, Trainer):
     # compute_loss divides by the scored positions of the whole accumulated batch (see ScoredCounts),
     # so the Trainer must not divide by the accumulation steps again.
     loss_is_scaled_for_ga = True
+    #: Trains toward ETU's tilted target (False for the baselines): decides the frozen-head warning.
+    fits_tilted_target: ClassVar[bool] = True
     _tag_names: ClassVar[list[str]] = ["etu-hf", "unlearning"]
     #: Whether the method has a retain term: without one, retain data only sets V_S's PMI background and is
     #: not paired with the forget data (a baseline such as gradient ascent sets it False).
@@ -164,7 +166,7 @@ class ETUTrainer(RunRecords, Trainer):
             self.train_dataset = ForgetRetainDataset(train_dataset, retain_dataset, seed=a.data_seed or a.seed)
         self.data_collator = ForgetRetainCollator(self.data_collator)
         self._refusal_ids = refusal_ids(a, processing_class, self.pairs_retain, train_dataset)
-        self.base = choose_base(self.model, ref_model, a)
+        self.base = choose_base(self.model, ref_model, a, tilted_target=self.fits_tilted_target)
         fs = forbidden_set_for_run(
             forbidden_set, a, self.vocab_size, train_dataset, retain_dataset, self._user_collator, processing_class
         )
