@@ -12,6 +12,10 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
+#: Paths of bitsandbytes' import-time kernel lookup (see :meth:`HubStandIn.hub_requests`).
+KERNEL_LOOKUP = ("/api/organizations/kernels-community/", "/api/models/kernels-community/", "/api/kernels/")
+
+
 class _Handler(BaseHTTPRequestHandler):
     server: HubStandIn
 
@@ -90,6 +94,15 @@ class HubStandIn(ThreadingHTTPServer):
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def hub_requests(self) -> list[tuple[str, str, dict]]:
+        """The requests but bitsandbytes' kernel lookup.
+
+        On CPUs with AVX512-BF16, ``import bitsandbytes`` (which ``import peft`` does when bitsandbytes is
+        installed) asks the Hub for its ``kernels-community/...`` CPU kernel through the ``kernels`` package
+        (a dependency of transformers since 5.25): a GET of ``/api/organizations/kernels-community/...``
+        that no etu-hf code makes and that fails with a warning when there is no network."""
+        return [r for r in self.requests if not r[1].startswith(KERNEL_LOOKUP)]
 
     def __enter__(self) -> HubStandIn:
         self._thread.start()

@@ -281,7 +281,7 @@ def test_bad_input_is_refused_before_any_request(audited_run, tmp_path):
         folders = dict(RUN=audited_run, MISSING=tmp_path / "missing", NOT_A_RUN=not_a_run, NO_MODEL=no_model)
         head = "".join(f"{k}={str(v)!r}; " for k, v in {**folders, "LEAKY": leaky}.items())
         done = run_script(f"{head}REPO={REPO!r}; TOKEN={TOKEN!r}\n" + BAD_INPUT, hub_env(hub, tmp_path, None))
-        requests = list(hub.requests)
+        requests = hub.hub_requests()
     result = json.loads(done.stdout.split("RESULT ", 1)[1])
     expected = {
         "bad_repo_id": "invalid repo id",
@@ -320,7 +320,7 @@ def test_push_command_publishes_the_run_and_refuses_bad_input_with_exit_2(audite
         env = hub_env(hub, tmp_path, None)  # no HF_TOKEN, no login
         argv = [sys.executable, "-m", "etu_hf", "push", "--output_dir", str(audited_run), "--repo_id", REPO]
         refused = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
-        assert hub.requests == []
+        assert hub.hub_requests() == []
         done = subprocess.run(
             [*argv, "--hub_token", TOKEN, "--private", "--commit_message", "from the CLI", "--tags", "cli"],
             capture_output=True,
@@ -355,7 +355,7 @@ def test_unlearn_push_to_hub_pushes_once_after_the_audit(tmp_path):
     with ServingHub() as hub:
         env = hub_env(hub, tmp_path, None)
         refused = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
-        assert hub.requests == [] and not (tmp_path / "run").exists()
+        assert hub.hub_requests() == [] and not (tmp_path / "run").exists()
         done = subprocess.run([*argv, "--hub_token", TOKEN], capture_output=True, text=True, env=env, timeout=600)
         uploads = dict(hub.uploads)
         requests = list(hub.requests)
