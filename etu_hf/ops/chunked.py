@@ -12,10 +12,18 @@ gradients are needed, the checkpointing); the maths of one chunk lives in pure f
 
 Inputs are flattened positions ``[N, D]``: either logits (``D = |V|``) or hidden states with a ``head``
 callable that maps a chunk of hidden states to logits (the model's ``lm_head``). Positions are processed
-``chunk_size`` at a time (``None`` or 0: one chunk; default :data:`DEFAULT_CHUNK_SIZE`); when there is more
-than one chunk and gradients are needed, each chunk runs under
-:func:`torch.utils.checkpoint.checkpoint`, so no float32 ``[N, |V|]`` tensor beyond one chunk is alive in
-the forward or the backward pass. Value and gradient equal those of the unchunked computation (tested).
+``chunk_size`` at a time (default :data:`DEFAULT_CHUNK_SIZE`):
+
+- ``chunk_size`` > 0: :func:`tilted_kl_loss`, :func:`chunked_nll`, :func:`chunked_tilt_statistics` and
+  :func:`chunked_forbidden_mass` make the fused passes of :mod:`etu_hf.ops.fused` /
+  :mod:`etu_hf.ops.chunk_math`: one pass per chunk, the gradient through the head computed in the forward
+  (nothing is recomputed), no float32 ``[N, |V|]`` tensor beyond one chunk alive. Where those do not apply
+  (a differentiable ``targets`` output, a DeepSpeed ZeRO-3 head), each chunk runs the per-chunk functions
+  above under :func:`torch.utils.checkpoint.checkpoint` instead.
+- ``chunk_size`` ``None`` or 0: the per-chunk functions once over all rows with plain autograd (the naive
+  computation, the reference of the tests and of benchmarks/loss_memory.py).
+
+Value and gradient are the same either way (tested against float64 references).
 
 Positions carry weights ``w`` (1 for a scored position, 0 for padding or ``-100``); rows with ``w = 0``
 should have finite inputs (the trainer zeroes them) so that no NaN reaches the gradient. Formulas: see
@@ -31,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from etu_hf.ops.chunk_math import Workspace, forbidden_mass_rows, tilt_statistic_rows
+from etu_hf.ops.fused import fused_nll, fused_tilted_kl
 from etu_hf.ops.tilt import Tilt, forbidden_mass, resolve_lambdas, tilted_log_probs
 
 Head = Callable[[torch.Tensor], torch.Tensor]
@@ -254,7 +264,7 @@ def tilted_kl_loss(
             or a tensor (0-dim, or ``[N]``: one lambda per position). See
             :func:`~etu_hf.ops.tilt.resolve_lambdas`.
         weights: ``[N]`` position weights (default all 1).
-        chunk_size: positions per chunk (``None`` or 0: one chunk).
+        chunk_size: positions per chunk (> 0: the fused passes; ``None`` or 0: plain autograd in one piece).
         normalizer: ``Z`` (default ``sum_i w_i``, i.e. the mean over scored positions). The trainer
             passes the number of scored positions of the whole accumulated batch so that gradient
             accumulation gives the gradient of one large batch.
@@ -267,6 +277,11 @@ def tilted_kl_loss(
     if weights is None:
         weights = _ones(student.shape[0], student)
     per_pos = isinstance(tilt, torch.Tensor) and tilt.dim() > 0
+    fused = None
+    if chunk_size:
+        step = max(chunk_rows(student.shape[0], chunk_size), 1)
+        heads = {"student_head": student_head, "base_head": base_head}
+        fused = fused_tilted_kl(student, base, forbidden_ids, tilt, weights, **heads, step=step, targets=targets)
 
     def chunk(s, b, w, lam_c, y) -> ChunkResult:
         with torch.no_grad():
@@ -287,23 +302,25 @@ def tilted_kl_loss(
             lp_b = torch.log_softmax(t.base_logits, -1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
         return ChunkResult((t.kl * w).sum(), sums, mins, maxs, (lp_s, lp_b))
 
-    out = run_chunks(chunk, [student, base, weights, tilt if per_pos else None, targets], chunk_size)
-    sums = out.sums
+    if fused is None:
+        out = run_chunks(chunk, [student, base, weights, tilt if per_pos else None, targets], chunk_size)
+        fused = (out.loss, out.sums, out.mins[0], out.maxs[0], *out.rows)
+    loss, sums, lambda_min, lambda_max, lp_s, lp_b = fused
     if normalizer is None:
         normalizer = sums[1].clamp_min(1.0)
     return TiltedKLOutput(
-        loss=out.loss / normalizer,
+        loss=loss / normalizer,
         kl_sum=sums[0],
         weight_sum=sums[1],
         lambda_sum=sums[2],
-        lambda_min=out.mins[0],
-        lambda_max=out.maxs[0],
+        lambda_min=lambda_min,
+        lambda_max=lambda_max,
         student_mass_sum=sums[3],
         target_mass_sum=sums[4],
         base_mass_sum=sums[5],
         clamped_sum=sums[6],
-        student_target_logps=out.rows[0],
-        base_target_logps=out.rows[1],
+        student_target_logps=lp_s,
+        base_target_logps=lp_b,
     )
 
 
@@ -332,6 +349,12 @@ def chunked_nll(
     """
     if weights is None:
         weights = _ones(student.shape[0], student)
+    if chunk_size and student_head is not None:
+        fused = fused_nll(student, targets, weights, student_head, max(chunk_rows(student.shape[0], chunk_size), 1))
+        if fused is not None:
+            loss, sums = fused
+            normalizer = sums[1].clamp_min(1.0) if normalizer is None else normalizer
+            return NLLOutput(loss=loss / normalizer, nll_sum=sums[0], weight_sum=sums[1])
 
     def chunk(s: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> ChunkResult:
         nll = nll_terms(_logits(s, student_head), y.to(s.device))
@@ -355,8 +378,13 @@ def chunked_forbidden_mass(
 ) -> torch.Tensor:
     r""":math:`\pi(S|x_i)` at every row of ``states`` ``[N, D]`` (logits, or hidden states with ``head``): ``[N]``."""
 
+    ws = Workspace()
+
     def chunk(s: torch.Tensor) -> ChunkResult:
-        return ChunkResult(rows=(forbidden_mass(_logits(s, head, forbidden_ids.device), forbidden_ids),))
+        z = _logits(s, head, forbidden_ids.device)
+        return ChunkResult(
+            rows=(forbidden_mass_rows(z, forbidden_ids, ws) if chunk_size else forbidden_mass(z, forbidden_ids),)
+        )
 
     return run_chunks(chunk, [states], chunk_size).rows[0]
 
@@ -377,9 +405,14 @@ def chunked_tilt_statistics(
     tensor has shape ``[N]``."""
     per_pos = isinstance(tilt, torch.Tensor) and tilt.dim() > 0
 
+    ws = Workspace()
+
     def chunk(s, b, lam_c) -> ChunkResult:
         zs = _logits(s, student_head)
         zb = _logits(b, base_head, zs.device)
-        return ChunkResult(rows=(tilt_statistic_terms(zs, zb, forbidden_ids, lam_c if per_pos else tilt),))
+        lam = lam_c if per_pos else tilt
+        if chunk_size:  # the fused passes (zb is this chunk's own copy unless the base states are logits)
+            return ChunkResult(rows=(tilt_statistic_rows(zs, zb, forbidden_ids, lam, ws, base_head is not None),))
+        return ChunkResult(rows=(tilt_statistic_terms(zs, zb, forbidden_ids, lam),))
 
     return run_chunks(chunk, [student, base, tilt if per_pos else None], chunk_size).rows[0]

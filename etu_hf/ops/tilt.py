@@ -138,6 +138,7 @@ def per_position_lambda(
     allow_negative: bool = False,
     offset: float | torch.Tensor = 0.0,
     return_clamped: bool = False,
+    logit_mass: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     r"""Exact per-context tilt: :math:`\lambda(x) = \max(0, \mathrm{logit}(p(x)) - \mathrm{logit}(\varepsilon) + o)`.
 
@@ -149,11 +150,15 @@ def per_position_lambda(
     ``logit(p(x))`` comes from :func:`base_logit_mass` (exact, no probability clip).
 
     With ``return_clamped`` also returns a bool tensor: where the ``lambda_max`` clamp binds (the
-    target then misses ``epsilon'`` at that context).
+    target then misses ``epsilon'`` at that context). ``logit_mass``: :math:`\mathrm{logit}(p(x))` when the
+    caller has it already (the fused loss computes it in its own pass over the logits); ``base_logits``
+    then only give the shape.
     """
     if not 0.0 < epsilon < 1.0:
         raise ValueError(f"epsilon must be in (0, 1), got {epsilon}")
-    raw = base_logit_mass(base_logits, forbidden_ids) - _logit(epsilon)
+    if logit_mass is None:
+        logit_mass = base_logit_mass(base_logits, forbidden_ids)
+    raw = logit_mass - _logit(epsilon)
     if isinstance(offset, torch.Tensor) or offset != 0.0:
         raw = raw + offset
     lower, upper = lambda_bounds(lambda_max, allow_negative)
@@ -232,11 +237,16 @@ class TiltSpec:
         }
 
     def lambdas(
-        self, base_logits: torch.Tensor, forbidden_ids: torch.Tensor, return_clamped: bool = False
+        self,
+        base_logits: torch.Tensor,
+        forbidden_ids: torch.Tensor,
+        return_clamped: bool = False,
+        logit_mass: torch.Tensor | None = None,
     ) -> torch.Tensor | float | tuple[torch.Tensor | float, torch.Tensor]:
-        """Lambda at every position of ``base_logits`` (a float in global mode).
+        r"""Lambda at every position of ``base_logits`` (a float in global mode).
 
         With ``return_clamped`` also a bool tensor of shape ``base_logits.shape[:-1]``: where a clamp binds.
+        ``logit_mass``: a precomputed :math:`\mathrm{logit}(p(x))` (see :func:`per_position_lambda`).
         """
         if self.mode == "global":
             lam = self.global_value()
@@ -251,6 +261,7 @@ class TiltSpec:
             self.allow_negative,
             self.offset,
             return_clamped=return_clamped,
+            logit_mass=logit_mass,
         )
 
 
@@ -260,7 +271,7 @@ Tilt = TiltSpec | float | torch.Tensor
 
 
 def resolve_lambdas(
-    tilt: Tilt, base_logits: torch.Tensor, forbidden_ids: torch.Tensor
+    tilt: Tilt, base_logits: torch.Tensor, forbidden_ids: torch.Tensor, *, logit_mass: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r"""The per-position lambdas of ``tilt`` at ``base_logits`` ``[..., V]`` and where a clamp binds.
 
@@ -268,12 +279,14 @@ def resolve_lambdas(
     in float32 (float64 for float64 logits), ``clamped`` a bool tensor. A :class:`TiltSpec` chooses
     lambda (:meth:`TiltSpec.lambdas`, clamps counted); a float or a 0-dim tensor is the same lambda at
     every position; a tensor of shape ``base_logits.shape[:-1]`` gives each position its own. A given
-    lambda is used as it is: nothing is clamped, so ``clamped`` is all False.
+    lambda is used as it is: nothing is clamped, so ``clamped`` is all False. ``logit_mass``: a precomputed
+    :math:`\mathrm{logit}(p(x))` of shape ``base_logits.shape[:-1]`` (the contents of ``base_logits`` are then
+    not read).
     """
     shape = base_logits.shape[:-1]
     dtype = _wide(base_logits.dtype)
     if isinstance(tilt, TiltSpec):
-        lam, clamped = tilt.lambdas(base_logits, forbidden_ids, return_clamped=True)
+        lam, clamped = tilt.lambdas(base_logits, forbidden_ids, return_clamped=True, logit_mass=logit_mass)
     elif isinstance(tilt, (int, float, torch.Tensor)) and not isinstance(tilt, bool):
         lam, clamped = tilt, torch.zeros(shape, dtype=torch.bool, device=base_logits.device)
     else:
