@@ -2,8 +2,8 @@ r"""The forbidden token set V_S: construction by frequency or PMI, span masking,
 
 See the README, "Flags" (V_S). Counts are taken over *scored* positions (see
 :func:`etu_hf.data.scored_positions`): the tokens the model is trained to predict, padding and
-``-100`` labels excluded. Counting is vectorised (``torch.bincount``); nothing loops over tokens in
-Python.
+``-100`` labels excluded. Counting is vectorised (``np.bincount``, see :mod:`etu_hf.data.token_counts`);
+nothing loops over tokens in Python.
 
 - frequency: drop tokens with count :math:`c_f > \max(1, \min(r N, \mathrm{cap}))` (very frequent,
   function-like tokens), keep the ``vocab_top_k`` most frequent of the rest.

@@ -1,7 +1,8 @@
 """Token counts over scored positions, the data V_S is built from (see :mod:`etu_hf.forbidden_set`).
 
-``count_scored_tokens`` counts the target token of every scored position (``torch.bincount``) and,
-for span masking, collects the (first piece, continuation piece) pairs of multi-piece words.
+``count_scored_tokens`` counts the target token of every scored position (one ``np.bincount`` per
+collated batch, or per group of plain id sequences) and, for span masking, collects the (first piece,
+continuation piece) pairs of multi-piece words.
 """
 
 from __future__ import annotations
@@ -90,6 +91,43 @@ def span_pairs(stream: np.ndarray, info: PieceInfo, n_max: int) -> np.ndarray:
     return np.unique(keys)
 
 
+#: Plain id sequences gathered before they are counted together (one ``np.bincount`` per group).
+_SEQUENCE_GROUP = 256
+
+
+def _check_ids(ids: np.ndarray, vocab_size: int, source: str, separators: int = 0) -> None:
+    """``ValueError`` naming ``source`` for an id outside ``[0, vocab_size)``; ``separators``: how many ``-1``
+    separators ``ids`` holds (any further ``-1`` is an id of the data, out of range)."""
+    if not ids.size:
+        return
+    hi, lo = int(ids.max()), int(ids.min())
+    bad = hi if hi >= vocab_size else lo if lo < -1 or (lo < 0 and not separators) else None
+    if bad is None and separators and int((ids == -1).sum()) != separators:
+        bad = -1
+    if bad is not None:
+        raise ValueError(
+            f"{source} holds token id {bad} outside the model's vocabulary of {vocab_size}: "
+            "the tokenizer does not match the model."
+        )
+
+
+def _batch_stream(item: Any) -> tuple[np.ndarray, np.ndarray]:
+    """A collated batch as ``(targets [B*(T-1)], stream)``: the targets with unscored positions 0 (see
+    :func:`~etu_hf.data.blocks.scored_positions`) and the span stream (scored targets, ``-1`` at unscored
+    positions and after every row)."""
+    batch = {k: v.cpu() for k, v in as_token_batch(item).items()}
+    mask, targets = scored_positions(batch["input_ids"], batch.get("attention_mask"), batch.get("labels"))
+    rows = torch.where(mask, targets, torch.full_like(targets, -1))
+    rows = torch.cat([rows, torch.full((rows.shape[0], 1), -1, dtype=rows.dtype)], dim=1)
+    return targets.reshape(-1).numpy(), rows.reshape(-1).numpy()
+
+
+def _sequence_stream(group: list[np.ndarray]) -> np.ndarray:
+    """Plain id sequences as one stream: every token after the first, ``-1`` after every sequence."""
+    sep = np.full(1, -1, dtype=np.int64)
+    return np.concatenate([part for seq in group for part in (seq[1:], sep)])
+
+
 def count_scored_tokens(
     batches: Iterable[Any],
     vocab_size: int,
@@ -97,24 +135,39 @@ def count_scored_tokens(
     span_ngram_max: int = 0,
     source: str = "forget data",
 ) -> TokenCounts:
-    """Count target tokens over scored positions (``torch.bincount``), and collect span pairs."""
-    counts = torch.zeros(vocab_size, dtype=torch.long)
+    """Count target tokens over scored positions, and collect span pairs.
+
+    ``counts[v]`` = the number of scored positions whose target is ``v``. Vectorised: one ``np.bincount``
+    per collated batch (weighted by the scored-position mask, so no boolean indexing) and one per group of
+    plain id sequences (:data:`_SEQUENCE_GROUP` sequences concatenated).
+    """
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    spans = piece_info is not None and span_ngram_max >= 2
     pairs: list[np.ndarray] = []
-    for item in batches:
-        batch = as_token_batch(item)
-        mask, targets = scored_positions(batch["input_ids"], batch.get("attention_mask"), batch.get("labels"))
-        ids = targets[mask].long()
-        if ids.numel() and (int(ids.max()) >= vocab_size or int(ids.min()) < 0):
-            raise ValueError(
-                f"{source} holds token id {int(ids.max())} outside the model's vocabulary of {vocab_size}: "
-                "the tokenizer does not match the model."
-            )
-        counts += torch.bincount(ids, minlength=vocab_size)
-        if piece_info is not None and span_ngram_max >= 2:
-            rows = torch.where(mask, targets, torch.full_like(targets, -1))
-            rows = torch.cat([rows, torch.full((rows.shape[0], 1), -1, dtype=rows.dtype)], dim=1)
-            stream = rows.reshape(-1).numpy()
+    group: list[np.ndarray] = []
+
+    def add_stream(stream: np.ndarray) -> None:
+        if spans:
             piece_info.ensure(stream[stream >= 0])
             pairs.append(span_pairs(stream, piece_info, span_ngram_max))
-    c = counts.numpy()
-    return TokenCounts(c, int(c.sum()), np.unique(np.concatenate(pairs)) if pairs else None)
+
+    def flush() -> None:
+        stream = _sequence_stream(group)
+        _check_ids(stream, vocab_size, source, separators=len(group))
+        group.clear()
+        counts[:] += np.bincount(stream + 1, minlength=vocab_size + 1)[1:]
+        add_stream(stream)
+
+    for item in batches:
+        if isinstance(item, Mapping):
+            targets, stream = _batch_stream(item)
+            _check_ids(targets, vocab_size, source)  # unscored positions hold 0, a valid id
+            counts += np.bincount(stream + 1, minlength=vocab_size + 1)[1:]
+            add_stream(stream)
+            continue
+        group.append(np.asarray(item, dtype=np.int64).reshape(-1))
+        if len(group) >= _SEQUENCE_GROUP:
+            flush()
+    if group:
+        flush()
+    return TokenCounts(counts, int(counts.sum()), np.unique(np.concatenate(pairs)) if pairs else None)
