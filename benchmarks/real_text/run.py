@@ -136,6 +136,15 @@ def independent_perplexity(cache: str, output_dir: str, run_args: dict, block_si
     }
 
 
+def run_measured(cmd: list[str], env: dict) -> tuple[int, float]:
+    """Run ``cmd`` and return its exit status and its peak resident memory in MiB (``ru_maxrss`` of that one
+    process, from ``os.wait4``; Linux reports KiB)."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, usage.ru_maxrss / 1024
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     extra: list[str] = []
@@ -172,11 +181,11 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
     git = git_commit()  # before the run: the package may change while it runs
     t0 = time.time()
-    proc = subprocess.run(cmd, cwd=REPO, env=env)
+    returncode, peak_rss_mb = run_measured(cmd, env)
     wall = time.time() - t0
-    if proc.returncode != 0:
-        log(f"etu-hf unlearn failed with exit status {proc.returncode} after {wall:.0f}s")
-        return proc.returncode
+    if returncode != 0:
+        log(f"etu-hf unlearn failed with exit status {returncode} after {wall:.0f}s")
+        return returncode
 
     def read(name: str) -> dict:
         path = os.path.join(output_dir, name)
@@ -245,6 +254,9 @@ def main(argv: list[str] | None = None) -> int:
         else None,
         "tokens_per_second_definition": "optimiser steps x per-device batch x gradient accumulation x block size "
         "(forget blocks; each is paired with a retain block) / training seconds from metrics.json",
+        "peak_rss_mb": round(peak_rss_mb, 1),
+        "peak_rss_definition": "peak resident set size of the `etu-hf unlearn` process (ru_maxrss from os.wait4), "
+        "MiB: model, data, training and audit",
         "metrics": {k: v for k, v in flat_metrics.items() if not isinstance(v, (list, dict))},
         "output_dir": output_dir,
     }
@@ -257,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         "steps": steps,
         "wall_seconds": record["wall_seconds"],
         "forget_tokens_per_second": record["forget_tokens_per_second"],
+        "peak_rss_mb": record["peak_rss_mb"],
     }
     print(json.dumps(summary, indent=1))
     log(f"appended to {args.results}")
