@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from etu_hf.data.blocks import ensure_pad_token, pad_token_id, scored_positions, tokenize_and_block
+from etu_hf.data.blocks import ensure_pad_token, iter_batches, pad_token_id, scored_positions, tokenize_and_block
 from etu_hf.data.corpus import load_corpus, parse_corpus_specs, split_documents
 from etu_hf.data.pairing import CORPUS_ID_COLUMN, ForgetRetainCollator, ForgetRetainDataset, split_forget_retain
 
@@ -161,3 +161,31 @@ def test_collator_collates_each_half():
     assert forget["input_ids"].shape == (2, 2) and retain["input_ids"].shape == (2, 3)
     plain = ForgetRetainCollator(default_data_collator)([{"input_ids": [1, 2]}])
     assert split_forget_retain(plain)[1] is None
+
+
+def test_iter_batches_reads_a_dataset_in_bulk_with_the_same_batches_as_row_by_row():
+    """A datasets.Dataset is read a batch at a time (numpy rows for the default collator); the batches equal
+    those of row-by-row reading of the same rows (a plain list of dicts), for the default and a user's
+    collator, over all rows and over chosen indices, with extra columns dropped."""
+    import datasets
+
+    rng = np.random.default_rng(0)
+    rows = [
+        {"input_ids": rng.integers(0, 50, 6).tolist(), "attention_mask": [1] * 6, "note": f"row {i}"} for i in range(11)
+    ]
+    for row in rows:
+        row["labels"] = list(row["input_ids"])
+    ds = datasets.Dataset.from_list(rows)
+
+    def collate(features):  # a user's collator that needs lists, as a padding collator gets them
+        assert all(isinstance(f["input_ids"], list) for f in features)
+        return {k: torch.tensor([f[k] for f in features]) for k in features[0]}
+
+    for collator in (None, collate):
+        for indices in (None, [7, 2, 9, 0]):
+            bulk = list(iter_batches(ds, collator, 4, indices))
+            naive = list(iter_batches(rows, collator, 4, indices))
+            assert len(bulk) == len(naive) == (3 if indices is None else 1)
+            for a, b in zip(bulk, naive, strict=True):
+                assert set(a) == set(b) == {"input_ids", "attention_mask", "labels"}
+                assert all(torch.equal(a[k], b[k]) for k in a)

@@ -148,8 +148,18 @@ def iter_batches(
 
     collate = collator or default_data_collator
     order = list(indices) if indices is not None else range(len(dataset))
+    columns = getattr(dataset, "column_names", None)
+    bulk = hasattr(dataset, "select_columns") and isinstance(columns, list)
+    if bulk:  # a datasets.Dataset: one read per batch (a column-wise slice), not one per row
+        dataset = dataset.select_columns([k for k in MODEL_KEYS if k in columns])
+        if collator is None:  # numpy rows: default_data_collator stacks them instead of parsing nested lists
+            dataset = dataset.with_format("numpy")
     for start in range(0, len(order), batch_size):
-        feats = [dataset[int(i)] for i in order[start : start + batch_size]]
-        feats = [{k: f[k] for k in MODEL_KEYS if k in f} for f in feats]
+        rows = [int(i) for i in order[start : start + batch_size]]
+        if bulk:
+            cols = dataset[rows]
+            feats = [{k: v[j] for k, v in cols.items()} for j in range(len(rows))]
+        else:
+            feats = [{k: f[k] for k in MODEL_KEYS if k in f} for f in (dataset[i] for i in rows)]
         batch = collate(feats)
         yield {k: batch[k] for k in MODEL_KEYS if k in batch}
