@@ -52,8 +52,23 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from step_regions import REGIONS, Regions, breakdown, instrument
 
 #: Model configurations: ``None`` is the demo model (etu_hf/demo/assets/tiny-llama, |V| = 2048); a number is the
-#: demo architecture (4 layers, hidden 128) with that vocabulary and random weights.
-CONFIGS = {"demo": None, "32k": 32000, "128k": 128256, "tiny": 256}
+#: demo architecture (4 layers, hidden 128) with that vocabulary and random weights, reshaped by :data:`SHAPES`.
+CONFIGS = {"demo": None, "32k": 32000, "128k": 128256, "tiny": 256, "0.5b": 128256}
+
+#: Architectures other than the demo's: "tiny" for the tests; "0.5b" a Llama-3-shaped model of 0.57B parameters
+#: (24 layers, hidden 1024, untied 128k-token head) for the GPU goal (ETU within 1.4x on a model >= 0.5B).
+SHAPES = {
+    "tiny": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, head_dim=8),
+    "0.5b": dict(
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=64,
+        max_position_embeddings=4096,
+    ),
+}
 
 
 #: ``lambda_update_freq`` of ETUTrainingArguments: the controller's cost is also given amortised over it.
@@ -135,8 +150,8 @@ def build_model(config: str, seed: int) -> torch.nn.Module:
         return AutoModelForCausalLM.from_pretrained(DEMO_MODEL_DIR)
     cfg = LlamaConfig.from_pretrained(DEMO_MODEL_DIR)
     cfg.vocab_size = CONFIGS[config]
-    if config == "tiny":
-        cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.head_dim = 32, 64, 2, 8
+    for key, value in SHAPES.get(config, {}).items():
+        setattr(cfg, key, value)
     torch.manual_seed(seed)
     return LlamaForCausalLM(cfg)
 
