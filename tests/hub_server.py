@@ -11,7 +11,6 @@ import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-
 #: Paths of bitsandbytes' import-time kernel lookup (see :meth:`HubStandIn.hub_requests`).
 KERNEL_LOOKUP = ("/api/organizations/kernels-community/", "/api/models/kernels-community/", "/api/kernels/")
 
