@@ -20,10 +20,8 @@ collating it (:func:`etu_hf.data.blocks.iter_batches`), on a tenth of the tokens
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
-import platform
 import statistics
 import sys
 import time
@@ -32,13 +30,8 @@ import warnings
 import numpy as np
 import torch
 
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    except OSError:
-        return platform.processor()
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_io import cpu_model, write_json
 
 
 def zipf_blocks(n_tokens: int, vocab: int, block_size: int, seed: int) -> np.ndarray:
@@ -145,9 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
         "rows": rows,
     }
     if opts.output:
-        os.makedirs(os.path.dirname(os.path.abspath(opts.output)), exist_ok=True)
-        with open(opts.output, "w") as f:
-            json.dump(out, f, indent=2)
+        write_json(opts.output, out)
     return out
 
 

@@ -17,12 +17,14 @@ that ran (both grow linearly in N; the row says ``extrapolated_from``).
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
 import tempfile
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_io import cpu_model, write_json
 
 #: float32 [N, V] tensors the naive loss holds at its peak (measured: 3509 MB at N = 4096, V = 32000).
 NAIVE_TENSORS = 7.2
@@ -101,14 +103,6 @@ def naive_row(n, h, v, max_gb):
     return row
 
 
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    except OSError:
-        return platform.processor()
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output", default=None, help="JSON file to write (default: print only)")
@@ -150,9 +144,7 @@ def main(argv=None):
             "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__},
             "rows": rows,
         }
-        os.makedirs(os.path.dirname(os.path.abspath(opts.output)), exist_ok=True)
-        with open(opts.output, "w") as f:
-            json.dump(out, f, indent=2)
+        write_json(opts.output, out)
     return rows
 
 

@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -49,6 +47,7 @@ from transformers import (
 from transformers.trainer_callback import PrinterCallback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_io import cpu_model, write_json
 from step_regions import REGIONS, Regions, breakdown, instrument
 
 #: Model configurations: ``None`` is the demo model (etu_hf/demo/assets/tiny-llama, |V| = 2048); a number is the
@@ -300,14 +299,8 @@ def run(opts) -> dict:
 def machine() -> dict:
     import transformers
 
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
     return {
-        "cpu": cpu,
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
@@ -381,9 +374,7 @@ def main(argv: list[str] | None = None) -> dict:
                     print(f"      {name} per step: {shares}", flush=True)
             out["machine"]["load_average_end"] = os.getloadavg()
             if opts.output:  # after every row: a long run that is stopped keeps what it measured
-                os.makedirs(os.path.dirname(os.path.abspath(opts.output)), exist_ok=True)
-                with open(opts.output, "w") as f:
-                    json.dump(out, f, indent=2)
+                write_json(opts.output, out)
     return out
 
 
