@@ -101,8 +101,12 @@ def _check_ids(ids: np.ndarray, vocab_size: int, source: str, separators: int = 
     if not ids.size:
         return
     hi, lo = int(ids.max()), int(ids.min())
-    bad = hi if hi >= vocab_size else lo if lo < -1 or (lo < 0 and not separators) else None
-    if bad is None and separators and int((ids == -1).sum()) != separators:
+    bad = None
+    if hi >= vocab_size:
+        bad = hi
+    elif lo < (-1 if separators else 0):
+        bad = lo
+    elif separators and int((ids == -1).sum()) != separators:  # a -1 of the data, not a separator
         bad = -1
     if bad is not None:
         raise ValueError(
