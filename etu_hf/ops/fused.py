@@ -109,8 +109,7 @@ def fused_head_pass(
     leaves: list[torch.Tensor] | None = None
     grad_student = torch.zeros_like(student) if want_grad and student.requires_grad else None
     grad_leaves: list[torch.Tensor | None] = []
-    for start in range(0, max(n, 1), step):
-        rows = slice(start, start + step)
+    for rows in _slices(n, step):
         hc = student[rows].detach()
         z = None
         if want_grad:
@@ -165,8 +164,7 @@ class _LogitsTiltedKL(torch.autograd.Function):
         zs, zb, w, ids, lam, lse_s, lse_q = ctx.saved_tensors
         dtype = wide(zs, zb)
         grad = torch.empty_like(zs)
-        for start in range(0, zs.shape[0], ctx.step):
-            r = slice(start, start + ctx.step)
+        for r in _slices(zs.shape[0], ctx.step):
             b = zb[r].to(dtype)
             q = torch.exp(b - lse_q[r].unsqueeze(-1))
             q.index_copy_(-1, ids, torch.exp(b.index_select(-1, ids) - (lam[r] + lse_q[r]).unsqueeze(-1)))
