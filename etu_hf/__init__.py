@@ -48,6 +48,7 @@ _EXPORTS = {
     "evaluate_perplexity": "etu_hf.evaluation.measures",
     "forbidden_mass": "etu_hf.ops.tilt",
     "load_unlearned": "etu_hf.hub.load",
+    "merge_adapter": "etu_hf.modeling.merge",
     "per_position_lambda": "etu_hf.ops.tilt",
     "tilted_kl_loss": "etu_hf.ops.chunked",
     "tilted_log_probs": "etu_hf.ops.tilt",
@@ -87,6 +88,7 @@ __all__ = [
     "forbidden_mass",
     "load_benchmark",
     "load_unlearned",
+    "merge_adapter",
     "per_position_lambda",
     "tilted_kl_loss",
     "tilted_log_probs",
@@ -116,6 +118,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs
     from etu_hf.forbidden_set import ForbiddenSet, build_forbidden_set
     from etu_hf.hub.load import load_unlearned
     from etu_hf.modeling.base import adapters_disabled
+    from etu_hf.modeling.merge import merge_adapter
     from etu_hf.ops.chunked import TiltedKLOutput, chunked_nll, tilted_kl_loss
     from etu_hf.ops.tilt import (
         TiltSpec,

@@ -104,6 +104,16 @@ def lora_config(
         kwargs["layers_to_transform"] = layer_ids
         if targets == "all-linear":  # PEFT needs names with layers_to_transform: the layers' linear modules
             targets = sorted({n.split(".")[-1] for layer in layers for n, m in layer.named_modules() if _is_linear(m)})
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head_names = {n.split(".")[-1] for n, m in model.named_modules() if m is head and n}
+    if head_names & set(targets if isinstance(targets, list) else []) and getattr(
+        model.config.get_text_config(), "tie_word_embeddings", False
+    ):
+        logger.info(
+            "the output head is tied to the input embeddings: its LoRA changes the output projection only (what the "
+            "tilted target needs); merge with etu_hf.merge_adapter, which unties first (PEFT's merge_and_unload "
+            "would change the input embeddings too: docs/real_model.md)"
+        )
     return LoraConfig(
         r=r,
         lora_alpha=alpha,
