@@ -12,7 +12,7 @@ import torch
 
 from etu_hf.demo import DEMO_MODEL_DIR
 
-gguf = pytest.importorskip("gguf")
+import gguf  # the test extra installs it
 
 HIDDEN, LAYERS, HEADS, FFN = 32, 2, 4, 64
 
