@@ -6,13 +6,12 @@ import json
 import os
 import zipfile
 
+import gguf  # the test extra installs it
 import numpy as np
 import pytest
 import torch
 
 from etu_hf.demo import DEMO_MODEL_DIR
-
-import gguf  # the test extra installs it
 
 HIDDEN, LAYERS, HEADS, FFN = 32, 2, 4, 64
 
