@@ -31,10 +31,19 @@ def cmd(argv: Sequence[str]) -> int:
             f"--output_dir {args.output_dir!r} already holds COMPARE.json; nothing was written. Pass "
             "--overwrite_output_dir or choose another --output_dir."
         )
-    if args.benchmark != "builtin" and not os.path.isdir(args.benchmark):
-        raise FileNotFoundError(f"--benchmark {args.benchmark!r}: not 'builtin' and not a folder")
+    from etu_hf.benchmark.knowledge import BUILTIN_NAME as KNOWLEDGE_NAME
+
+    if args.benchmark not in ("builtin", KNOWLEDGE_NAME) and not os.path.isdir(args.benchmark):
+        raise FileNotFoundError(
+            f"--benchmark {args.benchmark!r}: not 'builtin', not '{KNOWLEDGE_NAME}' and not a folder"
+        )
     result = run_compare(args)
     print()
-    print(markdown_table(result))
+    if result.get("kind") == "knowledge":
+        from etu_hf.compare.knowledge import knowledge_table
+
+        print(knowledge_table(result))
+    else:
+        print(markdown_table(result))
     print(f"\nwritten: {os.path.abspath(os.path.join(args.output_dir, 'COMPARE.md'))} (and COMPARE.json, pareto.png)")
     return 0

@@ -34,7 +34,15 @@ class EvalArguments:
     benchmark: str = field(
         default="builtin",
         metadata={
-            "help": "'builtin' (the built-in benchmark and its models) or a folder of forget/retain/holdout files."
+            "help": "'builtin' (the built-in benchmark and its models), 'smollm2-knowledge' (real knowledge of "
+            "SmolLM2: probes and retain perplexity), or a folder (question/answer splits, or a knowledge benchmark)."
+        },
+    )
+    target: str | None = field(
+        default=None,
+        metadata={
+            "help": "Knowledge benchmarks: the target(s) whose probes are scored (a name, a comma list or 'all'; "
+            "default: the benchmark's first target)."
         },
     )
     model_name_or_path: str | None = field(
@@ -267,6 +275,14 @@ def cmd(argv: Sequence[str]) -> int:
             f"--output_dir {args.output_dir!r} already holds {EVAL_FILE}; nothing was written. Pass "
             "--overwrite_output_dir or choose another --output_dir."
         )
+    from etu_hf.benchmark.knowledge import is_knowledge_spec
+
+    if is_knowledge_spec(args.benchmark):
+        from etu_hf.commands.eval_knowledge import knowledge_eval
+
+        return knowledge_eval(args)
+    if args.target is not None:
+        raise ValueError("--target: only for knowledge benchmarks (e.g. --benchmark smollm2-knowledge)")
     src = resolve_sources(args)
     tokenizer = load_tokenizer(src.tokenizer, args.trust_remote_code)
     if src.retain:

@@ -194,8 +194,13 @@ def build_forbidden(cfg: CompareArguments, inputs: CompareInputs) -> Any:
 def run_compare(cfg: CompareArguments) -> dict[str, Any]:
     """Run the grid, evaluate every run, mark the Pareto front; writes COMPARE.json, COMPARE.md and
     pareto.png into ``cfg.output_dir`` and returns the COMPARE.json content."""
+    from etu_hf.benchmark.knowledge import is_knowledge_spec
     from etu_hf.compare.report import goal_checks, write_outputs
 
+    if is_knowledge_spec(cfg.benchmark):
+        from etu_hf.compare.knowledge import run_knowledge_compare
+
+        return run_knowledge_compare(cfg)
     inputs = CompareInputs(cfg)  # every refusal comes before anything is written
     os.makedirs(cfg.output_dir, exist_ok=True)
     forbidden_set = build_forbidden(cfg, inputs)

@@ -48,7 +48,23 @@ class CompareArguments:
     """
 
     output_dir: str = field(metadata={"help": "Where COMPARE.json, COMPARE.md, pareto.png and every run go."})
-    benchmark: str = field(default="builtin", metadata={"help": "'builtin' or a benchmark folder."})
+    benchmark: str = field(
+        default="builtin",
+        metadata={
+            "help": "'builtin' (question/answer), 'smollm2-knowledge' (real knowledge of SmolLM2) or a benchmark "
+            "folder."
+        },
+    )
+    target: str | None = field(
+        default=None,
+        metadata={
+            "help": "Knowledge benchmarks: the target(s) to unlearn (a name, a comma list, or 'all'; default: the "
+            "benchmark's first target)."
+        },
+    )
+    block_size: int = field(
+        default=128, metadata={"help": "Knowledge benchmarks: tokens per training block of forget/retain text."}
+    )
     model_name_or_path: str | None = field(default=None, metadata={"help": "Default (builtin): its target model."})
     retain_model: str | None = field(default=None, metadata={"help": "Default (builtin): its retain model."})
     methods: str = field(default=",".join(KNOWN_METHODS), metadata={"help": "Comma list of methods to run."})
@@ -90,6 +106,8 @@ class CompareArguments:
         ):
             if value < 1:
                 raise ValueError(f"{flag}: must be >= 1 (got {value})")
+        if self.block_size < 2:
+            raise ValueError(f"--block_size: must be >= 2 (got {self.block_size})")
         if self.relearn_steps < 0:
             raise ValueError(f"--relearn_steps: must be >= 0 (got {self.relearn_steps})")
         if not 0 < self.relearn_fraction <= 1:
