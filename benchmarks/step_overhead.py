@@ -52,7 +52,10 @@ from step_regions import REGIONS, Regions, breakdown, instrument
 
 #: Model configurations: ``None`` is the demo model (etu_hf/demo/assets/tiny-llama, |V| = 2048); a number is the
 #: demo architecture (4 layers, hidden 128) with that vocabulary and random weights, reshaped by :data:`SHAPES`.
-CONFIGS = {"demo": None, "32k": 32000, "128k": 128256, "tiny": 256, "0.5b": 128256}
+CONFIGS = {"demo": None, "32k": 32000, "128k": 128256, "tiny": 256, "0.5b": 128256, "smollm2": "smollm2"}
+#: "smollm2": the real SmolLM2-135M-Instruct (30 layers, hidden 576, |V| 49,152, tied head), from the cache
+#: of ``python -m etu_hf.modeling.smollm2`` (fetched there if missing), on real text: the smollm2-knowledge
+#: benchmark's first target (forget) and its retain text; V_S is built by ETUTrainer (PMI defaults).
 
 #: Architectures other than the demo's: "tiny" for the tests; "0.5b" a Llama-3-shaped model of 0.57B parameters
 #: (24 layers, hidden 1024, untied 128k-token head) for the GPU goal (ETU within 1.4x on a model >= 0.5B).
@@ -147,6 +150,10 @@ def build_model(config: str, seed: int) -> torch.nn.Module:
 
     if CONFIGS[config] is None:
         return AutoModelForCausalLM.from_pretrained(DEMO_MODEL_DIR)
+    if config == "smollm2":
+        from etu_hf.modeling.smollm2 import get_smollm2
+
+        return AutoModelForCausalLM.from_pretrained(get_smollm2(), dtype=torch.float32)
     cfg = LlamaConfig.from_pretrained(DEMO_MODEL_DIR)
     cfg.vocab_size = CONFIGS[config]
     for key, value in SHAPES.get(config, {}).items():
@@ -169,6 +176,17 @@ def blocks(config: str, n_blocks: int, seq_len: int, seed: int, retain: bool):
         docs = (retain_documents if retain else forget_documents)(4 * n_blocks, seed=seed)
         ds = tokenize_and_block(docs, tok, seq_len)
         return ds.select(range(min(n_blocks, len(ds)))), tok
+    if config == "smollm2":
+        from etu_hf.benchmark.knowledge import BUILTIN_NAME, load_knowledge_benchmark
+        from etu_hf.modeling.smollm2 import get_smollm2
+
+        tok = AutoTokenizer.from_pretrained(get_smollm2())
+        bench = load_knowledge_benchmark(BUILTIN_NAME)
+        docs = bench.retain if retain else bench.forget_texts(bench.targets)
+        ds = tokenize_and_block(docs, tok, seq_len)
+        if len(ds) < n_blocks:
+            raise ValueError(f"--config smollm2: {len(ds)} blocks of {seq_len} tokens, {n_blocks} needed")
+        return ds.select(range(n_blocks)), tok
     g = torch.Generator().manual_seed(seed + (1 if retain else 0))
     ids = torch.randint(0, CONFIGS[config], (n_blocks, seq_len), generator=g).tolist()
     mask = [[1] * seq_len for _ in range(n_blocks)]
@@ -213,7 +231,8 @@ def make_trainers(opts, out_dir: str):
         train_dataset=plain_data,
     )
     vocab = model.config.vocab_size
-    forbidden = None if CONFIGS[opts.config] is None else list(range(7, vocab, max(vocab // 300, 1)))
+    synthetic = isinstance(CONFIGS[opts.config], int)
+    forbidden = list(range(7, vocab, max(vocab // 300, 1))) if synthetic else None
     etu = ETUTrainer(
         model=get_peft_model(copy.deepcopy(model), cfg),
         args=ETUTrainingArguments(

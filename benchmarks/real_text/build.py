@@ -468,6 +468,35 @@ def pretrain(
 # ---------------------------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------------------------
+def collect_texts(settings: dict) -> dict:
+    """The forget/retain documents and their validation parts (and, under ``_parts``, the corpus and the
+    names of each side's kept and validation documents)."""
+    log(f"collecting docstrings (Python {platform.python_version()})")
+    corpus = build_corpus(settings["min_chars"])
+    forget_keep, forget_valid = split_valid(corpus["forget"], settings["valid_fraction"], settings["seed"])
+    retain_keep, retain_valid = split_valid(corpus["retain"], settings["valid_fraction"], settings["seed"] + 1)
+    return {
+        "forget": [corpus["forget"][n] for n in forget_keep],
+        "retain": [corpus["retain"][n] for n in retain_keep],
+        "valid_forget": [corpus["forget"][n] for n in forget_valid],
+        "valid_retain": [corpus["retain"][n] for n in retain_valid],
+        "_parts": (corpus, (forget_keep, forget_valid), (retain_keep, retain_valid)),
+    }
+
+
+def write_corpora(cache_dir: str, settings: dict | None = None) -> dict:
+    """Only the corpora (forget.txt, retain.txt and the validation files) in ``cache_dir``, for a run on a
+    model of the user's (no tokenizer training, no pretraining); returns the settings used."""
+    settings = {**SETTINGS, **(settings or {})}
+    texts = collect_texts(settings)
+    texts.pop("_parts")
+    os.makedirs(cache_dir, exist_ok=True)
+    for key, name in FILES.items():
+        if key in texts:
+            write_docs(os.path.join(cache_dir, name), texts[key])
+    return settings
+
+
 def build(cache_dir: str = DEFAULT_CACHE, force: bool = False, settings: dict | None = None) -> dict:
     """Build (or reuse) the benchmark case in ``cache_dir``; return its manifest."""
     set_cpu_env()
@@ -476,16 +505,8 @@ def build(cache_dir: str = DEFAULT_CACHE, force: bool = False, settings: dict | 
     torch.set_num_threads(2)
     settings = {**SETTINGS, **(settings or {})}
     t_start = time.time()
-    log(f"collecting docstrings (Python {platform.python_version()})")
-    corpus = build_corpus(settings["min_chars"])
-    forget_keep, forget_valid = split_valid(corpus["forget"], settings["valid_fraction"], settings["seed"])
-    retain_keep, retain_valid = split_valid(corpus["retain"], settings["valid_fraction"], settings["seed"] + 1)
-    texts = {
-        "forget": [corpus["forget"][n] for n in forget_keep],
-        "retain": [corpus["retain"][n] for n in retain_keep],
-        "valid_forget": [corpus["forget"][n] for n in forget_valid],
-        "valid_retain": [corpus["retain"][n] for n in retain_valid],
-    }
+    texts = collect_texts(settings)
+    corpus, (forget_keep, forget_valid), (retain_keep, retain_valid) = texts.pop("_parts")
     sha = {k: sha256_texts(v) for k, v in texts.items()}
     manifest_path = os.path.join(cache_dir, "manifest.json")
     wanted = {"settings": settings, "versions": versions(), "corpus_sha256": sha}

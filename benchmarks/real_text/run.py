@@ -97,7 +97,7 @@ def heldout_documents(docs: list[str], fraction: float, seed: int) -> list[str]:
     return [docs[i] for i in sorted(order[:n_held])]
 
 
-def independent_perplexity(cache: str, output_dir: str, run_args: dict, block_size: int) -> dict:
+def independent_perplexity(cache: str, output_dir: str, run_args: dict, block_size: int, model_dir: str) -> dict:
     """Retain perplexity of the base and of the unlearned model on the held-out retain documents, each
     with its own loss on ``block_size``-token blocks (build.block_perplexity), and their ratio."""
     import torch
@@ -107,7 +107,6 @@ def independent_perplexity(cache: str, output_dir: str, run_args: dict, block_si
     fraction = float(run_args.get("eval_fraction", 0.1))
     seed = int(run_args.get("seed", 42))
     docs = heldout_documents(build.read_docs(os.path.join(cache, "retain.txt")), fraction, seed)
-    model_dir = os.path.join(cache, "model")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     before = build.block_perplexity(base, tokenizer, docs, block_size)
@@ -157,16 +156,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max_steps", type=int, default=300, help="step budget (default %(default)s)")
     parser.add_argument("--results", default=DEFAULT_RESULTS, help="JSON-lines file to append to")
     parser.add_argument("--note", default="", help="free text stored with the record")
+    parser.add_argument(
+        "--model_name_or_path",
+        default=None,
+        help="unlearn from this model instead of the case's own pretrained toy Llama ('smollm2': the cached "
+        "SmolLM2-135M-Instruct of `python -m etu_hf.modeling.smollm2`, fetched if missing); only the corpora "
+        "are built then",
+    )
     args = parser.parse_args(argv)
 
     build.set_cpu_env()
-    manifest = build.build(args.cache_dir)
     cache = os.path.abspath(args.cache_dir)
+    if args.model_name_or_path:
+        block_size = build.write_corpora(cache)["block_size"]
+        manifest = {"settings": {"block_size": block_size}}
+        model_dir = args.model_name_or_path
+        if model_dir == "smollm2":
+            sys.path.insert(0, REPO)
+            from etu_hf.modeling.smollm2 import get_smollm2
+
+            model_dir = get_smollm2()
+    else:
+        manifest = build.build(args.cache_dir)
+        block_size = manifest["settings"]["block_size"]
+        model_dir = os.path.join(cache, "model")
     output_dir = os.path.abspath(args.output_dir or os.path.join(cache, "unlearned"))
-    block_size = manifest["settings"]["block_size"]
     cmd = [
         sys.executable, "-m", "etu_hf", "unlearn",
-        "--model_name_or_path", os.path.join(cache, "model"),
+        "--model_name_or_path", model_dir,
         "--forget_corpora", os.path.join(cache, "forget.txt"),
         "--retain_corpora", os.path.join(cache, "retain.txt"),
         "--output_dir", output_dir,
@@ -206,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     batch = int(run_args.get("per_device_train_batch_size", 8)) * int(run_args.get("gradient_accumulation_steps", 1))
     tokens_trained = steps * batch * block_size if steps else None  # forget blocks; retain blocks come on top
     log("independent retain perplexity check (base vs unlearned, held-out retain documents)")
-    check = independent_perplexity(cache, output_dir, run_args, block_size)
+    check = independent_perplexity(cache, output_dir, run_args, block_size, model_dir)
     tool_blocks = flat_metrics.get("data.retain_heldout_blocks")
     check["same_blocks_as_tool"] = tool_blocks == check["blocks"] if tool_blocks is not None else None
     if check["same_blocks_as_tool"] is False:
@@ -220,12 +237,16 @@ def main(argv: list[str] | None = None) -> int:
         "note": args.note,
         "git": git,
         "settings": {k: v for k, v in sorted(run_args.items()) if RUN_SETTINGS.match(k)},
+        "model": model_dir if args.model_name_or_path else "the case's pretrained toy Llama",
         "case": {
-            "documents": manifest["documents"],
-            "tokens": manifest["tokens"],
-            "pretrain_perplexity": manifest["perplexity"],
-            "corpus_sha256": manifest["corpus_sha256"],
-            "versions": manifest["versions"],
+            k: manifest.get(src)
+            for k, src in (
+                ("documents", "documents"),
+                ("tokens", "tokens"),
+                ("pretrain_perplexity", "perplexity"),
+                ("corpus_sha256", "corpus_sha256"),
+                ("versions", "versions"),
+            )
         },
         "epsilon": report.get("epsilon", run_args.get("epsilon")),
         "heldout_forget_mass": {
