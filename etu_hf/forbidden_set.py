@@ -1,6 +1,6 @@
 r"""The forbidden token set V_S: construction by frequency or PMI, span masking, and V_S.ids.json.
 
-See the README, "Flags" (V_S). Counts are taken over *scored* positions (see
+Flags: docs/cli.md ("ETU settings", the forbidden set V_S). Counts are taken over *scored* positions (see
 :func:`etu_hf.data.scored_positions`): the tokens the model is trained to predict, padding and
 ``-100`` labels excluded. Counting is vectorised (``np.bincount``, see :mod:`etu_hf.data.token_counts`);
 nothing loops over tokens in Python.

@@ -377,7 +377,7 @@ def test_the_cards_methods_are_the_trainers():
     """The card describes every baseline etu-hf trains, with hyperparameters that are real arguments."""
     from dataclasses import fields
 
-    from etu_hf.hub.card import BASELINE_METHODS, NO_RETAIN_TERM
+    from etu_hf.hub.card_settings import BASELINE_METHODS, NO_RETAIN_TERM
     from etu_hf.training.baselines import UNLEARNING_METHODS, BaselineTrainingArguments
 
     assert set(BASELINE_METHODS) == set(UNLEARNING_METHODS) - {"etu"}

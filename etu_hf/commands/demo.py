@@ -15,6 +15,7 @@ from typing import Any
 
 from etu_hf.artifacts.run_folder import check_output_dir, previous_run_files
 from etu_hf.commands.arguments import parse_unlearn_args, unlearn_parser
+from etu_hf.commands.pipeline import run_and_print
 from etu_hf.demo.corpus import write_demo_corpora
 
 DEFAULT_OUTPUT_DIR = "etu-demo-output"
@@ -94,8 +95,6 @@ def _remove_demo_data(output_dir: str) -> None:
 
 def cmd(argv: Sequence[str]) -> int:
     """``etu-hf demo``: generated corpora + the embedded tiny Llama, demo defaults, user flags on top."""
-    from etu_hf.commands.unlearn import run_and_print
-
     full_argv, output_dir, wrote = _plan(argv)
     try:
         return run_and_print(*parse_unlearn_args(full_argv))
