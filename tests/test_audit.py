@@ -220,7 +220,12 @@ def test_delta_is_zero_when_the_model_is_the_tilted_target(model, corpora, token
     )
     assert report.delta == pytest.approx(0.0, abs=1e-6)
     assert report.updated_p_S == pytest.approx(report.mean_target_mass, abs=1e-6)
-    assert report.pinsker_bound_from_target == pytest.approx(report.updated_p_S, abs=1e-5)
+    # Pinsker: target mass + sqrt(delta / 2). sqrt turns float32 noise in delta (~1e-8 on some CPUs) into ~1e-4,
+    # so the bound is checked through its definition and against the worst case delta allowed above.
+    assert report.pinsker_bound_from_target == pytest.approx(
+        report.mean_target_mass + math.sqrt(max(report.delta, 0.0) / 2), abs=1e-9
+    )
+    assert abs(report.pinsker_bound_from_target - report.updated_p_S) <= math.sqrt(1e-6 / 2) + 1e-6
     # and delta > 0 for any other lambda
     off = audit(
         tilted,
