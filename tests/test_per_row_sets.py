@@ -334,6 +334,23 @@ def test_targets_without_grad_and_extras():
     torch.testing.assert_close(out.base_target_logps.double(), lb, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("k_max", [0, 3])
+def test_rows_without_any_extra_equal_the_shared_set(k_max):
+    """Extras of width 0 (a batch where no word continues) or all padding: the shared set's results."""
+    _, zb, w, _, _ = _rows(seed=5)
+    zs = (zb.flip(0) + 0.5).requires_grad_(True)
+    none = torch.full((zb.shape[0], k_max), -1, dtype=torch.long)
+    spec = TiltSpec(epsilon=0.05)
+    got = tilted_kl_loss(zs, zb, SHARED, spec, weights=w, chunk_size=4, extra_ids=none)
+    got.loss.backward()
+    grad, zs.grad = zs.grad, None
+    want = tilted_kl_loss(zs, zb, SHARED, spec, weights=w, chunk_size=4)
+    want.loss.backward()
+    torch.testing.assert_close(got.loss, want.loss)
+    torch.testing.assert_close(grad, zs.grad)
+    torch.testing.assert_close(base_logit_mass(zb, SHARED, none), base_logit_mass(zb, SHARED))
+
+
 # ------------------------------------------------------------------------------------------ None is unchanged
 #: The commit before per-row sets were added: ``extra_ids=None`` must compute exactly what it computed.
 BEFORE = "54e1373f7df08292af98c5ef9e506df565cedd6d"
