@@ -58,7 +58,7 @@ from etu_hf.ops.tilt import Tilt, forbidden_mass
 
 Head = Callable[[torch.Tensor], torch.Tensor]
 
-#: The per-chunk functions and their result, importable from here as before they moved to chunk_terms.
+# The public names, including the per-chunk functions of chunk_terms (still importable from here).
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "TILT_SUM_FIELDS",
