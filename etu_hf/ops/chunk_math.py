@@ -25,6 +25,12 @@ Speed: every ``[c, |V|]`` pass writes into one of two work buffers that all chun
 softmax is torch's row-fused kernel and the log-normaliser is read off it at one column
 (:func:`softmax_into`), so a softmax with its :math:`\mathrm{lse}` is one pass over the row; the per-row
 quantities on S come from the ``K`` columns of S (``index_select``), never from a pass over the vocabulary.
+
+Per-context sets :math:`S(x) = S_{shared} \cup E(x)` (:mod:`etu_hf.ops.row_sets`): every formula above holds with
+S replaced by S(x). The ``K`` columns become ``K + k_max`` (the shared ones, then each row's extras by ``gather``,
+:math:`-\infty` in the padding, so they add nothing), and the passes that set or read S columns over the vocabulary
+also write the extras by ``scatter`` (:meth:`~etu_hf.ops.row_sets.RowSets.put_`). ``extra_ids=None`` runs exactly
+the operations of the shared set alone.
 """
 
 from __future__ import annotations
@@ -34,7 +40,8 @@ from dataclasses import dataclass
 
 import torch
 
-from etu_hf.ops.tilt import Tilt, resolve_lambdas
+from etu_hf.ops.row_sets import RowSets, row_sets
+from etu_hf.ops.tilt import ExtraIds, Tilt, resolve_lambdas
 
 #: Smallest softmax value at which :func:`softmax_into` reads the log-normaliser off a candidate column.
 LSE_MIN_PROB = 1e-20
@@ -126,8 +133,9 @@ def logsumexp(z: torch.Tensor) -> torch.Tensor:
 @dataclass
 class BaseSide:
     r"""The base/target side of a chunk: ``r`` (a work buffer) holds :math:`\mathrm{softmax}(z_{b, V\setminus S})`
-    with 0 on S, ``zb`` the base logits with :math:`-\infty` on S, ``zb_s`` ``[c, K]`` the S columns; per row
-    ``lse_s`` :math:`\ell_S`, ``lse_rest`` :math:`\ell_R`, ``lam``, ``clamped``, ``lse_q``, ``lse_b``."""
+    with 0 on S(x), ``zb`` the base logits with :math:`-\infty` on S(x), ``zb_s`` ``[c, K (+ k_max)]`` the S(x)
+    columns (:meth:`~etu_hf.ops.row_sets.RowSets.columns`); per row ``lse_s`` :math:`\ell_S`, ``lse_rest``
+    :math:`\ell_R`, ``lam``, ``clamped``, ``lse_q``, ``lse_b``."""
 
     r: torch.Tensor
     zb: torch.Tensor
@@ -158,11 +166,16 @@ class BaseSide:
         return torch.exp(self.lse_rest - self.lse_q)
 
 
-def base_side(zb: torch.Tensor, ids: torch.Tensor, tilt: Tilt, ws: Workspace, dtype: torch.dtype) -> BaseSide:
-    """The base side of a chunk; ``zb`` (owned: it is modified in place) already in ``dtype``."""
-    zb_s = zb.index_select(-1, ids)
+def base_side(
+    zb: torch.Tensor, ids: torch.Tensor, tilt: Tilt, ws: Workspace, dtype: torch.dtype, rs: RowSets | None = None
+) -> BaseSide:
+    """The base side of a chunk; ``zb`` (owned: it is modified in place) already in ``dtype``; ``rs`` the chunk's
+    per-row extras (``None``: S(x) = S)."""
+    zb_s = zb.index_select(-1, ids) if rs is None else rs.columns(zb, ids)
     lse_s = logsumexp(zb_s)
     zb.index_fill_(-1, ids, -math.inf)
+    if rs is not None:
+        rs.fill_(zb, -math.inf)
     r = ws.get(0, zb, dtype)
     lse_rest = softmax_into(zb, r, spread_columns(zb.shape[-1], ids))
     lam, clamped = resolve_lambdas(tilt, zb, ids, logit_mass=lse_s - lse_rest)
@@ -173,6 +186,20 @@ def base_side(zb: torch.Tensor, ids: torch.Tensor, tilt: Tilt, ws: Workspace, dt
 def _own(z: torch.Tensor, dtype: torch.dtype, owned: bool) -> torch.Tensor:
     """``z`` in ``dtype``, copied unless the caller gave it to be modified."""
     return z.to(dtype, copy=not owned)
+
+
+def s_columns(z: torch.Tensor, ids: torch.Tensor, rs: RowSets | None) -> torch.Tensor:
+    r"""``[c, K (+ k_max)]``: the columns of S(x) of ``z`` (the extras :math:`-\infty` in the padding)."""
+    return z.index_select(-1, ids) if rs is None else rs.columns(z, ids)
+
+
+def put_s_columns(z: torch.Tensor, ids: torch.Tensor, rs: RowSets | None, values: torch.Tensor) -> torch.Tensor:
+    """In place, ``z`` on S(x) = ``values`` ``[c, K (+ k_max)]`` (as laid out by :func:`s_columns`)."""
+    k = ids.shape[0]
+    z.index_copy_(-1, ids, values[:, :k])
+    if rs is not None:
+        rs.put_(z, values[:, k:])
+    return z
 
 
 # ------------------------------------------------------------------------------------------ per chunk
@@ -209,22 +236,25 @@ def tilted_kl_rows(
     want_grad: bool = False,
     base_owned: bool = False,
     targets: torch.Tensor | None = None,
+    extra_ids: ExtraIds = None,
 ) -> TiltedRows:
     """One chunk of the ETU loss from logits ``zs``, ``zb`` ``[c, |V|]`` (formulas: the module docstring).
 
     ``zb`` is modified in place when ``base_owned`` (else copied); ``zs`` is only read. ``tilt`` as in
     :func:`~etu_hf.ops.tilt.resolve_lambdas` (a per-row tensor has shape ``[c]``). With ``want_grad`` the
     result holds ``weights * (softmax(zs) - q)``; with ``targets`` ``[c]`` the targets' log-probabilities.
+    ``extra_ids``: the chunk's per-row extras of S(x), ``[c, k_max]`` or a :class:`~etu_hf.ops.row_sets.RowSets`.
     """
     dtype = wide(zs, zb)
     zs, zb = zs.to(dtype), _own(zb, dtype, base_owned)
     ids = forbidden_ids
+    rs = row_sets(ids, extra_ids, zs)
     picked = None
     if targets is not None:
         y = targets.unsqueeze(-1)
         picked = (zs.gather(-1, y).squeeze(-1), zb.gather(-1, y).squeeze(-1))
-    b = base_side(zb, ids, tilt, ws, dtype)
-    zs_s = zs.index_select(-1, ids)
+    b = base_side(zb, ids, tilt, ws, dtype, rs)
+    zs_s = s_columns(zs, ids, rs)
     q_s, rest_scale = b.q_on_s(), b.rest_scale()
     # sum_y q_y (z_b - z_s)_y: off S from r (z_b = -inf on S there, r = 0: NaN, dropped), then on S
     cross = b.zb.sub_(zs).mul_(b.r).nansum(-1) * rest_scale + (q_s * (b.zb_s - zs_s)).nansum(-1)
@@ -236,7 +266,10 @@ def tilted_kl_rows(
     if want_grad:  # w (p - q), written over r: -w q off S, -w q on S, then + w p
         w = weights.to(dtype) if weights is not None else torch.ones_like(lse_s)
         q = b.r.mul_((-w * rest_scale).unsqueeze(-1))
-        q[:, ids] = -w.unsqueeze(-1) * q_s
+        if rs is None:
+            q[:, ids] = -w.unsqueeze(-1) * q_s
+        else:
+            put_s_columns(q, ids, rs, -w.unsqueeze(-1) * q_s)
         grad = q.addcmul_(p, w.unsqueeze(-1))
     kl = cross - b.lam * target_mass - b.lse_q + lse_s
     out = TiltedRows(kl, b.lam, b.clamped, student_mass, target_mass, b.base_mass, lse_s, b.lse_q, grad)
@@ -247,19 +280,26 @@ def tilted_kl_rows(
 
 @torch.no_grad()
 def tilt_statistic_rows(
-    zs: torch.Tensor, zb: torch.Tensor, forbidden_ids: torch.Tensor, tilt: Tilt, ws: Workspace, base_owned: bool
+    zs: torch.Tensor,
+    zb: torch.Tensor,
+    forbidden_ids: torch.Tensor,
+    tilt: Tilt,
+    ws: Workspace,
+    base_owned: bool,
+    extra_ids: ExtraIds = None,
 ) -> torch.Tensor:
     r"""One chunk of the measurements of a model against its tilted target: float64 ``[c, 6]`` with the columns
     :data:`~etu_hf.ops.chunked.TILT_SUM_FIELDS`: :math:`\pi_\theta(S)`, :math:`KL(\pi_\theta \| q_\lambda)`,
     :math:`q_\lambda(S)`, :math:`\lambda`, 1, 1 where a lambda clamp binds (as
-    :func:`~etu_hf.ops.chunked.tilt_statistic_terms`, in fewer passes)."""
+    :func:`~etu_hf.ops.chunked.tilt_statistic_terms`, in fewer passes). ``extra_ids``: per-row extras of S(x)."""
     dtype = wide(zs, zb)
     zs, zb = zs.to(dtype), _own(zb, dtype, base_owned)
-    b = base_side(zb, forbidden_ids, tilt, ws, dtype)
-    b.zb.index_copy_(-1, forbidden_ids, b.zb_s)
+    rs = row_sets(forbidden_ids, extra_ids, zs)
+    b = base_side(zb, forbidden_ids, tilt, ws, dtype, rs)
+    put_s_columns(b.zb, forbidden_ids, rs, b.zb_s)
     p = ws.get(0, zs, dtype)  # r is not needed any more: its buffer takes softmax(z_s)
     lse_s = softmax_into(zs, p, torch.cat([forbidden_ids, spread_columns(zs.shape[-1], forbidden_ids)]))
-    student_mass = torch.exp(logsumexp(zs.index_select(-1, forbidden_ids)) - lse_s)
+    student_mass = torch.exp(logsumexp(s_columns(zs, forbidden_ids, rs)) - lse_s)
     # sum_y p_y (z_s - z_b)_y, where p_y = 0 with z_s = -inf gives NaN, dropped
     cross = -b.zb.sub_(zs).mul_(p).nansum(-1)
     kl = cross + b.lam * student_mass + b.lse_q - lse_s
@@ -268,11 +308,14 @@ def tilt_statistic_rows(
 
 
 @torch.no_grad()
-def forbidden_mass_rows(z: torch.Tensor, forbidden_ids: torch.Tensor, ws: Workspace) -> torch.Tensor:
-    r""":math:`\pi(S) = e^{\mathrm{lse}(z_S) - \mathrm{lse}(z)}` per row, in float32 (or wider)."""
+def forbidden_mass_rows(
+    z: torch.Tensor, forbidden_ids: torch.Tensor, ws: Workspace, extra_ids: ExtraIds = None
+) -> torch.Tensor:
+    r""":math:`\pi(S(x)) = e^{\mathrm{lse}(z_{S(x)}) - \mathrm{lse}(z)}` per row, in float32 (or wider)."""
     z = z.to(wide(z))
+    rs = row_sets(forbidden_ids, extra_ids, z)
     lse = softmax_into(z, ws.get(0, z, z.dtype), torch.cat([forbidden_ids, spread_columns(z.shape[-1], forbidden_ids)]))
-    return torch.exp(logsumexp(z.index_select(-1, forbidden_ids)) - lse)
+    return torch.exp(logsumexp(s_columns(z, forbidden_ids, rs)) - lse)
 
 
 @torch.no_grad()

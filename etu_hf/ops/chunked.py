@@ -1,8 +1,9 @@
-r"""Chunked computations over token positions: one chunk runner and pure per-chunk functions.
+r"""Chunked computations over token positions: one chunk runner and the chunked losses and measurements.
 
 In the manner of Liger-Kernel's ``chunked_loss``: :func:`run_chunks` owns the chunking (and, when
 gradients are needed, the checkpointing); the maths of one chunk lives in pure functions of logits
-(no transformers import):
+(no transformers import), in :mod:`etu_hf.ops.chunk_terms` (plain autograd, re-exported here) and
+:mod:`etu_hf.ops.chunk_math` (the fused passes):
 
 - :func:`tilted_kl_terms`: the ETU loss term :math:`KL(q_\lambda \| \pi_\theta)` and its statistics;
 - :func:`nll_terms`: the next-token negative log-likelihood;
@@ -28,6 +29,10 @@ Value and gradient are the same either way (tested against float64 references).
 Positions carry weights ``w`` (1 for a scored position, 0 for padding or ``-100``); rows with ``w = 0``
 should have finite inputs (the trainer zeroes them) so that no NaN reaches the gradient. Formulas: see
 docs/method.md, "The loss".
+
+Forbidden sets per position: every function here takes an optional ``extra_ids`` ``[N, k_max]`` (``-1`` = none),
+the row-specific extras of :math:`S(x_i) = S \cup E(x_i)` (:mod:`etu_hf.ops.row_sets`); the formulas hold with S
+replaced by S(x). ``None`` (the default) is the one shared set S, computed exactly as without the argument.
 """
 
 from __future__ import annotations
@@ -36,20 +41,46 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from etu_hf.ops.chunk_math import Workspace, forbidden_mass_rows, tilt_statistic_rows
+from etu_hf.ops.chunk_terms import (
+    TILT_SUM_FIELDS,
+    TiltedKLTerms,
+    kl_terms,
+    nll_terms,
+    tilt_statistic_terms,
+    tilted_kl_terms,
+)
 from etu_hf.ops.fused import fused_nll, fused_tilted_kl
-from etu_hf.ops.tilt import Tilt, forbidden_mass, resolve_lambdas, tilted_log_probs
+from etu_hf.ops.row_sets import RowSets, row_sets
+from etu_hf.ops.tilt import Tilt, forbidden_mass
 
 Head = Callable[[torch.Tensor], torch.Tensor]
 
+# The public names, including the per-chunk functions of chunk_terms (still importable from here).
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "TILT_SUM_FIELDS",
+    "ChunkResult",
+    "Head",
+    "NLLOutput",
+    "TiltedKLOutput",
+    "TiltedKLTerms",
+    "chunk_rows",
+    "chunked_forbidden_mass",
+    "chunked_nll",
+    "chunked_tilt_statistics",
+    "kl_terms",
+    "nll_terms",
+    "run_chunks",
+    "tilt_statistic_terms",
+    "tilted_kl_loss",
+    "tilted_kl_terms",
+]
+
 #: Positions per chunk when the caller says nothing. ``None`` or 0 means one chunk (unchunked).
 DEFAULT_CHUNK_SIZE = 1024
-
-#: Columns of :func:`tilt_statistic_terms` (and of the totals of :func:`chunked_tilt_statistics`).
-TILT_SUM_FIELDS = ("mass", "kl", "target_mass", "lambda", "positions", "clamped")
 
 
 # ------------------------------------------------------------------------------------------ the runner
@@ -127,84 +158,6 @@ def _ones(n: int, like: torch.Tensor) -> torch.Tensor:
     return torch.ones(n, device=like.device, dtype=torch.float32)
 
 
-# ------------------------------------------------------------------------------------------ per chunk
-def kl_terms(p: torch.Tensor, log_p: torch.Tensor, log_r: torch.Tensor) -> torch.Tensor:
-    r"""Elementwise :math:`p (\log p - \log r)` with the convention :math:`0 \log 0 = 0`.
-
-    Columns where ``p = 0`` contribute exactly 0, also where ``log p`` and ``log r`` are both
-    ``-inf`` (``0 * (-inf + inf)`` would be NaN); no gradient flows through them.
-    """
-    return torch.where(p > 0, p * (log_p - log_r), p.new_zeros(()))
-
-
-@dataclass
-class TiltedKLTerms:
-    r"""Per-position results of :func:`tilted_kl_terms` (all ``[c]``).
-
-    ``kl`` is :math:`KL(q_{\lambda}(\cdot|x) \| \pi_\theta(\cdot|x))` (differentiable in the student logits);
-    the rest is detached: ``lam``, ``clamped`` (a clamp binds), ``student_mass`` :math:`\pi_\theta(S|x)`,
-    ``target_mass`` :math:`q_\lambda(S|x)`, ``base_mass`` :math:`\pi_b(S|x)`; ``log_p`` the student's
-    log-probabilities ``[c, V]`` (differentiable) and ``base_logits`` ``[c, V]``, both float32.
-    """
-
-    kl: torch.Tensor
-    lam: torch.Tensor
-    clamped: torch.Tensor
-    student_mass: torch.Tensor
-    target_mass: torch.Tensor
-    base_mass: torch.Tensor
-    log_p: torch.Tensor
-    base_logits: torch.Tensor
-
-
-def tilted_kl_terms(
-    student_logits: torch.Tensor, base_logits: torch.Tensor, forbidden_ids: torch.Tensor, tilt: Tilt
-) -> TiltedKLTerms:
-    r"""One chunk of the ETU loss: :math:`KL(q_\lambda \| \pi_\theta)` per position, with
-    :math:`\log q_\lambda = \mathrm{log\_softmax}(z_b - \lambda 1_S)` and lambda from
-    :func:`~etu_hf.ops.tilt.resolve_lambdas`. No gradient flows into the base side."""
-    with torch.no_grad():
-        zb = base_logits.float()
-        lam, clamped = resolve_lambdas(tilt, zb, forbidden_ids)
-        log_q = tilted_log_probs(zb, forbidden_ids, lam)
-        q = log_q.exp()
-    log_p = torch.log_softmax(student_logits.float(), dim=-1)
-    kl = kl_terms(q, log_q, log_p).sum(-1)
-    with torch.no_grad():
-        student_mass = forbidden_mass(log_p.detach(), forbidden_ids)
-        target_mass = forbidden_mass(log_q, forbidden_ids)
-        base_mass = forbidden_mass(zb, forbidden_ids)
-    return TiltedKLTerms(kl, lam, clamped, student_mass, target_mass, base_mass, log_p, zb)
-
-
-def nll_terms(student_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    r"""One chunk of the next-token negative log-likelihood :math:`-\log \pi_\theta(y_i|x_i)` per position."""
-    return F.cross_entropy(student_logits.float(), targets, reduction="none")
-
-
-def tilt_statistic_terms(
-    student_logits: torch.Tensor, base_logits: torch.Tensor, forbidden_ids: torch.Tensor, tilt: Tilt
-) -> torch.Tensor:
-    r"""One chunk of the measurements of a model against its tilted target: float64 ``[c, 6]`` with the
-    columns :data:`TILT_SUM_FIELDS`: :math:`\pi_\theta(S|x)`, :math:`KL(\pi_\theta(\cdot|x) \| q_\lambda(\cdot|x))`
-    (note the direction: the model's divergence from its target), :math:`q_\lambda(S|x)`, :math:`\lambda(x)`,
-    1 (a position), 1 where a lambda clamp binds."""
-    zb = base_logits.float()
-    lam, clamped = resolve_lambdas(tilt, zb, forbidden_ids)
-    log_q = tilted_log_probs(zb, forbidden_ids, lam)
-    log_p = torch.log_softmax(student_logits.float(), -1)
-    kl = kl_terms(log_p.exp(), log_p, log_q).sum(-1)
-    columns = [
-        forbidden_mass(log_p, forbidden_ids),
-        kl,
-        forbidden_mass(log_q, forbidden_ids),
-        lam,
-        torch.ones_like(kl),
-        clamped,
-    ]
-    return torch.stack([c.to(torch.float64) for c in columns], -1)
-
-
 # ------------------------------------------------------------------------------------------ chunked
 @dataclass
 class TiltedKLOutput:
@@ -247,6 +200,7 @@ def tilted_kl_loss(
     chunk_size: int | None = DEFAULT_CHUNK_SIZE,
     normalizer: float | torch.Tensor | None = None,
     targets: torch.Tensor | None = None,
+    extra_ids: torch.Tensor | None = None,
 ) -> TiltedKLOutput:
     r"""Chunked ETU loss :math:`\frac{1}{Z}\sum_i w_i\, KL(q_{\lambda_i}(\cdot|x_i) \,\|\, \pi_\theta(\cdot|x_i))`.
 
@@ -271,22 +225,29 @@ def tilted_kl_loss(
         targets: optional ``[N]`` next-token ids; the output then also holds their log-probabilities
             under the model (differentiable) and under the base model, from the same forward passes
             (used by the preference terms, which so need no extra forward).
+        extra_ids: optional ``[N, k_max]`` long tensor: row ``i``'s forbidden ids beyond ``forbidden_ids``
+            (``-1`` = none), so that :math:`S(x_i) = S \cup E(x_i)` (:mod:`etu_hf.ops.row_sets`; an id already in
+            S, or repeated, counts once). ``None``: the same S at every position.
     """
     if isinstance(tilt, torch.Tensor) and tilt.dim() > 0 and tilt.shape[0] != student.shape[0]:
         raise ValueError(f"tilt: one lambda per position needs shape [{student.shape[0]}], got {tuple(tilt.shape)}")
     if weights is None:
         weights = _ones(student.shape[0], student)
     per_pos = isinstance(tilt, torch.Tensor) and tilt.dim() > 0
+    rs = row_sets(forbidden_ids, extra_ids, student)
     fused = None
     if chunk_size:
         step = max(chunk_rows(student.shape[0], chunk_size), 1)
         heads = {"student_head": student_head, "base_head": base_head}
-        fused = fused_tilted_kl(student, base, forbidden_ids, tilt, weights, **heads, step=step, targets=targets)
+        fused = fused_tilted_kl(
+            student, base, forbidden_ids, tilt, weights, **heads, step=step, targets=targets, extra_ids=rs
+        )
 
-    def chunk(s, b, w, lam_c, y) -> ChunkResult:
+    def chunk(s, b, w, lam_c, y, index, valid) -> ChunkResult:
         with torch.no_grad():
             zb = _logits(b, base_head, s.device)
-        t = tilted_kl_terms(_logits(s, student_head), zb, forbidden_ids, lam_c if per_pos else tilt)
+        extras = RowSets(index, valid) if index is not None else None
+        t = tilted_kl_terms(_logits(s, student_head), zb, forbidden_ids, lam_c if per_pos else tilt, extras)
         w = w.to(t.kl.dtype)
         with torch.no_grad():
             stats = [t.kl.detach(), torch.ones_like(w), t.lam, t.student_mass, t.target_mass, t.base_mass, t.clamped]
@@ -303,7 +264,8 @@ def tilted_kl_loss(
         return ChunkResult((t.kl * w).sum(), sums, mins, maxs, (lp_s, lp_b))
 
     if fused is None:
-        out = run_chunks(chunk, [student, base, weights, tilt if per_pos else None, targets], chunk_size)
+        extras = [rs.index, rs.valid] if rs is not None else [None, None]
+        out = run_chunks(chunk, [student, base, weights, tilt if per_pos else None, targets, *extras], chunk_size)
         fused = (out.loss, out.sums, out.mins[0], out.maxs[0], *out.rows)
     loss, sums, lambda_min, lambda_max, lp_s, lp_b = fused
     if normalizer is None:
@@ -375,18 +337,23 @@ def chunked_forbidden_mass(
     *,
     head: Head | None = None,
     chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+    extra_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    r""":math:`\pi(S|x_i)` at every row of ``states`` ``[N, D]`` (logits, or hidden states with ``head``): ``[N]``."""
+    r""":math:`\pi(S(x_i)|x_i)` at every row of ``states`` ``[N, D]`` (logits, or hidden states with ``head``):
+    ``[N]``. ``extra_ids``: optional ``[N, k_max]`` per-row extras of S(x) (as in :func:`tilted_kl_loss`)."""
 
     ws = Workspace()
+    rs = row_sets(forbidden_ids, extra_ids, states)
 
-    def chunk(s: torch.Tensor) -> ChunkResult:
+    def chunk(s: torch.Tensor, index: torch.Tensor | None, valid: torch.Tensor | None) -> ChunkResult:
         z = _logits(s, head, forbidden_ids.device)
-        return ChunkResult(
-            rows=(forbidden_mass_rows(z, forbidden_ids, ws) if chunk_size else forbidden_mass(z, forbidden_ids),)
-        )
+        extras = RowSets(index, valid).to(z.device) if index is not None else None
+        if chunk_size:
+            return ChunkResult(rows=(forbidden_mass_rows(z, forbidden_ids, ws, extras),))
+        return ChunkResult(rows=(forbidden_mass(z, forbidden_ids, extras),))
 
-    return run_chunks(chunk, [states], chunk_size).rows[0]
+    extras = [rs.index, rs.valid] if rs is not None else [None, None]
+    return run_chunks(chunk, [states, *extras], chunk_size).rows[0]
 
 
 @torch.no_grad()
@@ -399,20 +366,25 @@ def chunked_tilt_statistics(
     student_head: Head | None = None,
     base_head: Head | None = None,
     chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+    extra_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`tilt_statistic_terms` at every row: float64 ``[N, 6]`` (columns :data:`TILT_SUM_FIELDS`),
-    on the student's device. ``student``/``base`` as in :func:`tilted_kl_loss`; a per-position ``tilt``
-    tensor has shape ``[N]``."""
+    on the student's device. ``student``/``base``/``extra_ids`` as in :func:`tilted_kl_loss`; a per-position
+    ``tilt`` tensor has shape ``[N]``."""
     per_pos = isinstance(tilt, torch.Tensor) and tilt.dim() > 0
 
     ws = Workspace()
+    rs = row_sets(forbidden_ids, extra_ids, student)
 
-    def chunk(s, b, lam_c) -> ChunkResult:
+    def chunk(s, b, lam_c, index, valid) -> ChunkResult:
         zs = _logits(s, student_head)
         zb = _logits(b, base_head, zs.device)
         lam = lam_c if per_pos else tilt
+        extras = RowSets(index, valid).to(zs.device) if index is not None else None
         if chunk_size:  # the fused passes (zb is this chunk's own copy unless the base states are logits)
-            return ChunkResult(rows=(tilt_statistic_rows(zs, zb, forbidden_ids, lam, ws, base_head is not None),))
-        return ChunkResult(rows=(tilt_statistic_terms(zs, zb, forbidden_ids, lam),))
+            owned = base_head is not None
+            return ChunkResult(rows=(tilt_statistic_rows(zs, zb, forbidden_ids, lam, ws, owned, extras),))
+        return ChunkResult(rows=(tilt_statistic_terms(zs, zb, forbidden_ids, lam, extras),))
 
-    return run_chunks(chunk, [student, base, tilt if per_pos else None], chunk_size).rows[0]
+    extras = [rs.index, rs.valid] if rs is not None else [None, None]
+    return run_chunks(chunk, [student, base, tilt if per_pos else None, *extras], chunk_size).rows[0]

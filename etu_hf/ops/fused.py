@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from etu_hf.ops.chunk_math import TiltedRows, Workspace, nll_rows, tilted_kl_rows, wide
-from etu_hf.ops.tilt import Tilt
+from etu_hf.ops.row_sets import RowSets, row_sets
+from etu_hf.ops.tilt import ExtraIds, Tilt
 
 Head = Callable[[torch.Tensor], torch.Tensor]
 
@@ -151,27 +152,32 @@ def fused_head_pass(
 
 class _LogitsTiltedKL(torch.autograd.Function):
     """``sum_i w_i KL_i`` from logits: the forward saves per-row log-normalisers, the backward recomputes
-    ``w (softmax(zs) - q)`` chunk by chunk from them (no ``[N, |V|]`` intermediate is kept)."""
+    ``w (softmax(zs) - q)`` chunk by chunk from them (no ``[N, |V|]`` intermediate is kept). ``index``/``valid``:
+    the per-row extras of S(x) (a :class:`~etu_hf.ops.row_sets.RowSets`' tensors), or ``None``."""
 
     @staticmethod
-    def forward(ctx, zs, zb, weights, ids, lam, lse_s, lse_q, value, step):
-        ctx.save_for_backward(zs, zb, weights, ids, lam, lse_s, lse_q)
+    def forward(ctx, zs, zb, weights, ids, lam, lse_s, lse_q, value, step, index, valid):
+        ctx.save_for_backward(zs, zb, weights, ids, lam, lse_s, lse_q, index, valid)
         ctx.step = step
         return value.detach().clone()
 
     @staticmethod
     def backward(ctx, grad_out):
-        zs, zb, w, ids, lam, lse_s, lse_q = ctx.saved_tensors
+        zs, zb, w, ids, lam, lse_s, lse_q, index, valid = ctx.saved_tensors
         dtype = wide(zs, zb)
         grad = torch.empty_like(zs)
         for r in _slices(zs.shape[0], ctx.step):
             b = zb[r].to(dtype)
+            shift = (lam[r] + lse_q[r]).unsqueeze(-1)
             q = torch.exp(b - lse_q[r].unsqueeze(-1))
-            q.index_copy_(-1, ids, torch.exp(b.index_select(-1, ids) - (lam[r] + lse_q[r]).unsqueeze(-1)))
+            q.index_copy_(-1, ids, torch.exp(b.index_select(-1, ids) - shift))
+            if index is not None:
+                rs = RowSets(index[r], valid[r])
+                rs.put_(q, torch.exp(rs.gather(b) - shift))
             p = torch.exp(zs[r].to(dtype) - lse_s[r].unsqueeze(-1))
             scale = (w[r].to(dtype) * grad_out.to(dtype)).unsqueeze(-1)
             grad[r] = p.sub_(q).mul_(scale).to(zs.dtype)
-        return grad, None, None, None, None, None, None, None, None
+        return grad, *([None] * 10)
 
 
 #: Per-row fields of :class:`TiltedRows` that :func:`fused_tilted_kl` concatenates over chunks.
@@ -198,6 +204,7 @@ def fused_tilted_kl(
     base_head: Head | None,
     step: int,
     targets: torch.Tensor | None = None,
+    extra_ids: ExtraIds = None,
 ) -> tuple | None:
     r"""``(sum_i w_i KL_i, sums [7], lambda_min, lambda_max, student_target_logps, base_target_logps)`` by fused
     chunk passes, the first differentiable in ``student`` (and the student head's trainable tensors).
@@ -206,11 +213,12 @@ def fused_tilted_kl(
     :class:`~etu_hf.ops.chunked.TiltedKLOutput`); the extremes of lambda over rows with ``w > 0``. ``None``
     where this path does not apply (a differentiable ``targets`` output, student logits with a base head, a
     ZeRO-3 head): the caller then uses the checkpointed chunk runner. Arguments as
-    :func:`~etu_hf.ops.chunked.tilted_kl_loss`."""
+    :func:`~etu_hf.ops.chunked.tilted_kl_loss` (``extra_ids``: the per-row extras of S(x), ``[N, k_max]``)."""
     grad_on = torch.is_grad_enabled()
     if (targets is not None and grad_on) or (student_head is None and base_head is not None):
         return None
     per_row = isinstance(tilt, torch.Tensor) and tilt.dim() > 0
+    rs = row_sets(forbidden_ids, extra_ids, student)
     ws = Workspace()
 
     def rows_of(zs: torch.Tensor, r: slice, want_grad: bool) -> TiltedRows:
@@ -228,6 +236,7 @@ def fused_tilted_kl(
             want_grad=want_grad,
             base_owned=base_head is not None,
             targets=targets[r] if targets is not None else None,
+            extra_ids=rs[r].to(zs.device) if rs is not None else None,
         )
 
     def chunk(zs: torch.Tensor, r: slice, want_grad: bool):
@@ -249,7 +258,9 @@ def fused_tilted_kl(
         value = (rows["kl"] * w).sum()
         if grad_on and student.requires_grad:
             lse_s, lse_q = _cat([p.lse_s for p in parts]), _cat([p.lse_q for p in parts])
-            loss = _LogitsTiltedKL.apply(student, base, weights, forbidden_ids, rows["lam"], lse_s, lse_q, value, step)
+            extras = (rs.index, rs.valid) if rs is not None else (None, None)
+            args = (student, base, weights, forbidden_ids, rows["lam"], lse_s, lse_q, value, step, *extras)
+            loss = _LogitsTiltedKL.apply(*args)
         else:
             loss = value
     cols = [rows["kl"], torch.ones_like(w), *(rows[k] for k in ("lam", "student_mass", "target_mass", "base_mass"))]

@@ -9,6 +9,12 @@ forbidden token set V_S, ``pi_b`` the base model, ``p(x) = sum_{y in S} pi_b(y|x
 is solved by the tilt :math:`q_\lambda(y|x) = \pi_b(y|x) e^{-\lambda 1[y\in S]} / Z` with
 :math:`Z = 1 - p + p e^{-\lambda}`, whose mass on ``S`` is :math:`q_\lambda(S) = p e^{-\lambda}/Z`;
 :math:`q_\lambda(S) = \varepsilon` at :math:`\lambda = \mathrm{logit}(p) - \mathrm{logit}(\varepsilon)`.
+
+Per-context sets: every function taking ``forbidden_ids`` also takes ``extra_ids`` (``[..., k_max]``, ``-1`` =
+none; :mod:`etu_hf.ops.row_sets`), the row's own extras, so that the set at context ``x`` is
+:math:`S(x) = S \cup E(x)`; everything above holds with S replaced by S(x), row by row
+(:math:`p(x) = \pi_b(S(x)|x)`, :math:`\lambda(x) = \max(0, \mathrm{logit}\,p(x) - \mathrm{logit}\,\varepsilon)`).
+``extra_ids=None`` (the default) is the one set S, computed exactly as before the argument existed.
 """
 
 from __future__ import annotations
@@ -18,6 +24,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from etu_hf.ops.row_sets import RowSets, row_sets
+
+#: Extra forbidden ids per position (see :mod:`etu_hf.ops.row_sets`): a padded LongTensor ``[..., k_max]``
+#: (``-1`` = none) or a built :class:`~etu_hf.ops.row_sets.RowSets`; ``None`` means one set S for every position.
+ExtraIds = torch.Tensor | RowSets | None
 
 #: Default clamp of |lambda|. Large enough not to bind in normal use: it binds only where the base
 #: model's odds on S exceed the target's by more than e^100 (every binding is counted and logged).
@@ -90,43 +102,67 @@ def _as_lambda(lam: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor | 
     return lam
 
 
-def tilt_logits(logits: torch.Tensor, forbidden_ids: torch.Tensor, lam: float | torch.Tensor) -> torch.Tensor:
-    r"""Return float32 logits ``z - lam * 1_S`` (a copy; the input is not modified).
+def tilt_logits(
+    logits: torch.Tensor, forbidden_ids: torch.Tensor, lam: float | torch.Tensor, extra_ids: ExtraIds = None
+) -> torch.Tensor:
+    r"""Return float32 logits ``z - lam * 1_{S(x)}`` (a copy; the input is not modified).
 
     ``lam`` is a scalar or a tensor of shape ``logits.shape[:-1]`` (one value per position). The
     subtraction is applied to the S columns by index (``z[..., S] -= lam``), never through a boolean
     mask over the vocabulary, and always in float32 (float64 inputs stay float64) whatever the dtype
-    of ``logits``: a bf16 tilt would quantise ``lam``.
+    of ``logits``: a bf16 tilt would quantise ``lam``. With ``extra_ids`` (``[..., k_max]``, see
+    :mod:`etu_hf.ops.row_sets`) each row's extras are tilted too, once each.
     """
     z = logits.to(_wide(logits.dtype), copy=True)
-    z[..., forbidden_ids] -= _as_lambda(lam, z)
+    lam_col = _as_lambda(lam, z)
+    z[..., forbidden_ids] -= lam_col
+    rs = row_sets(forbidden_ids, extra_ids, z)
+    if rs is not None:
+        rs.put_(z, z.gather(-1, rs.index) - lam_col)
     return z
 
 
-def tilted_log_probs(logits: torch.Tensor, forbidden_ids: torch.Tensor, lam: float | torch.Tensor) -> torch.Tensor:
-    r""":math:`\log q_\lambda = \mathrm{log\_softmax}(z - \lambda 1_S)` in float32.
+def tilted_log_probs(
+    logits: torch.Tensor, forbidden_ids: torch.Tensor, lam: float | torch.Tensor, extra_ids: ExtraIds = None
+) -> torch.Tensor:
+    r""":math:`\log q_\lambda = \mathrm{log\_softmax}(z - \lambda 1_{S(x)})` in float32.
 
     ``logits`` are base-model logits ``[..., V]``; ``lam`` is a scalar or one value per position
-    (shape ``logits.shape[:-1]``).
+    (shape ``logits.shape[:-1]``); ``extra_ids`` the per-row extras of S(x) (``None``: S(x) = S).
     """
-    return torch.log_softmax(tilt_logits(logits, forbidden_ids, lam), dim=-1)
+    return torch.log_softmax(tilt_logits(logits, forbidden_ids, lam, extra_ids), dim=-1)
 
 
-def forbidden_mass(logits: torch.Tensor, forbidden_ids: torch.Tensor) -> torch.Tensor:
-    r"""Mass on S of ``softmax(logits)``: :math:`\sum_{y\in S} e^{z_y} / \sum_y e^{z_y}`, in float32 (or wider)."""
+def _lse_forbidden(z: torch.Tensor, forbidden_ids: torch.Tensor, rs: RowSets | None) -> torch.Tensor:
+    r""":math:`\mathrm{logsumexp}(z_{S(x)})` per row."""
+    if rs is None:
+        return torch.logsumexp(z[..., forbidden_ids], dim=-1)
+    return torch.logsumexp(rs.columns(z, forbidden_ids), dim=-1)
+
+
+def forbidden_mass(logits: torch.Tensor, forbidden_ids: torch.Tensor, extra_ids: ExtraIds = None) -> torch.Tensor:
+    r"""Mass on S(x) of ``softmax(logits)``: :math:`\sum_{y\in S(x)} e^{z_y} / \sum_y e^{z_y}`, in float32 (or
+    wider). ``extra_ids``: the per-row extras of S(x) (``None``: S(x) = S)."""
     z = logits.to(_wide(logits.dtype))
-    return torch.exp(torch.logsumexp(z[..., forbidden_ids], dim=-1) - torch.logsumexp(z, dim=-1))
+    rs = row_sets(forbidden_ids, extra_ids, z)
+    return torch.exp(_lse_forbidden(z, forbidden_ids, rs) - torch.logsumexp(z, dim=-1))
 
 
-def base_logit_mass(logits: torch.Tensor, forbidden_ids: torch.Tensor) -> torch.Tensor:
-    r"""Exact :math:`\mathrm{logit}(p(x)) = \mathrm{logsumexp}(z_S) - \mathrm{logsumexp}(z_{V \setminus S})` in float32.
+def base_logit_mass(logits: torch.Tensor, forbidden_ids: torch.Tensor, extra_ids: ExtraIds = None) -> torch.Tensor:
+    r"""Exact :math:`\mathrm{logit}(p(x)) = \mathrm{logsumexp}(z_{S(x)}) - \mathrm{logsumexp}(z_{V \setminus S(x)})`
+    in float32.
 
     Exact where :math:`p(x)` rounds to 1 in floating point (common for word continuations), so the
-    tilt that brings such a context to ``epsilon`` is not capped by a probability clip.
+    tilt that brings such a context to ``epsilon`` is not capped by a probability clip. ``extra_ids``: the
+    per-row extras of S(x) (``None``: S(x) = S).
     """
     z = logits.to(_wide(logits.dtype))
-    lse_s = torch.logsumexp(z[..., forbidden_ids], dim=-1)
-    lse_rest = torch.logsumexp(z.index_fill(-1, forbidden_ids, -math.inf), dim=-1)
+    rs = row_sets(forbidden_ids, extra_ids, z)
+    lse_s = _lse_forbidden(z, forbidden_ids, rs)
+    rest = z.index_fill(-1, forbidden_ids, -math.inf)
+    if rs is not None:
+        rs.fill_(rest, -math.inf)
+    lse_rest = torch.logsumexp(rest, dim=-1)
     return lse_s - lse_rest
 
 
@@ -139,6 +175,7 @@ def per_position_lambda(
     offset: float | torch.Tensor = 0.0,
     return_clamped: bool = False,
     logit_mass: torch.Tensor | None = None,
+    extra_ids: ExtraIds = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     r"""Exact per-context tilt: :math:`\lambda(x) = \max(0, \mathrm{logit}(p(x)) - \mathrm{logit}(\varepsilon) + o)`.
 
@@ -152,12 +189,13 @@ def per_position_lambda(
     With ``return_clamped`` also returns a bool tensor: where the ``lambda_max`` clamp binds (the
     target then misses ``epsilon'`` at that context). ``logit_mass``: :math:`\mathrm{logit}(p(x))` when the
     caller has it already (the fused loss computes it in its own pass over the logits); ``base_logits``
-    then only give the shape.
+    then only give the shape. ``extra_ids``: the per-row extras of a per-context set S(x) (see
+    :mod:`etu_hf.ops.row_sets`; ``None``: S(x) = S), then :math:`p(x) = \pi_b(S(x)|x)`.
     """
     if not 0.0 < epsilon < 1.0:
         raise ValueError(f"epsilon must be in (0, 1), got {epsilon}")
     if logit_mass is None:
-        logit_mass = base_logit_mass(base_logits, forbidden_ids)
+        logit_mass = base_logit_mass(base_logits, forbidden_ids, extra_ids)
     raw = logit_mass - _logit(epsilon)
     if isinstance(offset, torch.Tensor) or offset != 0.0:
         raw = raw + offset
@@ -242,11 +280,13 @@ class TiltSpec:
         forbidden_ids: torch.Tensor,
         return_clamped: bool = False,
         logit_mass: torch.Tensor | None = None,
+        extra_ids: ExtraIds = None,
     ) -> torch.Tensor | float | tuple[torch.Tensor | float, torch.Tensor]:
         r"""Lambda at every position of ``base_logits`` (a float in global mode).
 
         With ``return_clamped`` also a bool tensor of shape ``base_logits.shape[:-1]``: where a clamp binds.
-        ``logit_mass``: a precomputed :math:`\mathrm{logit}(p(x))` (see :func:`per_position_lambda`).
+        ``logit_mass``: a precomputed :math:`\mathrm{logit}(p(x))` (see :func:`per_position_lambda`);
+        ``extra_ids``: the per-row extras of S(x) (per-position mode; the global lambda does not read them).
         """
         if self.mode == "global":
             lam = self.global_value()
@@ -262,6 +302,7 @@ class TiltSpec:
             self.offset,
             return_clamped=return_clamped,
             logit_mass=logit_mass,
+            extra_ids=extra_ids,
         )
 
 
@@ -271,7 +312,12 @@ Tilt = TiltSpec | float | torch.Tensor
 
 
 def resolve_lambdas(
-    tilt: Tilt, base_logits: torch.Tensor, forbidden_ids: torch.Tensor, *, logit_mass: torch.Tensor | None = None
+    tilt: Tilt,
+    base_logits: torch.Tensor,
+    forbidden_ids: torch.Tensor,
+    *,
+    logit_mass: torch.Tensor | None = None,
+    extra_ids: ExtraIds = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r"""The per-position lambdas of ``tilt`` at ``base_logits`` ``[..., V]`` and where a clamp binds.
 
@@ -281,12 +327,14 @@ def resolve_lambdas(
     every position; a tensor of shape ``base_logits.shape[:-1]`` gives each position its own. A given
     lambda is used as it is: nothing is clamped, so ``clamped`` is all False. ``logit_mass``: a precomputed
     :math:`\mathrm{logit}(p(x))` of shape ``base_logits.shape[:-1]`` (the contents of ``base_logits`` are then
-    not read).
+    not read); ``extra_ids``: the per-row extras of a per-context set S(x) (``None``: S(x) = S).
     """
     shape = base_logits.shape[:-1]
     dtype = _wide(base_logits.dtype)
     if isinstance(tilt, TiltSpec):
-        lam, clamped = tilt.lambdas(base_logits, forbidden_ids, return_clamped=True, logit_mass=logit_mass)
+        lam, clamped = tilt.lambdas(
+            base_logits, forbidden_ids, return_clamped=True, logit_mass=logit_mass, extra_ids=extra_ids
+        )
     elif isinstance(tilt, (int, float, torch.Tensor)) and not isinstance(tilt, bool):
         lam, clamped = tilt, torch.zeros(shape, dtype=torch.bool, device=base_logits.device)
     else:
