@@ -140,7 +140,7 @@ def run_knowledge_compare(cfg: CompareArguments) -> dict[str, Any]:
             "relearned": None,
         }
         logger.info(
-            "[%d/%d] %s %s: forget prob %.3f, neighbour %.3f, utility %.3f, retain ppl %.2f",
+            "[%d/%d] %s %s: forget prob %.3f, neighbour %.3f, utility %.3f, retain ppl %.4g",
             k,
             len(grid),
             method,
@@ -209,7 +209,9 @@ def knowledge_goals(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def _cell(v: Any) -> str:
-    return "n/a" if not isinstance(v, (int, float)) else f"{v:.3f}"
+    if not isinstance(v, (int, float)):
+        return "n/a"
+    return f"{v:.3g}" if abs(v) >= 1e4 else f"{v:.3f}"  # a destroyed model's perplexity spans many digits
 
 
 def knowledge_table(result: dict[str, Any]) -> str:
