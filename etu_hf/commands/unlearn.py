@@ -192,7 +192,14 @@ def run_unlearning(
     # ETUTrainer.train checks output_dir and the checkpoint too, but only after the model is loaded and V_S
     # built: checked here first, a previous run, an unwritable folder or an incomplete checkpoint is refused
     # in a second instead of after loading a large model.
-    check_output_dir(training_args.output_dir, training_args.overwrite_output_dir, training_args.resume_from_checkpoint)
+    existed = os.path.isdir(training_args.output_dir)  # Trainer.__init__ creates it; a failed run removes it again
+    inputs = {
+        "--model_name_or_path": model_args.model_name_or_path,
+        "--tokenizer_name_or_path": model_args.tokenizer_name_or_path,
+    }
+    check_output_dir(
+        training_args.output_dir, training_args.overwrite_output_dir, training_args.resume_from_checkpoint, inputs
+    )
     resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
     push_repo = hub_repo_before_training(training_args)
     # The corpora before the weights: a bad corpus fails in seconds, not after loading a large model.
@@ -240,6 +247,7 @@ def run_unlearning(
         overwrite=training_args.overwrite_output_dir,
         resume=bool(training_args.resume_from_checkpoint),
         main_process=trainer.is_world_process_zero(),
+        existed=existed,
     ):
         trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
         trainer.save_model()
@@ -279,10 +287,22 @@ def run_and_print(model_args: ModelArguments, data_args: DataArguments, training
 
 
 def cmd(argv: Sequence[str]) -> int:
-    """``etu-hf unlearn``: with no ``--forget_corpora`` it runs the demo (:mod:`etu_hf.commands.demo`)."""
+    """``etu-hf unlearn``: with nothing of the user's (no ``--forget_corpora``, model, tokenizer, retain
+    corpora or V_S) it runs the demo (:mod:`etu_hf.commands.demo`); without ``--forget_corpora`` but with
+    any of those it refuses."""
     parser = unlearn_parser(method=unlearn_method(argv))  # --method decides which training flags exist
     given, _ = parser.parse_known_args(list(argv))  # -h/--help prints the flags and exits here
     if given.forget_corpora is None:
+        yours = [
+            f"--{name}"
+            for name in ("model_name_or_path", "tokenizer_name_or_path", "retain_corpora", "forbidden_ids_path")
+            if getattr(given, name, None) is not None
+        ]
+        if yours:  # the demo's generated forget text is not the user's data: never mix it with theirs
+            raise ValueError(
+                f"--forget_corpora: required with {', '.join(yours)} (the embedded demo runs only when none of your "
+                "model, data or V_S is given); name the text to forget, e.g. --forget_corpora forget.txt."
+            )
         from etu_hf.commands.demo import cmd as demo
 
         print("etu-hf unlearn: no --forget_corpora given, running the embedded demo (see `etu-hf demo --help`).")
