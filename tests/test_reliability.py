@@ -212,9 +212,9 @@ def test_files_no_etu_hf_run_wrote_are_refused(tmp_path, corpora, capsys, no_mod
     (out / "README.md").write_text("---\ntags: [etu-hf]\n---\n")
     check_output_dir(str(out), True)
     (out / "README.md").write_text("# my notes\n")
-    with pytest.raises(ValueError, match="holds README.md, which no etu-hf run wrote"):
+    with pytest.raises(ValueError, match=r"holds README\.md, which no etu-hf run wrote"):
         check_output_dir(str(out), True)
-    with pytest.raises(ValueError, match="holds README.md, which no etu-hf run wrote"), RunFolder(str(out), True):
+    with pytest.raises(ValueError, match=r"holds README\.md, which no etu-hf run wrote"), RunFolder(str(out), True):
         pass
 
 
@@ -237,3 +237,115 @@ def test_a_diverged_run_stops_and_saves_nothing(tmp_path, corpora, capsys):
     line = refused(capsys, ["unlearn", *argv], "training diverged at step ")
     assert "nothing was saved" in line and "--learning_rate (now 1e+10)" in line
     assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------------------------- models, tokenizers, V_S
+def _model_flags(tmp_path, corpora, model, *extra):
+    argv = flags(tmp_path, *corpora, *extra)
+    argv[argv.index("--model_name_or_path") + 1] = str(model)
+    return argv
+
+
+def test_model_path_problems_are_one_line_before_anything_loads(tmp_path, corpora, capsys, no_model_load, monkeypatch):  # noqa: F811
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    bad_config = tmp_path / "bad_config"
+    bad_config.mkdir()
+    (bad_config / "config.json").write_text("{bad")
+    no_weights = tmp_path / "no_weights"
+    no_weights.mkdir()
+    shutil.copy(os.path.join(DEMO_MODEL_DIR, "config.json"), no_weights)
+    no_tokenizer = tmp_path / "no_tokenizer"
+    shutil.copytree(DEMO_MODEL_DIR, no_tokenizer, ignore=shutil.ignore_patterns("tokenizer*"))
+    a_file = tmp_path / "model.bin"
+    a_file.write_bytes(b"x")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    cases = [
+        (tmp_path / "nowhere", "does not exist (and is not a hub id such as org/name)"),
+        (empty, "holds no config.json: it is not a model folder"),
+        (bad_config, "its config.json is not valid JSON (Expecting property name"),
+        (no_weights, "holds config.json but no weights (model.safetensors, pytorch_model.bin, ...)"),
+        (no_tokenizer, "holds no tokenizer (tokenizer.json, tokenizer_config.json, tokenizer.model, ...)"),
+        (a_file, "is a file, not a model folder"),
+        (fifo, "is a FIFO (named pipe), not a model folder"),
+        ("some-org/not-cached", "is not a local folder and not in the hub cache, and HF_HUB_OFFLINE"),
+    ]
+    for model, message in cases:
+        line = refused(capsys, ["unlearn", *_model_flags(tmp_path, corpora, model)], message)
+        assert line.startswith(f"etu-hf unlearn: error: --model_name_or_path {str(model)!r}"), line
+    for model, message in cases[:3] + cases[5:]:
+        refused(capsys, ["env", "--model_name_or_path", str(model)], message)
+    assert not (tmp_path / "run").exists()
+
+
+def _small_tokenizer(folder):
+    """A 10-token tokenizer: another model's (the demo model has 2048 rows)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<unk>", "<pad>", "a", "b", "c", "d", "e", "f", "g", "h"])}
+    spec = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    spec.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=spec, unk_token="<unk>", pad_token="<pad>").save_pretrained(folder)
+    return folder
+
+
+def test_a_tokenizer_of_another_model_is_refused_before_the_weights(tmp_path, corpora, capsys, no_model_load):  # noqa: F811
+    tok = _small_tokenizer(tmp_path / "tok")
+    argv = flags(tmp_path, *corpora, "--tokenizer_name_or_path", str(tok))
+    line = refused(capsys, ["unlearn", *argv], "--tokenizer_name_or_path: the tokenizer has 10 tokens but the model's")
+    assert "it is not the model's tokenizer" in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_config_with_more_layers_than_the_weights_is_refused(tmp_path, corpora, capsys):
+    model = tmp_path / "model"
+    shutil.copytree(DEMO_MODEL_DIR, model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "num_hidden_layers": config["num_hidden_layers"] + 2}))
+    line = refused(capsys, ["unlearn", *_model_flags(tmp_path, corpora, model)], "config.json describes weights")
+    assert "model.layers.4." in line and "they would start random" in line
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ({"ids": [5, 6], "vocab_size": 4096}, "V_S was built for a vocabulary of 4096 tokens (its vocab_size) but"),
+        ([1, 5, 6], "V_S holds the tokenizer's pad token (id 1): padding is not text"),
+        (list(range(2048)), "V_S holds every one of the model's 2048 tokens, so no token is left"),
+        ([5, 99999], "forbidden token id(s) are outside the model's vocabulary [0, 2048)"),
+    ],
+)
+def test_v_s_files_that_do_not_fit_are_refused_before_the_weights(
+    tmp_path,
+    corpora,
+    capsys,
+    no_model_load,  # noqa: F811
+    content,
+    message,
+):
+    path = tmp_path / "V_S.ids.json"
+    path.write_text(json.dumps(content))
+    line = refused(capsys, ["unlearn", *flags(tmp_path, *corpora, "--forbidden_ids_path", str(path))], message)
+    assert line.startswith("etu-hf unlearn: error: --forbidden_ids_path: ")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_refused_trainer_leaves_no_empty_output_folder(tmp_path, model, tokenizer, make_args):
+    from etu_hf import ETUTrainer
+    from etu_hf.data.blocks import tokenize_and_block
+    from etu_hf.demo.corpus import forget_documents
+
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="V_S holds the tokenizer's pad token"):
+        ETUTrainer(
+            model=model,
+            args=make_args(output_dir=str(out)),
+            train_dataset=tokenize_and_block(forget_documents(20, seed=1), tokenizer, 64),
+            processing_class=tokenizer,
+            forbidden_set=[tokenizer.pad_token_id, 7],
+        )
+    assert not out.exists()

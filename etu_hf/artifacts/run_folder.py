@@ -1,13 +1,14 @@
 """What a run may do to its ``output_dir``.
 
-- :func:`check_output_dir` (:mod:`etu_hf.artifacts.output_dir`, re-exported here): before anything is loaded or written, refuse an ``output_dir`` that is a
-  file, that cannot be written to, that is the model's own folder, that another run is writing to
-  (its lock, :mod:`etu_hf.artifacts.run_lock`), that holds files a run would overwrite which no etu-hf
-  run wrote (your README.md, a model's config.json), that still holds a ``_previous_run_*`` folder of a
-  run that was killed, or that holds a previous run (unless ``--overwrite_output_dir`` or
-  ``--resume_from_checkpoint``), with a message naming the flag and the fix. The ``etu-hf`` command
-  line applies it; ``ETUTrainer.train`` (a drop-in for ``Trainer``, which writes over a previous run)
-  checks that the folder is writable and holds nothing of yours, and replaces a previous run with a warning.
+- :func:`check_output_dir` (:mod:`etu_hf.artifacts.output_dir`, re-exported here): before anything is
+  loaded or written, refuse an ``output_dir`` that is a file, that cannot be written to, that is the
+  model's own folder, that another run is writing to (its lock, :mod:`etu_hf.artifacts.run_lock`), that
+  holds files a run would overwrite which no etu-hf run wrote (your README.md, a model's config.json),
+  that still holds a ``_previous_run_*`` folder of a run that was killed, or that holds a previous run
+  (unless ``--overwrite_output_dir`` or ``--resume_from_checkpoint``), with a message naming the flag
+  and the fix. The ``etu-hf`` command line applies it; ``ETUTrainer.train`` (a drop-in for ``Trainer``,
+  which writes over a previous run) checks that the folder is writable and holds nothing of yours, and
+  replaces a previous run with a warning.
 - :class:`RunFolder`: wraps a run's writes under the folder's lock. A run that fails leaves the folder
   as it found it, except for complete checkpoints (they can be resumed); the previous run's files are
   moved aside into ``_previous_run_<time>/`` first (with ``--overwrite_output_dir``, and on a resume

@@ -36,6 +36,25 @@ from etu_hf.training import run_state
 logger = logging.getLogger(__name__)
 
 
+def removes_created_output_dir(init: Any) -> Any:
+    """Decorate a trainer's ``__init__`` (``model, args, ...``): when it fails, an ``output_dir`` that
+    ``Trainer.__init__`` created and left empty is removed, so a refused run leaves nothing behind."""
+
+    @functools.wraps(init)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> None:
+        given = kwargs["args"] if "args" in kwargs else (args[1] if len(args) > 1 else None)
+        out = getattr(given, "output_dir", None)
+        existed = out is None or os.path.isdir(out)
+        try:
+            init(self, *args, **kwargs)
+        except BaseException:
+            if not existed and os.path.isdir(out) and not os.listdir(out):
+                os.rmdir(out)
+            raise
+
+    return wrapper
+
+
 class RunRecords:
     """``train``/``audit``/saving of ``ETUTrainer``: what a run writes besides the Trainer's own files."""
 
