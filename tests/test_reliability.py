@@ -349,3 +349,120 @@ def test_a_refused_trainer_leaves_no_empty_output_folder(tmp_path, model, tokeni
             forbidden_set=[tokenizer.pad_token_id, 7],
         )
     assert not out.exists()
+
+
+# ------------------------------------------------------------------------------------- data, flags, one line
+def test_corpora_that_are_not_text_files(tmp_path, corpora, capsys, no_model_load):  # noqa: F811
+    numbers = tmp_path / "numbers.jsonl"
+    numbers.write_text('{"text": 5}\n{"text": 7}\n')
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    run = tmp_path / "old-run"
+    previous_run(run)
+    notes = tmp_path / "notes.md"
+    notes.write_text("# notes\n")
+    cases = [
+        (numbers, "column 'text' row 1 holds int '5', not text"),
+        (fifo, "is neither a file nor a folder (a FIFO or a device?)"),
+        (run, "is an etu-hf run folder (V_S.ids.json, args.json), not a corpus"),
+        (notes, "notes.md is not a corpus file this command reads"),
+    ]
+    for path, message in cases:
+        line = refused(capsys, ["unlearn", *flags(tmp_path, str(path), corpora[1])], message)
+        assert line.startswith("etu-hf unlearn: error: --forget_corpora: "), line
+    assert not (tmp_path / "run").exists()
+
+
+def test_compressed_json_lines_corpora_are_read(tmp_path, tokenizer):
+    import gzip
+
+    from etu_hf.commands.arguments import DataArguments
+    from etu_hf.commands.unlearn import prepare_corpora
+    from etu_hf.demo.corpus import forget_documents
+
+    docs = forget_documents(20, seed=4)
+    path = tmp_path / "forget.jsonl.gz"
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        f.writelines(json.dumps({"text": d}) + "\n" for d in docs)
+    data = prepare_corpora(DataArguments(forget_corpora=[str(path)], block_size=32), tokenizer, seed=0)
+    assert len(data["forget_train"]) + len(data["forget_eval"]) > 0
+    from etu_hf.data.corpus import load_corpora, parse_corpus_specs
+
+    loaded = load_corpora(parse_corpus_specs([str(path)]), "text", "--forget_corpora")
+    assert loaded == [[d.strip() for d in docs]]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--seed", "-1"], "seed: must be in [0, 2**32)"),
+        (["--max_steps", "abc"], "invalid int value: 'abc' (see `etu-hf unlearn --help`)"),
+        (["--report_to", "tensorboard"], "--report_to tensorboard: its package is not installed"),
+        (["--max_steps", "-1", "--num_train_epochs", "0"], "num_train_epochs: with max_steps <= 0 it trains 0 steps"),
+    ],
+)
+def test_flag_errors_are_one_line_naming_the_flag(tmp_path, corpora, capsys, no_model_load, extra, message):  # noqa: F811
+    if extra[0] == "--report_to":
+        pytest.importorskip("transformers.integrations")
+        from etu_hf.training.setup import check_report_to
+
+        try:
+            check_report_to(ETUTrainingArguments(output_dir="unused", report_to="tensorboard"))
+            pytest.skip("tensorboard is installed here")
+        except ValueError:
+            pass
+    line = refused(capsys, ["unlearn", *flags(tmp_path, *corpora, *extra)], message)
+    assert capsys.readouterr().out.count("usage:") == 0, line
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("command", ["audit", "eval", "compare", "unlearn"])
+def test_tokens_are_never_echoed(tmp_path, capsys, command):
+    secret = "plain-secret-value-42"
+    assert main([command, "--hub_token", secret, "--output_dir", str(tmp_path / "o"), "--no_such_flag"]) == 2
+    captured = capsys.readouterr()
+    assert secret not in captured.err + captured.out
+    assert captured.err.count("\n") == 1 and "error:" in captured.err
+
+
+def test_push_to_an_unreachable_endpoint_is_one_line(tmp_path, capsys, monkeypatch):
+    def unreachable(*args, **kwargs):
+        raise ConnectionError("[Errno 111] Connection refused\n(and a long chain after it)")
+
+    monkeypatch.setattr("etu_hf.hub.push.push_run", unreachable)
+    argv = [
+        "push",
+        "--output_dir",
+        str(tmp_path),
+        "--repo_id",
+        "me/unlearned",
+        "--hub_token",
+        "hf_abcdefghijklmnopqrstu",
+    ]
+    line = refused(capsys, argv, "the upload to me/unlearned failed (ConnectionError: [Errno 111] Connection refused)")
+    assert "is unchanged" in line and "HF_ENDPOINT" in line and "hf_abcdef" not in line
+
+
+def test_a_full_disk_is_one_line(tmp_path, corpora, capsys, monkeypatch):
+    import errno
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / "V_S.ids.json"))
+
+    monkeypatch.setattr("etu_hf.training.records.write_json", full)
+    monkeypatch.setattr("etu_hf.forbidden_set.ForbiddenSet.save", full)
+    assert main(["unlearn", *flags(tmp_path, *corpora)]) == 1
+    ours = [line for line in capsys.readouterr().err.splitlines() if line.startswith("etu-hf")]
+    assert len(ours) == 1 and ours[0].startswith("etu-hf unlearn: error: no space left on the device writing "), ours
+    assert not (tmp_path / "run").exists()
+
+
+def test_input_ids_beyond_the_vocabulary_from_python(tmp_path, model, tokenizer, make_args):
+    import datasets
+
+    from etu_hf import ETUTrainer
+
+    data = datasets.Dataset.from_dict({"input_ids": [[5, 6, 7, 5000]] * 4, "attention_mask": [[1] * 4] * 4})
+    with pytest.raises(ValueError, match=r"train_dataset \(the forget data\) holds token id 5000 in 'input_ids'"):
+        ETUTrainer(model=model, args=make_args(), train_dataset=data, processing_class=tokenizer, forbidden_set=[5])
+    assert not (tmp_path / "out").exists()

@@ -36,6 +36,7 @@ from etu_hf.data.blocks import tokenize_and_block
 from etu_hf.data.corpus import load_corpora, parse_corpus_specs, split_documents, warn_if_corpora_overlap
 from etu_hf.modeling.paths import check_model_path
 from etu_hf.training.config import ETUTrainingArguments
+from etu_hf.training.setup import check_report_to
 
 logger = logging.getLogger(__name__)
 
@@ -207,6 +208,7 @@ def run_unlearning(
         training_args.output_dir, training_args.overwrite_output_dir, training_args.resume_from_checkpoint, inputs
     )
     resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
+    check_report_to(training_args)
     push_repo = hub_repo_before_training(training_args)
     # The corpora before the weights: a bad corpus fails in seconds, not after loading a large model.
     check_model_path(model_args.model_name_or_path, "--model_name_or_path")  # before the tokenizer it also holds

@@ -295,6 +295,9 @@ class ETUTrainingArguments(SecretFreeArguments, TrainingArguments):
             fail("span_ngram_max", "must be >= 2")
         if self.retain_weight < 0:
             fail("retain_weight", "must be >= 0")
+        for name in ("seed", "data_seed"):
+            if getattr(self, name) is not None and not 0 <= getattr(self, name) < 2**32:
+                fail(name, "must be in [0, 2**32) (numpy and torch take seeds there), e.g. 42")
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
             fail(
                 "num_train_epochs",

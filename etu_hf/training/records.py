@@ -51,6 +51,7 @@ def removes_created_output_dir(init: Any) -> Any:
             if not existed and os.path.isdir(out) and not os.listdir(out):
                 os.rmdir(out)
             raise
+        self._created_output_dir = not existed  # a first train() that fails removes it again
 
     return wrapper
 
@@ -113,7 +114,8 @@ class RunRecords:
             logger.warning("%s holds no lambda controller state (etu_controller.json); the controller restarts", resume)
         # overwrite=True: like Trainer, a rerun into the same output_dir replaces the previous run (warned
         # above); inside `etu-hf unlearn`, whose stricter check already ran, the outer RunFolder decides.
-        with RunFolder(a.output_dir, True, resume is not None, main):
+        created, self._created_output_dir = getattr(self, "_created_output_dir", False), False
+        with RunFolder(a.output_dir, True, resume is not None, main, existed=not created):
             if main:
                 self.forbidden_set.save(os.path.join(a.output_dir, FORBIDDEN_SET_FILE))
                 write_json(os.path.join(a.output_dir, ARGS_FILE), {**a.to_dict(), **self.run_arguments})
