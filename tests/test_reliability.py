@@ -466,3 +466,8 @@ def test_input_ids_beyond_the_vocabulary_from_python(tmp_path, model, tokenizer,
     with pytest.raises(ValueError, match=r"train_dataset \(the forget data\) holds token id 5000 in 'input_ids'"):
         ETUTrainer(model=model, args=make_args(), train_dataset=data, processing_class=tokenizer, forbidden_set=[5])
     assert not (tmp_path / "out").exists()
+
+
+def test_a_fifo_as_output_dir_is_not_called_a_file_or_folder(tmp_path, corpora, capsys, no_model_load):  # noqa: F811
+    os.mkfifo(tmp_path / "run")
+    refused(capsys, ["unlearn", *flags(tmp_path, *corpora)], "is a FIFO or device, not a file, not a folder")

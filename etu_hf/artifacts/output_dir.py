@@ -88,8 +88,9 @@ def check_writable(output_dir: str, flag: str = "--output_dir") -> None:
     read-only mounts.
     """
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        kind = "a file" if os.path.isfile(output_dir) else "a FIFO or device, not a file"
         raise ValueError(
-            f"{flag} {output_dir!r} is a file, not a folder; nothing was written. Give a folder path (it is created "
+            f"{flag} {output_dir!r} is {kind}, not a folder; nothing was written. Give a folder path (it is created "
             "if missing)."
         )
     existing = os.path.abspath(output_dir)
