@@ -71,15 +71,25 @@ def check_before_weights(
     tokenizer_flag: str,
     forbidden_ids_path: str | None = None,
     trust_remote_code: bool = False,
+    layer_ids: str | None = None,
 ) -> None:
     """What can be checked from ``config.json``, the tokenizer and the V_S file before any weight is read:
-    the tokenizer fits the model's vocabulary (:func:`~etu_hf.modeling.checks.tokenizer_mismatch`) and a
-    ``--forbidden_ids_path`` fits both (:meth:`~etu_hf.ForbiddenSet.check_vocab`). ``ValueError`` naming the flag."""
+    ``--layer_ids`` exist (``num_hidden_layers``), the tokenizer fits the model's vocabulary
+    (:func:`~etu_hf.modeling.checks.tokenizer_mismatch`) and a ``--forbidden_ids_path`` fits both
+    (:meth:`~etu_hf.ForbiddenSet.check_vocab`). ``ValueError`` naming the flag."""
     from etu_hf.forbidden_set import ForbiddenSet
+    from etu_hf.modeling.adapters import parse_ids
     from etu_hf.modeling.checks import tokenizer_mismatch
 
     path = path or DEMO_MODEL_DIR
-    rows = getattr(load_config(path, "--model_name_or_path", trust_remote_code).get_text_config(), "vocab_size", None)
+    text_config = load_config(path, "--model_name_or_path", trust_remote_code).get_text_config()
+    layers = getattr(text_config, "num_hidden_layers", None)
+    bad = [i for i in parse_ids(layer_ids, "--layer_ids") or [] if isinstance(layers, int) and not 0 <= i < layers]
+    if bad:
+        raise ValueError(
+            f"--layer_ids: layer(s) {bad} out of range: the model has {layers} decoder layers (0..{layers - 1})"
+        )
+    rows = getattr(text_config, "vocab_size", None)
     if not isinstance(rows, int):
         return
     problem = tokenizer_mismatch(len(tokenizer), rows, f"{tokenizer_flag}: the tokenizer")

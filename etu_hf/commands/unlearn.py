@@ -222,6 +222,7 @@ def run_unlearning(
         tok_flag,
         training_args.forbidden_ids_path,
         model_args.trust_remote_code,
+        model_args.layer_ids,
     )
     data = prepare_corpora(data_args, tokenizer, training_args.seed)
     init_deepspeed_for_zero3(training_args)
