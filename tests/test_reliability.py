@@ -396,7 +396,7 @@ def test_compressed_json_lines_corpora_are_read(tmp_path, tokenizer):
     "extra, message",
     [
         (["--seed", "-1"], "seed: must be in [0, 2**32)"),
-        (["--use_lora", "--layer_ids", "99"], "--layer_ids: layer(s) [99] out of range: the model has 4 decoder layers"),
+        (["--use_lora", "--layer_ids", "99"], "--layer_ids: layer(s) [99] out of range: the model has 4"),
         (["--max_steps", "abc"], "invalid int value: 'abc' (see `etu-hf unlearn --help`)"),
         (["--report_to", "tensorboard"], "--report_to tensorboard: its package is not installed"),
         (["--max_steps", "-1", "--num_train_epochs", "0"], "num_train_epochs: with max_steps <= 0 it trains 0 steps"),
