@@ -102,10 +102,28 @@ class ForbiddenSet:
         """The ids as a long tensor (for ``logits[..., ids]``)."""
         return torch.tensor(self.ids, dtype=torch.long, device=device)
 
-    def check_vocab(self, vocab_size: int, source: str = "forbidden_ids_path") -> None:
-        """Raise ``ValueError`` naming ``source`` if an id is outside ``[0, vocab_size)`` or V_S is empty."""
+    def check_vocab(self, vocab_size: int, source: str = "forbidden_ids_path", pad_token_id: int | None = None) -> None:
+        """Raise ``ValueError`` naming ``source`` if V_S does not fit the model: it is empty or holds the whole
+        vocabulary (no token would be left to move the mass to), it was built for a vocabulary of another
+        size (its ``vocab_size``), an id is outside ``[0, vocab_size)``, or it holds ``pad_token_id``."""
         if not self.ids:
             raise ValueError(f"{source}: the forbidden set V_S is empty.")
+        if self.vocab_size is not None and self.vocab_size != vocab_size:
+            raise ValueError(
+                f"{source}: V_S was built for a vocabulary of {self.vocab_size} tokens (its vocab_size) but the "
+                f"model has {vocab_size}: it belongs to another model or tokenizer; rebuild V_S for this model."
+            )
+        if len(set(self.ids)) >= vocab_size:
+            raise ValueError(
+                f"{source}: V_S holds every one of the model's {vocab_size} tokens, so no token is left to move the "
+                "mass to; give only the tokens to suppress (--pmi_top_k / --vocab_top_k bound a built V_S)."
+            )
+        if pad_token_id is not None and pad_token_id in self.ids:
+            raise ValueError(
+                f"{source}: V_S holds the tokenizer's pad token (id {pad_token_id}): padding is not text, and when the "
+                f"pad token is also the EOS token suppressing it stops the model from ending text; remove id "
+                f"{pad_token_id} from V_S."
+            )
         bad = [i for i in self.ids if i < 0 or i >= vocab_size]
         if bad:
             raise ValueError(

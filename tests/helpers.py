@@ -86,7 +86,7 @@ def make_read_only(path, monkeypatch):
                 raise PermissionError(13, "Permission denied")
             return real(*args, dir=dir, **kwargs)
 
-        monkeypatch.setattr("etu_hf.artifacts.run_folder.tempfile.mkstemp", refuse)
+        monkeypatch.setattr("etu_hf.artifacts.output_dir.tempfile.mkstemp", refuse)
 
 
 def audit_table(text: str) -> dict[str, list[str]]:

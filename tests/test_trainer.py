@@ -411,6 +411,7 @@ def test_rerun_replaces_a_previous_run_like_trainer_and_only_when_it_succeeds(
     run); the previous run is named in a warning, put back if the new run fails, removed when it succeeds."""
     out = tmp_path / "out"
     out.mkdir()
+    (out / "V_S.ids.json").write_text('{"ids": [5, 6]}')  # an etu-hf run's (a folder without one is refused)
     (out / "metrics.json").write_text('{"precious": true}')
     (out / "checkpoint-7").mkdir()
     (out / "my_notes.txt").write_text("not a run artifact")
@@ -435,7 +436,7 @@ def test_rerun_replaces_a_previous_run_like_trainer_and_only_when_it_succeeds(
     assert "checkpoint-7, metrics.json" in warning and "my_notes.txt" not in warning
     assert "--overwrite_output_dir" in warning  # says the command line is stricter
     # the failed run wrote V_S.ids.json and args.json, then crashed: the previous run is back as it was
-    assert sorted(os.listdir(out)) == ["checkpoint-7", "metrics.json", "my_notes.txt"]
+    assert sorted(os.listdir(out)) == ["V_S.ids.json", "checkpoint-7", "metrics.json", "my_notes.txt"]
     assert (out / "metrics.json").read_text() == '{"precious": true}'
     rerun().train()
     # a run that succeeds replaces the previous run entirely (no stale checkpoint-7 beside the new V_S);

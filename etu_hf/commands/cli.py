@@ -13,12 +13,15 @@ this module imports nothing heavy, so process-wide settings still precede torch.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import importlib
 import logging
 import os
 import shutil
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 
 #: ``etu-hf <name>`` runs ``etu_hf.commands.<name>.cmd(argv)``.
 COMMANDS = {
@@ -95,20 +98,91 @@ def main(argv: Sequence[str] | None = None) -> int:
     if known.command is None:
         parser.print_help()
         return 2
+
+    def fail(err: BaseException, status: int) -> int:
+        print(f"etu-hf {known.command}: error: {hide_secrets(str(err), argv)}", file=sys.stderr)
+        return status
+
+    debug = bool(os.environ.get("ETU_HF_DEBUG"))
     try:
-        return importlib.import_module(f"etu_hf.commands.{known.command}").cmd(rest)
-    except SystemExit as stop:  # the command's parser: --help (0) or a usage error (2)
+        with one_line_usage_errors(known.command), quiet_library_warnings():
+            return importlib.import_module(f"etu_hf.commands.{known.command}").cmd(rest)
+    except SystemExit as stop:  # the command's parser: --help (0)
         return stop.code if isinstance(stop.code, int) else 0
     except (ValueError, TypeError, FileNotFoundError, ImportError) as err:
         # Bad input: one clear line naming the flag, not a traceback (set ETU_HF_DEBUG=1 to see it).
-        if os.environ.get("ETU_HF_DEBUG"):
+        if debug:
             raise
-        print(f"etu-hf {known.command}: error: {err}", file=sys.stderr)
-        return 2
+        return fail(err, 2)
+    except OSError as err:  # the machine, not the input: a full disk (ENOSPC), a lost mount, ...
+        if debug:
+            raise
+        if err.errno == errno.ENOSPC:
+            where = f" writing {err.filename}" if err.filename else ""
+            err = OSError(
+                f"no space left on the device{where}; the run's folder was put back as it was found (complete "
+                "checkpoints kept). Free some space or choose another --output_dir, and run again."
+            )
+        return fail(err, 1)
     except KeyboardInterrupt:
         # The run folder was already put back as it was found (complete checkpoints kept; see the log).
         print(f"etu-hf {known.command}: interrupted", file=sys.stderr)
         return 130
+
+
+class UsageError(ValueError):
+    """An argparse usage error, raised instead of printing the usage and exiting (see :func:`one_line_usage_errors`)."""
+
+
+@contextlib.contextmanager
+def one_line_usage_errors(command: str) -> Iterator[None]:
+    """While a command runs, an argparse error (an unknown flag, a value that does not parse) raises
+    :class:`UsageError` with argparse's message and a pointer to ``--help``, instead of printing the
+    whole usage (160 lines for ``unlearn``) before it."""
+
+    def error(self: argparse.ArgumentParser, message: str) -> None:
+        raise UsageError(f"{message} (see `etu-hf {command} --help`)")
+
+    saved = argparse.ArgumentParser.error
+    argparse.ArgumentParser.error = error  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        argparse.ArgumentParser.error = saved  # type: ignore[method-assign]
+
+
+@contextlib.contextmanager
+def quiet_library_warnings() -> Iterator[None]:
+    """While a command runs, bitsandbytes' import-time messages (CUDA library and kernel lookups) are
+    not shown, so an error stays one line; nothing is changed on disk, and the levels are restored."""
+    loggers = [logging.getLogger(name) for name in ("bitsandbytes", "bitsandbytes.cextension")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", module=r"bitsandbytes(\..*)?")
+        try:
+            yield
+        finally:
+            for lg, level in zip(loggers, levels, strict=True):
+                lg.setLevel(level)
+
+
+def hide_secrets(message: str, argv: Sequence[str]) -> str:
+    """``message`` with the value of every secret flag of ``argv`` (``--hub_token T``, ``--token=T``) and
+    anything shaped like a hub token replaced by ``<redacted>``."""
+    from etu_hf.artifacts.files import REDACTED, is_secret_key, redact_secrets
+
+    secrets = []
+    for i, arg in enumerate(argv):
+        name, eq, value = arg.partition("=")
+        if name.startswith("--") and is_secret_key(name.lstrip("-").replace("-", "_")):
+            value = value if eq else (argv[i + 1] if i + 1 < len(argv) else "")
+            if value:
+                secrets.append(value)
+    for value in sorted(secrets, key=len, reverse=True):
+        message = message.replace(value, REDACTED)
+    return redact_secrets(message)
 
 
 if __name__ == "__main__":

@@ -63,7 +63,11 @@ def _plan(user_argv: Sequence[str]) -> tuple[list[str], str, bool]:
     if output_dir is None:
         output_dir = _free_output_dir(DEFAULT_OUTPUT_DIR)
         user_argv += ["--output_dir", output_dir]
-    check_output_dir(output_dir, given.overwrite_output_dir, given.resume_from_checkpoint)
+    inputs = {
+        "--model_name_or_path": given.model_name_or_path,
+        "--tokenizer_name_or_path": given.tokenizer_name_or_path,
+    }
+    check_output_dir(output_dir, given.overwrite_output_dir, given.resume_from_checkpoint, inputs)
     argv = list(DEMO_DEFAULTS)
     wrote = given.forget_corpora is None
     if wrote:

@@ -70,7 +70,13 @@ def model_parameters(model_name_or_path: str) -> int:
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(model_name_or_path)
+    from etu_hf.modeling.paths import check_model_path, load_failure
+
+    check_model_path(model_name_or_path, "--model_name_or_path", weights=False, config=True)
+    try:
+        config = AutoConfig.from_pretrained(model_name_or_path)
+    except (OSError, ValueError) as err:
+        raise load_failure(model_name_or_path, "--model_name_or_path", "config.json", err) from err
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config)
     return sum(p.numel() for p in model.parameters())

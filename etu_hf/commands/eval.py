@@ -121,7 +121,25 @@ def resolve_sources(args: EvalArguments) -> Sources:
     """The benchmark (loaded; a bad folder raises ``ValueError`` naming it) and the paths to evaluate."""
     if args.adapter and not os.path.isdir(args.adapter):
         raise FileNotFoundError(f"--adapter {args.adapter!r} is not a folder")
+    if args.adapter and not any(
+        os.path.isfile(os.path.join(args.adapter, n)) for n in ("adapter_config.json", "config.json")
+    ):
+        compare = os.path.isfile(os.path.join(args.adapter, "COMPARE.json"))
+        raise FileNotFoundError(
+            f"--adapter {args.adapter!r} holds neither adapter_config.json (a PEFT adapter) nor config.json (a full "
+            "model)"
+            + (
+                "; it is an `etu-hf compare` folder: give one of the runs it trained, with --model_name_or_path"
+                if compare
+                else ""
+            )
+        )
     run = RunRecord.read(args.adapter) if args.adapter else RunRecord(folder="")
+    if run.args and not args.model_name_or_path and "model_name_or_path" not in run.args:
+        raise ValueError(
+            f"--model_name_or_path: required, as the run in --adapter {args.adapter!r} does not record the model it "
+            "was trained from (an `etu-hf compare` run); give that model."
+        )
     target = retain = None
     from etu_hf.benchmark.folder import load_benchmark
 

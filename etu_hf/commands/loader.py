@@ -17,6 +17,7 @@ from etu_hf.modeling.checks import (
     load_config,
     vocab_mismatch,
 )
+from etu_hf.modeling.paths import check_model_path, load_failure
 
 
 def load_causal_lm(
@@ -29,6 +30,8 @@ def load_causal_lm(
     """
     from transformers import AutoModelForCausalLM
 
+    if path != DEMO_MODEL_DIR:
+        check_model_path(path, flag)
     config = load_config(path, flag, kwargs.get("trust_remote_code", False))
     check_causal_config(config, path, flag)
     if max_length is not None:
@@ -38,7 +41,7 @@ def load_causal_lm(
     if mismatch:
         raise ValueError(f"{flag} {path!r}: the weights do not match config.json: {mismatch}.")
     try:
-        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **kwargs)
     except ValueError as err:
         if "Unrecognized configuration class" in str(err):
             raise TypeError(
@@ -52,6 +55,48 @@ def load_causal_lm(
                 "config.json belongs to these weights."
             ) from err
         raise
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:  # transformers would start them from random values, with a log line only
+        shown = ", ".join(missing[:3]) + (f", ... ({len(missing)} in all)" if len(missing) > 3 else "")
+        raise ValueError(
+            f"{flag} {path!r}: config.json describes weights the files do not hold ({shown}); they would start "
+            "random. Use the config.json the weights came with (num_hidden_layers, ...)."
+        )
+    return model
+
+
+def check_before_weights(
+    path: str | None,
+    tokenizer: Any,
+    tokenizer_flag: str,
+    forbidden_ids_path: str | None = None,
+    trust_remote_code: bool = False,
+    layer_ids: str | None = None,
+) -> None:
+    """What can be checked from ``config.json``, the tokenizer and the V_S file before any weight is read:
+    ``--layer_ids`` exist (``num_hidden_layers``), the tokenizer fits the model's vocabulary
+    (:func:`~etu_hf.modeling.checks.tokenizer_mismatch`) and a ``--forbidden_ids_path`` fits both
+    (:meth:`~etu_hf.ForbiddenSet.check_vocab`). ``ValueError`` naming the flag."""
+    from etu_hf.forbidden_set import ForbiddenSet
+    from etu_hf.modeling.adapters import parse_ids
+    from etu_hf.modeling.checks import tokenizer_mismatch
+
+    path = path or DEMO_MODEL_DIR
+    text_config = load_config(path, "--model_name_or_path", trust_remote_code).get_text_config()
+    layers = getattr(text_config, "num_hidden_layers", None)
+    bad = [i for i in parse_ids(layer_ids, "--layer_ids") or [] if isinstance(layers, int) and not 0 <= i < layers]
+    if bad:
+        raise ValueError(
+            f"--layer_ids: layer(s) {bad} out of range: the model has {layers} decoder layers (0..{layers - 1})"
+        )
+    rows = getattr(text_config, "vocab_size", None)
+    if not isinstance(rows, int):
+        return
+    problem = tokenizer_mismatch(len(tokenizer), rows, f"{tokenizer_flag}: the tokenizer")
+    if problem:
+        raise ValueError(problem)
+    if forbidden_ids_path:
+        ForbiddenSet.load(forbidden_ids_path).check_vocab(rows, "--forbidden_ids_path", tokenizer.pad_token_id)
 
 
 def local_device() -> Any:
@@ -137,14 +182,24 @@ def load_training_model(model_args: Any, gradient_checkpointing: bool = False, m
     return model
 
 
-def load_tokenizer(path: str | None, trust_remote_code: bool = False) -> Any:
+def load_tokenizer(path: str | None, trust_remote_code: bool = False, flag: str = "--model_name_or_path") -> Any:
     """``AutoTokenizer`` from ``path`` (the embedded demo model's when ``None``), with the EOS token as
-    pad token when it has none (:func:`etu_hf.data.blocks.ensure_pad_token`)."""
+    pad token when it has none (:func:`etu_hf.data.blocks.ensure_pad_token`).
+
+    The path is checked first (:func:`etu_hf.modeling.paths.check_model_path`), and a tokenizer that
+    still fails to load is a ``ValueError`` naming ``flag``."""
     from transformers import AutoTokenizer
 
     from etu_hf.data.blocks import ensure_pad_token
 
-    return ensure_pad_token(AutoTokenizer.from_pretrained(path or DEMO_MODEL_DIR, trust_remote_code=trust_remote_code))
+    if path is None:
+        return ensure_pad_token(AutoTokenizer.from_pretrained(DEMO_MODEL_DIR))
+    check_model_path(path, flag, weights=False, tokenizer=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, ImportError) as err:
+        raise load_failure(path, flag, "tokenizer", err) from err
+    return ensure_pad_token(tokenizer)
 
 
 def init_deepspeed_for_zero3(training_args: Any) -> None:

@@ -22,10 +22,17 @@ from etu_hf.commands.arguments import (
     training_arguments_class,
 )
 from etu_hf.commands.cli import setup_logging
-from etu_hf.commands.loader import init_deepspeed_for_zero3, load_tokenizer, load_training_model
+from etu_hf.commands.loader import (
+    check_before_weights,
+    init_deepspeed_for_zero3,
+    load_tokenizer,
+    load_training_model,
+)
 from etu_hf.data.blocks import tokenize_and_block
 from etu_hf.data.corpus import load_corpora, parse_corpus_specs, split_documents, warn_if_corpora_overlap
+from etu_hf.modeling.paths import check_model_path
 from etu_hf.training.config import ETUTrainingArguments
+from etu_hf.training.setup import check_report_to
 
 logger = logging.getLogger(__name__)
 
@@ -188,12 +195,30 @@ def run_unlearning(
     # ETUTrainer.train checks output_dir and the checkpoint too, but only after the model is loaded and V_S
     # built: checked here first, a previous run, an unwritable folder or an incomplete checkpoint is refused
     # in a second instead of after loading a large model.
-    check_output_dir(training_args.output_dir, training_args.overwrite_output_dir, training_args.resume_from_checkpoint)
+    existed = os.path.isdir(training_args.output_dir)  # Trainer.__init__ creates it; a failed run removes it again
+    inputs = {
+        "--model_name_or_path": model_args.model_name_or_path,
+        "--tokenizer_name_or_path": model_args.tokenizer_name_or_path,
+    }
+    check_output_dir(
+        training_args.output_dir, training_args.overwrite_output_dir, training_args.resume_from_checkpoint, inputs
+    )
     resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
+    check_report_to(training_args)
     push_repo = hub_repo_before_training(training_args)
     # The corpora before the weights: a bad corpus fails in seconds, not after loading a large model.
+    check_model_path(model_args.model_name_or_path, "--model_name_or_path")  # before the tokenizer it also holds
+    tok_flag = "--tokenizer_name_or_path" if model_args.tokenizer_name_or_path else "--model_name_or_path"
     tokenizer = load_tokenizer(
-        model_args.tokenizer_name_or_path or model_args.model_name_or_path, model_args.trust_remote_code
+        model_args.tokenizer_name_or_path or model_args.model_name_or_path, model_args.trust_remote_code, tok_flag
+    )
+    check_before_weights(
+        model_args.model_name_or_path,
+        tokenizer,
+        tok_flag,
+        training_args.forbidden_ids_path,
+        model_args.trust_remote_code,
+        model_args.layer_ids,
     )
     data = prepare_corpora(data_args, tokenizer, training_args.seed)
     init_deepspeed_for_zero3(training_args)
@@ -236,6 +261,7 @@ def run_unlearning(
         overwrite=training_args.overwrite_output_dir,
         resume=bool(training_args.resume_from_checkpoint),
         main_process=trainer.is_world_process_zero(),
+        existed=existed,
     ):
         trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
         trainer.save_model()

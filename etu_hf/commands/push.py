@@ -49,21 +49,31 @@ def cmd(argv: Sequence[str]) -> int:
     from transformers import HfArgumentParser
 
     from etu_hf.commands.cli import setup_logging
-    from etu_hf.hub.push import push_run
+    from etu_hf.hub.push import PushError, push_run
 
     parser = HfArgumentParser(PushArguments, prog="etu-hf push")
     (args,) = parser.parse_args_into_dataclasses(args=list(argv))
     setup_logging()
-    url = push_run(
-        args.output_dir,
-        args.repo_id,
-        private=args.private,
-        revision=args.revision,
-        commit_message=args.commit_message,
-        token=args.hub_token,
-        base_model=args.base_model,
-        tags=args.tags,
-        dataset=args.dataset,
-    )
+    try:
+        url = push_run(
+            args.output_dir,
+            args.repo_id,
+            private=args.private,
+            revision=args.revision,
+            commit_message=args.commit_message,
+            token=args.hub_token,
+            base_model=args.base_model,
+            tags=args.tags,
+            dataset=args.dataset,
+        )
+    except PushError:
+        raise
+    except Exception as err:  # HTTP and network errors (an unreachable endpoint): one line, as unlearn --push_to_hub
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise PushError(
+            f"the upload to {args.repo_id} failed ({type(err).__name__}: {first}); the run in "
+            f"{args.output_dir} is unchanged: check the endpoint (HF_ENDPOINT), your connection and token, and push "
+            "again."
+        ) from err
     print(f"pushed {args.output_dir} to {args.repo_id}: {url}")
     return 0

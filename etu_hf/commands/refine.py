@@ -173,7 +173,11 @@ def run_refine(args: RefineArguments, config: Any) -> Any:
     if getattr(config, "beta", 1.0) <= 0:
         raise ValueError(f"--beta: must be > 0 (got {config.beta})")
     run = check_etu_output(args.adapter)
-    check_output_dir(config.output_dir, args.overwrite_output_dir, getattr(config, "resume_from_checkpoint", None))
+    existed = os.path.isdir(config.output_dir)  # the Trainer creates it; a failed run removes it again
+    inputs = {"--adapter": args.adapter, "--model_name_or_path": args.model_name_or_path}
+    check_output_dir(
+        config.output_dir, args.overwrite_output_dir, getattr(config, "resume_from_checkpoint", None), inputs
+    )
     check_weight_files(args.adapter, "--adapter")
     resume = resolve_resume_checkpoint(getattr(config, "resume_from_checkpoint", None), config.output_dir)
     base_path = args.model_name_or_path or run.args.get("model_name_or_path") or DEMO_MODEL_DIR
@@ -207,6 +211,7 @@ def run_refine(args: RefineArguments, config: Any) -> Any:
         overwrite=args.overwrite_output_dir,
         resume=resume is not None,
         main_process=trainer.is_world_process_zero(),
+        existed=existed,
     ):
         result = trainer.train(resume_from_checkpoint=resume)
         trainer.save_model(config.output_dir)

@@ -25,10 +25,22 @@ __all__ = ["UnlearnResult", "cmd", "prepare_corpora", "run_and_print", "run_unle
 
 
 def cmd(argv: Sequence[str]) -> int:
-    """``etu-hf unlearn``: with no ``--forget_corpora`` it runs the demo (:mod:`etu_hf.commands.demo`)."""
+    """``etu-hf unlearn``: with nothing of the user's (no ``--forget_corpora``, model, tokenizer, retain
+    corpora or V_S) it runs the demo (:mod:`etu_hf.commands.demo`); without ``--forget_corpora`` but with
+    any of those it refuses."""
     parser = unlearn_parser(method=unlearn_method(argv))  # --method decides which training flags exist
     given, _ = parser.parse_known_args(list(argv))  # -h/--help prints the flags and exits here
     if given.forget_corpora is None:
+        yours = [
+            f"--{name}"
+            for name in ("model_name_or_path", "tokenizer_name_or_path", "retain_corpora", "forbidden_ids_path")
+            if getattr(given, name, None) is not None
+        ]
+        if yours:  # the demo's generated forget text is not the user's data: never mix it with theirs
+            raise ValueError(
+                f"--forget_corpora: required with {', '.join(yours)} (the embedded demo runs only when none of your "
+                "model, data or V_S is given); name the text to forget, e.g. --forget_corpora forget.txt."
+            )
         print("etu-hf unlearn: no --forget_corpora given, running the embedded demo (see `etu-hf demo --help`).")
         return run_demo(argv)
     return run_and_print(*parse_unlearn_args(argv, parser))

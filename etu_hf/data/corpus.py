@@ -118,12 +118,38 @@ def parse_corpus_specs(value: str | Sequence[str] | None, flag: str = "--forget_
     return specs
 
 
-def _local_files(path: str) -> list[str]:
+#: Compressed files ``datasets`` reads as they are (``corpus.jsonl.gz``): the suffix before it decides the format.
+_COMPRESSED = (".gz", ".bz2", ".xz", ".zst")
+
+#: Files only an etu-hf run folder holds: such a folder given as a corpus is refused (its JSON files are not text).
+_RUN_FOLDER_FILES = ("V_S.ids.json", "args.json")
+
+
+def _builder(path: str) -> str | None:
+    """The ``datasets`` builder of a corpus file (``text``, ``json``, ``parquet``, ``csv``), or None."""
+    stem, ext = os.path.splitext(path.lower())
+    if ext in _COMPRESSED:
+        ext = os.path.splitext(stem)[1]
+    return _LOCAL_SUFFIXES.get(ext)
+
+
+def _local_files(path: str, flag: str = "--forget_corpora") -> list[str]:
+    known = ".txt/.json/.jsonl/.parquet/.csv (optionally compressed: .gz, .bz2, .xz, .zst)"
     if os.path.isfile(path):
+        if _builder(path) is None:
+            raise ValueError(f"{flag}: {path} is not a corpus file this command reads; give {known} files.")
         return [path]
+    if not os.path.isdir(path):
+        raise ValueError(f"{flag}: {path!r} is neither a file nor a folder (a FIFO or a device?); give {known} files.")
+    found = [n for n in _RUN_FOLDER_FILES if os.path.isfile(os.path.join(path, n))]
+    if found:
+        raise ValueError(
+            f"{flag}: {path!r} is an etu-hf run folder ({', '.join(found)}), not a corpus; give the text files the run "
+            "was trained on."
+        )
     files = []
     for root, _, names in os.walk(path):
-        files += [os.path.join(root, n) for n in names if os.path.splitext(n)[1].lower() in _LOCAL_SUFFIXES]
+        files += [os.path.join(root, n) for n in names if _builder(n) is not None]
     return sorted(files)
 
 
@@ -137,13 +163,18 @@ def load_corpus(spec: CorpusSpec, text_column: str = "text", flag: str = "--forg
     import datasets
 
     if spec.kind == "local":
-        files = _local_files(spec.path)
+        files = _local_files(spec.path, flag)
         if not files:
             raise FileNotFoundError(f"{flag}: folder {spec.path!r} holds no .txt/.json/.jsonl/.parquet/.csv file.")
         texts: list[str] = []
-        for builder in sorted({_LOCAL_SUFFIXES[os.path.splitext(f)[1].lower()] for f in files}):
-            group = [f for f in files if _LOCAL_SUFFIXES[os.path.splitext(f)[1].lower()] == builder]
-            group = [f for f in group if os.path.getsize(f) > 0 and (builder == "parquet" or _check_text_file(f, flag))]
+        for builder in sorted({_builder(f) for f in files}):
+            group = [f for f in files if _builder(f) == builder]
+            group = [
+                f
+                for f in group
+                if os.path.getsize(f) > 0
+                and (builder == "parquet" or f.endswith(_COMPRESSED) or _check_text_file(f, flag))
+            ]
             if not group:  # datasets fails obscurely on files without any content; the caller names the flag
                 continue
             kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
@@ -237,13 +268,14 @@ def _json_problem(path: str) -> str | None:
 def _load_failure(builder: str, files: list[str], err: Exception, flag: str) -> str:
     """One line saying which file (and, for JSON, which line) ``datasets`` could not read."""
     if builder == "json":
-        for path in files:
+        for path in (f for f in files if not f.endswith(_COMPRESSED)):
             problem = _json_problem(path)
             if problem:
                 return f"{flag}: {path} {problem}. Fix it (JSON Lines: one object per line)."
     cause = _root_cause(err)
     shown = files[0] if len(files) == 1 else f"{len(files)} {builder} files ({files[0]}, ...)"
-    return f"{flag}: could not read {shown}: {type(cause).__name__}: {cause}"
+    first = (str(cause).strip().splitlines() or [""])[0][:300]  # datasets' schema errors run to 80 lines
+    return f"{flag}: could not read {shown}: {type(cause).__name__}: {first}"
 
 
 def _text_column(ds: Any, text_column: str, spec: CorpusSpec, flag: str) -> list[str]:
@@ -252,7 +284,14 @@ def _text_column(ds: Any, text_column: str, spec: CorpusSpec, flag: str) -> list
             f"{flag}: corpus {spec.raw!r} has no column {text_column!r} (columns: {', '.join(ds.column_names)}). "
             "Set --text_column."
         )
-    return list(ds[text_column])
+    texts = list(ds[text_column])
+    for row, value in enumerate(texts, 1):
+        if value is not None and not isinstance(value, str):
+            raise ValueError(
+                f"{flag}: corpus {spec.raw!r}, column {text_column!r} row {row} holds {type(value).__name__} "
+                f"{str(value)[:40]!r}, not text; every row must be a string (or set --text_column)."
+            )
+    return texts
 
 
 def split_documents(docs: Sequence[str], heldout_fraction: float, seed: int) -> tuple[list[str], list[str]]:

@@ -40,13 +40,30 @@ def check_tokenizer_matches(model: nn.Module, tokenizer: Any) -> None:
     """Raise ``ValueError`` if the tokenizer can produce ids the model has no embedding for."""
     if tokenizer is None or not hasattr(tokenizer, "__len__"):
         return
-    vocab = output_vocab_size(model)
-    if len(tokenizer) > vocab:
-        raise ValueError(
-            f"the tokenizer has {len(tokenizer)} tokens but the model's output layer has {vocab} rows: the tokenizer "
-            "does not match the model. Load both from the same checkpoint (or call "
-            "model.resize_token_embeddings(len(tokenizer)) if you added tokens on purpose)."
+    problem = tokenizer_mismatch(len(tokenizer), output_vocab_size(model))
+    if problem:
+        raise ValueError(problem)
+
+
+def tokenizer_mismatch(tokens: int, rows: int, flag: str = "the tokenizer") -> str | None:
+    """Why a tokenizer of ``tokens`` tokens cannot be the one of a model with ``rows`` output rows, or None.
+
+    More tokens than rows: ids without an embedding. Fewer than half the rows: another model's
+    tokenizer (models pad their vocabulary by a few hundred rows at most), whose ids index unrelated
+    embeddings; the run would train and audit nonsense.
+    """
+    if tokens > rows:
+        return (
+            f"{flag} has {tokens} tokens but the model's output layer has {rows} rows: the tokenizer does not match "
+            "the model. Load both from the same checkpoint (or call model.resize_token_embeddings(len(tokenizer)) "
+            "if you added tokens on purpose)."
         )
+    if tokens < rows // 2:
+        return (
+            f"{flag} has {tokens} tokens but the model's output layer has {rows} rows: it is not the model's "
+            "tokenizer, and its ids would index unrelated embeddings. Load both from the same checkpoint."
+        )
+    return None
 
 
 #: Parameter names of input/output embeddings across architectures (rows = vocabulary size).

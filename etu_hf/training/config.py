@@ -295,6 +295,14 @@ class ETUTrainingArguments(SecretFreeArguments, TrainingArguments):
             fail("span_ngram_max", "must be >= 2")
         if self.retain_weight < 0:
             fail("retain_weight", "must be >= 0")
+        for name in ("seed", "data_seed"):
+            if getattr(self, name) is not None and not 0 <= getattr(self, name) < 2**32:
+                fail(name, "must be in [0, 2**32) (numpy and torch take seeds there), e.g. 42")
+        if self.max_steps <= 0 and self.num_train_epochs <= 0:
+            fail(
+                "num_train_epochs",
+                "with max_steps <= 0 it trains 0 steps: give --max_steps N or --num_train_epochs > 0",
+            )
         if self.retain_loss_type not in ("nll", "kl"):
             fail("retain_loss_type", "must be 'nll' or 'kl'")
         if self.loss_chunk_size < 0:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 import time
 from typing import Any
@@ -33,6 +34,26 @@ from etu_hf.modeling.head import is_peft_model, output_head_adapted_without_resi
 from etu_hf.training import run_state
 
 logger = logging.getLogger(__name__)
+
+
+def removes_created_output_dir(init: Any) -> Any:
+    """Decorate a trainer's ``__init__`` (``model, args, ...``): when it fails, an ``output_dir`` that
+    ``Trainer.__init__`` created and left empty is removed, so a refused run leaves nothing behind."""
+
+    @functools.wraps(init)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> None:
+        given = kwargs["args"] if "args" in kwargs else (args[1] if len(args) > 1 else None)
+        out = getattr(given, "output_dir", None)
+        existed = out is None or os.path.isdir(out)
+        try:
+            init(self, *args, **kwargs)
+        except BaseException:
+            if not existed and os.path.isdir(out) and not os.listdir(out):
+                os.rmdir(out)
+            raise
+        self._created_output_dir = not existed  # a first train() that fails removes it again
+
+    return wrapper
 
 
 class RunRecords:
@@ -93,18 +114,59 @@ class RunRecords:
             logger.warning("%s holds no lambda controller state (etu_controller.json); the controller restarts", resume)
         # overwrite=True: like Trainer, a rerun into the same output_dir replaces the previous run (warned
         # above); inside `etu-hf unlearn`, whose stricter check already ran, the outer RunFolder decides.
-        with RunFolder(a.output_dir, True, resume is not None, main):
+        created, self._created_output_dir = getattr(self, "_created_output_dir", False), False
+        with RunFolder(a.output_dir, True, resume is not None, main, existed=not created):
             if main:
                 self.forbidden_set.save(os.path.join(a.output_dir, FORBIDDEN_SET_FILE))
                 write_json(os.path.join(a.output_dir, ARGS_FILE), {**a.to_dict(), **self.run_arguments})
             self._train_start = time.time()
-            output = super().train(
-                resume_from_checkpoint=resume, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval, **kwargs
-            )
+            try:
+                output = super().train(
+                    resume_from_checkpoint=resume, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval, **kwargs
+                )
+            except RuntimeError as err:
+                if resume is None or "size mismatch" not in str(err):
+                    raise
+                raise ValueError(
+                    f"--resume_from_checkpoint {resume}: the checkpoint's weights do not fit this run's model "
+                    f"({str(err).strip().splitlines()[-1].strip()}); resume with the settings it was trained with "
+                    f"(see {os.path.join(a.output_dir, ARGS_FILE)}: --lora_r, --lora_target_modules, ...), or start "
+                    "afresh in another --output_dir. Nothing of the previous run was changed."
+                ) from err
+            if self.state.global_step == 0:
+                raise ValueError(
+                    "the run trained 0 optimizer steps (--max_steps, --num_train_epochs and the data size give none); "
+                    "nothing was saved. Give --max_steps N >= 1 or --num_train_epochs > 0."
+                )
+            self.check_finite()
             self.training_metrics = self._training_metrics(output, time.time() - self._train_start)
             if main:
                 run_state.write_metrics(a.output_dir, self.training_metrics)
         return output
+
+    def check_finite(self, loss: float | None = None) -> None:
+        """Raise ``ValueError`` when ``loss`` or a trainable weight is NaN or infinite: a diverged run stops
+        there, and the run folder is rolled back (nothing is saved as if it had succeeded).
+
+        Called at every log (with the logged loss), before every checkpoint and at the end of training.
+        One device synchronisation: the per-tensor ``isfinite(p).all()`` flags are stacked first.
+        """
+        bad = None if loss is None or math.isfinite(loss) else f"the training loss became {loss}"
+        if bad is None:
+            params = [p for p in unwrap_model(self.model).parameters() if p.requires_grad and p.numel() > 0]
+            if params and not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+                bad = "the trainable weights hold NaN or inf"
+        if bad is not None:
+            raise ValueError(
+                f"training diverged at step {self.state.global_step}: {bad}; the run was stopped and nothing was "
+                f"saved as a result. Lower --learning_rate (now {self.args.learning_rate:g}) or set --max_grad_norm."
+            )
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """``Trainer.log``, after :meth:`check_finite` on a training log."""
+        if "loss" in logs and not any(k.startswith("eval_") for k in logs):
+            self.check_finite(float(logs["loss"]))
+        super().log(logs, *args, **kwargs)  # type: ignore[misc]
 
     def _loss_sum(self) -> float:
         """The training loss summed over every step of the run so far (a collective under DDP)."""
@@ -116,7 +178,9 @@ class RunRecords:
         return before["loss_sum"] + getattr(self, "_total_loss_scalar", 0.0) + float(unlogged)
 
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
-        """``Trainer._save_checkpoint``, with :data:`~etu_hf.training.run_state.RUN_STATE_FILE` written first."""
+        """``Trainer._save_checkpoint``, with :data:`~etu_hf.training.run_state.RUN_STATE_FILE` written first
+        (after :meth:`check_finite`: a diverged model is never saved as a checkpoint to resume)."""
+        self.check_finite()
         before = getattr(self, "_run_before", None) or {"training_seconds": 0.0}
         seconds = before["training_seconds"] + time.time() - getattr(self, "_train_start", time.time())
         stats = self._metrics.total.snapshot(self._reduce(), self.args.device)

@@ -34,7 +34,32 @@ def check_arguments(args: ETUTrainingArguments | None) -> ETUTrainingArguments:
             f"ETUTrainer needs ETUTrainingArguments, got {type(args).__name__}: replace "
             "TrainingArguments(...) with etu_hf.ETUTrainingArguments(...) (same fields plus the ETU ones)."
         )
+    check_report_to(args)
     return args
+
+
+def check_report_to(args: Any) -> None:
+    """``ValueError`` naming ``--report_to`` when an integration in ``args.report_to`` is unknown or its
+    package is not installed (transformers raises a RuntimeError only when the Trainer is built).
+
+    Each integration's callback is constructed once, as the Trainer would; constructing one only checks
+    its package (they connect when training starts)."""
+    from transformers.integrations import INTEGRATION_TO_CALLBACK
+
+    for name in args.report_to or []:
+        if name in ("none", "all"):
+            continue
+        if name not in INTEGRATION_TO_CALLBACK:
+            raise ValueError(
+                f"--report_to: unknown integration {name!r}; known: {', '.join(INTEGRATION_TO_CALLBACK)}, none"
+            )
+        try:
+            INTEGRATION_TO_CALLBACK[name]()
+        except (RuntimeError, ImportError) as err:
+            raise ValueError(
+                f"--report_to {name}: its package is not installed ({str(err).strip().splitlines()[0]}); install it "
+                "(e.g. pip install tensorboard) or pass --report_to none."
+            ) from err
 
 
 def prepare_model(model: nn.Module | None, args: ETUTrainingArguments, peft_config: Any, tokenizer: Any) -> nn.Module:
@@ -71,6 +96,31 @@ def check_datasets(train: Any, retain: Any, heldout: Any, evaluation: Any) -> No
         ("eval_dataset", evaluation if not isinstance(evaluation, dict) else None),
     ):
         check_token_dataset(dataset, name)
+
+
+def check_token_ids(vocab_size: int, **data: Any) -> None:
+    """``ValueError`` naming the argument when a ``datasets.Dataset``'s ``input_ids`` (or ``labels``, -100
+    aside) hold an id outside ``[0, vocab_size)``; the embedding lookup would fail with torch's "index out of
+    range in self" at the first batch. One Arrow min/max pass per column; other data kinds are not read."""
+    import pyarrow.compute as pc
+
+    for name, dataset in data.items():
+        table = getattr(getattr(dataset, "data", None), "table", None)
+        if table is None:
+            continue
+        for column in ("input_ids", "labels"):
+            if column not in table.column_names:
+                continue
+            values = pc.list_flatten(table.column(column))
+            if column == "labels":
+                values = pc.filter(values, pc.not_equal(values, -100))
+            bounds = pc.min_max(values).as_py() if len(values) else {"min": None, "max": None}
+            bad = [b for b in (bounds["max"], bounds["min"]) if b is not None and not 0 <= b < vocab_size]
+            if bad:
+                raise ValueError(
+                    f"{name} holds token id {bad[0]} in {column!r}, outside the model's vocabulary of {vocab_size}: "
+                    "the data was tokenized with another tokenizer; tokenize it with the model's own."
+                )
 
 
 def choose_base(

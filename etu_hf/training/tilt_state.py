@@ -140,7 +140,7 @@ def forbidden_set_for_run(
         forbidden_set, source = args.forbidden_ids_path, "--forbidden_ids_path"
     fs = resolve_forbidden_set(forbidden_set)
     if fs is not None:
-        fs.check_vocab(vocab_size, source)
+        fs.check_vocab(vocab_size, source, getattr(tokenizer, "pad_token_id", None))
         fs.vocab_size = fs.vocab_size or vocab_size
         return fs
     if forget is None:

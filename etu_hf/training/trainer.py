@@ -46,8 +46,8 @@ from etu_hf.training.config import ETUTrainingArguments
 from etu_hf.training.controller import CLAMP_WARN_SHARE, AdaptiveLambdaCallback
 from etu_hf.training.loss_terms import LossContext, count_scored, forget_term, preference_term, refusal_ids, retain_term
 from etu_hf.training.probe import HeldoutProbe, estimate_base_mass, split_heldout
-from etu_hf.training.records import RunRecords
-from etu_hf.training.setup import check_arguments, check_datasets, choose_base, prepare_model
+from etu_hf.training.records import RunRecords, removes_created_output_dir
+from etu_hf.training.setup import check_arguments, check_datasets, check_token_ids, choose_base, prepare_model
 from etu_hf.training.statistics import ETUMetrics, ScoredCounts, stat_values
 from etu_hf.training.tilt_state import TiltState, forbidden_set_for_run
 
@@ -111,6 +111,7 @@ class ETUTrainer(RunRecords, Trainer):
     #: not paired with the forget data (a baseline such as gradient ascent sets it False).
     has_retain_term: ClassVar[bool] = True
 
+    @removes_created_output_dir
     def __init__(
         self,
         model: nn.Module | None = None,
@@ -153,6 +154,11 @@ class ETUTrainer(RunRecords, Trainer):
             )
         a = self.args
         self.vocab_size = output_vocab_size(self.model)
+        check_token_ids(
+            self.vocab_size,
+            **{"train_dataset (the forget data)": train_dataset, "retain_dataset": retain_dataset},
+            heldout_dataset=heldout_dataset,
+        )
         self.forget_dataset, self.retain_dataset, self.heldout_dataset = train_dataset, retain_dataset, heldout_dataset
         self.run_arguments: dict[str, Any] = dict(run_arguments or {})
         self.benchmark_evaluator = benchmark_evaluator
