@@ -478,7 +478,10 @@ def test_eval_bad_inputs(tmp_path, capsys, no_model_load):
                 "paraphrased_answer, perturbed_answers (it has entity, question, answer, paraphrased_answer)."
             ],
         ),
-        ([*base, "--benchmark", str(tmp_path / "nowhere")], ["': not 'builtin' and not a folder"]),
+        (
+            [*base, "--benchmark", str(tmp_path / "nowhere")],
+            ["': not 'builtin', not 'smollm2-knowledge' and not a folder"],
+        ),
         (
             ["eval", "--benchmark", bench, "--output_dir", str(out)],
             ["--model_name_or_path: required with the benchmark folder '", "(the model to evaluate, or the base of "],
@@ -526,7 +529,7 @@ def test_compare_bad_inputs(tmp_path, capsys, no_model_load):
         (["--relearn_steps", "-1"], "--relearn_steps: must be >= 0 (got -1)"),
         (["--relearn_fraction", "0"], "--relearn_fraction: must be in (0, 1] (got 0.0)"),
         (["--retain_weight", "-1"], "--retain_weight: must be >= 0 (got -1.0)"),
-        (["--benchmark", str(tmp_path / "nowhere")], "': not 'builtin' and not a folder"),
+        (["--benchmark", str(tmp_path / "nowhere")], "': not 'builtin', not 'smollm2-knowledge' and not a folder"),
     ]
     for extra, message in cases:
         refused_as_documented(capsys, [*base, *extra], message)

@@ -151,7 +151,9 @@ def resolve_sources(args: EvalArguments) -> Sources:
         target, retain = str(built.target), str(built.retain)
     else:
         if not os.path.isdir(args.benchmark):
-            raise FileNotFoundError(f"--benchmark {args.benchmark!r}: not 'builtin' and not a folder")
+            raise FileNotFoundError(
+                f"--benchmark {args.benchmark!r}: not 'builtin', not 'smollm2-knowledge' and not a folder"
+            )
         benchmark = load_benchmark(args.benchmark)
     # An etu-hf run records its base (None: the demo model it then defaulted to).
     recorded = (run.args.get("model_name_or_path") or DEMO_MODEL_DIR) if run else None
