@@ -6,7 +6,7 @@ the probes are the built-in `smollm2-knowledge` benchmark's (etu_hf/benchmark/as
 itself wrote about the target, and hand-written questions about the target (they should fall) and about related
 things (they should stay).
 
-    python examples/real_model_unlearn.py                          # Harry Potter, 40 steps: ~10 min on 2 CPU cores
+    python examples/real_model_unlearn.py                          # Harry Potter, 40 steps
     python examples/real_model_unlearn.py --target "The Beatles" --max_steps 20
     python examples/real_model_unlearn.py --model_name_or_path HuggingFaceTB/SmolLM2-135M-Instruct   # online
 
