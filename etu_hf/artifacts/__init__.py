@@ -10,8 +10,7 @@ The public names of the former single ``etu_hf.artifacts`` module are importable
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from etu_hf._lazy import lazy_exports
 
 _EXPORTS = {
     "ARGS_FILE": "etu_hf.artifacts.files",
@@ -30,13 +29,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
