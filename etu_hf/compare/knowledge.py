@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 from dataclasses import asdict
 from typing import Any
 
@@ -101,7 +100,7 @@ def axes(agg: dict[str, Any]) -> dict[str, float | None]:
 def run_knowledge_compare(cfg: CompareArguments) -> dict[str, Any]:
     """Run the grid on a knowledge benchmark (see the module docstring); writes COMPARE.json, COMPARE.md and
     pareto.png into ``cfg.output_dir`` and returns the COMPARE.json content."""
-    from etu_hf.compare.runner import build_forbidden, load_model, relearn, train_run
+    from etu_hf.compare.runner import build_forbidden, load_model, relearn, unlearn_and_evaluate
 
     inputs = KnowledgeInputs(cfg)  # every refusal before anything is written
     os.makedirs(cfg.output_dir, exist_ok=True)
@@ -120,25 +119,16 @@ def run_knowledge_compare(cfg: CompareArguments) -> dict[str, Any]:
     grid = cfg.grid()
     runs: list[dict[str, Any]] = []
     for k, (method, label, hyper) in enumerate(grid, 1):
-        run_dir = os.path.join(cfg.output_dir, "runs", f"{method}_{label.replace('=', '')}")
         logger.info("[%d/%d] %s %s: %d steps", k, len(grid), method, label, cfg.max_steps)
-        t0 = time.perf_counter()
-        trainer = train_run(method, hyper, cfg, inputs, run_dir, forbidden_set)
-        train_s = time.perf_counter() - t0
-        model = trainer.model
-        trainer.save_model(run_dir)
-        ev = _evaluate(model, inputs, cfg, f"{method} {label}")
-        ev.save(os.path.join(run_dir, "EVAL.json"))
-        row: dict[str, Any] = {
-            "method": method,
-            "label": label,
-            "hyperparameters": hyper,
-            "train_seconds": round(train_s, 2),
-            "run_dir": os.path.relpath(run_dir, cfg.output_dir),
-            "eval": {**ev.aggregates, **axes(ev.aggregates)},
-            "generations": ev.generations,
-            "relearned": None,
-        }
+        model, ev, row = unlearn_and_evaluate(
+            (method, label, hyper),
+            cfg,
+            inputs,
+            forbidden_set,
+            lambda m, name=f"{method} {label}": _evaluate(m, inputs, cfg, name),
+        )
+        run_dir = os.path.join(cfg.output_dir, row["run_dir"])
+        row.update({"eval": {**ev.aggregates, **axes(ev.aggregates)}, "generations": ev.generations, "relearned": None})
         logger.info(
             "[%d/%d] %s %s: forget prob %.3f, neighbour %.3f, utility %.3f, retain ppl %.4g",
             k,
@@ -156,7 +146,7 @@ def run_knowledge_compare(cfg: CompareArguments) -> dict[str, Any]:
             ev2.save(os.path.join(run_dir, "EVAL_relearned.json"))
             row["relearned"] = {"attack": attack, "eval": ev2.aggregates}
         runs.append(row)
-        del trainer, model
+        del model
     front = pareto_front([(r["eval"][X_AXIS], r["eval"][Y_AXIS]) for r in runs])
     for r, on in zip(runs, front, strict=True):
         r["pareto"] = on

@@ -134,6 +134,31 @@ def train_run(
     return trainer
 
 
+def unlearn_and_evaluate(
+    run: tuple[str, str, dict[str, float]], cfg: CompareArguments, inputs: Any, forbidden_set: Any, evaluate: Any
+) -> tuple[Any, Any, dict[str, Any]]:
+    """One grid run ``(method, label, hyperparameters)``: train it into ``<output_dir>/runs/<method>_<label>``
+    (:func:`train_run`), save the adapter, evaluate the model with ``evaluate(model)`` and keep its EVAL.json.
+    Returns the model, the evaluation and the row fields every comparison records (method, label,
+    hyperparameters, train_seconds, run_dir relative to the output folder)."""
+    method, label, hyper = run
+    run_dir = os.path.join(cfg.output_dir, "runs", f"{method}_{label.replace('=', '')}")
+    t0 = time.perf_counter()
+    trainer = train_run(method, hyper, cfg, inputs, run_dir, forbidden_set)
+    train_s = time.perf_counter() - t0
+    trainer.save_model(run_dir)
+    ev = evaluate(trainer.model)
+    ev.save(os.path.join(run_dir, "EVAL.json"))
+    row = {
+        "method": method,
+        "label": label,
+        "hyperparameters": hyper,
+        "train_seconds": round(train_s, 2),
+        "run_dir": os.path.relpath(run_dir, cfg.output_dir),
+    }
+    return trainer.model, ev, row
+
+
 def relearn(model: Any, inputs: CompareInputs, cfg: CompareArguments, run_dir: str) -> dict[str, Any]:
     r"""The relearning attack: fine-tune the unlearned model's adapter for ``relearn_steps`` steps with the
     plain next-token loss (``transformers.Trainer``) on a seeded ``relearn_fraction`` sample of the forget
@@ -218,24 +243,16 @@ def run_compare(cfg: CompareArguments) -> dict[str, Any]:
     grid = cfg.grid()
     runs: list[dict[str, Any]] = []
     for k, (method, label, hyper) in enumerate(grid, 1):
-        run_dir = os.path.join(cfg.output_dir, "runs", f"{method}_{label.replace('=', '')}")
         logger.info("[%d/%d] %s %s: %d steps", k, len(grid), method, label, cfg.max_steps)
-        t0 = time.perf_counter()
-        trainer = train_run(method, hyper, cfg, inputs, run_dir, forbidden_set)
-        train_s = time.perf_counter() - t0
-        model = trainer.model
-        trainer.save_model(run_dir)
-        ev = _evaluate(model, inputs, cfg, reference, forbidden_set)
-        ev.save(os.path.join(run_dir, "EVAL.json"))
-        row: dict[str, Any] = {
-            "method": method,
-            "label": label,
-            "hyperparameters": hyper,
-            "train_seconds": round(train_s, 2),
-            "run_dir": os.path.relpath(run_dir, cfg.output_dir),
-            "eval": ev.aggregates,
-            "relearned": None,
-        }
+        model, ev, row = unlearn_and_evaluate(
+            (method, label, hyper),
+            cfg,
+            inputs,
+            forbidden_set,
+            lambda m: _evaluate(m, inputs, cfg, reference, forbidden_set),
+        )
+        run_dir = os.path.join(cfg.output_dir, row["run_dir"])
+        row.update({"eval": ev.aggregates, "relearned": None})
         logger.info(
             "[%d/%d] %s %s: forget quality %s, model utility %s",
             k,
@@ -259,7 +276,7 @@ def run_compare(cfg: CompareArguments) -> dict[str, Any]:
                 _fmt(ev2.aggregates.get("forget_prob")),
             )
         runs.append(row)
-        del trainer, model
+        del model
 
     front = pareto_front([(r["eval"].get(X_METRIC), r["eval"].get(Y_METRIC)) for r in runs])
     for r, on in zip(runs, front, strict=True):
