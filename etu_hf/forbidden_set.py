@@ -41,7 +41,9 @@ from etu_hf.data.token_counts import PieceInfo, count_scored_tokens
 logger = logging.getLogger(__name__)
 
 FORMAT_NAME = "etu-hf/forbidden-set"
-FORMAT_VERSION = 1
+#: Files of per-context sets (``words``, ``dropped_first_pieces``, ``continuations``) are version 2; a set that is the
+#: same everywhere is still written as version 1, which older etu-hf reads. Both load.
+FORMAT_VERSION = 2
 
 
 def token_ids(values: Any, source: str = "forbidden ids") -> list[int]:
@@ -73,6 +75,12 @@ class ForbiddenSet:
     ``ids`` are sorted token ids. The parallel lists ``tokens`` (tokenizer pieces), ``forget_counts``,
     ``retain_counts`` and ``scores`` (the PMI score, or the forget count for the frequency method) are
     kept for audit when known. ``span_added`` lists ids added by span masking.
+
+    Per-context sets (:mod:`etu_hf.forbidden_context`): ``words`` lists the forbidden words (``vs_method="words"``),
+    each a dict with ``word``, ``forms`` (piece-id sequences), ``pieces`` and its evidence; ``ids`` then holds their
+    shared first pieces and ``dropped_first_pieces`` the first pieces left to the trie. ``continuations`` (a dict with
+    ``skip_ids``) makes the text's own next token forbidden where it is informative. With either,
+    S(x) = ids + :meth:`extra_ids` at each position.
     """
 
     ids: list[int]
@@ -84,11 +92,57 @@ class ForbiddenSet:
     retain_counts: list[int] | None = None
     scores: list[float] | None = None
     span_added: list[int] = field(default_factory=list)
+    words: list[dict[str, Any]] | None = None
+    dropped_first_pieces: list[int] = field(default_factory=list)
+    continuations: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         self.ids = token_ids(self.ids)
         if len(set(self.ids)) != len(self.ids):
             raise ValueError("forbidden ids contain duplicates")
+        for w in self.words or []:
+            if not isinstance(w, dict) or not w.get("forms"):
+                raise ValueError(f"forbidden words: each entry needs 'word' and 'forms' (piece id lists); got {w!r}")
+            w["forms"] = [token_ids(f, f"forms of forbidden word {w.get('word')!r}") for f in w["forms"]]
+        if self.continuations is not None:
+            skip = self.continuations.get("skip_ids", []) if isinstance(self.continuations, dict) else None
+            if skip is None:
+                raise ValueError("continuations: expected an object with 'skip_ids' (token ids never forbidden)")
+            self.continuations["skip_ids"] = token_ids(skip, "continuations.skip_ids")
+        self._context: Any = None
+
+    @property
+    def per_context(self) -> bool:
+        """S(x) differs per position: forbidden words (a trie over their pieces) or forbidden continuations."""
+        return bool(self.words) or self.continuations is not None
+
+    def context_sets(self) -> Any:
+        """The per-context part as a :class:`~etu_hf.forbidden_context.ContextSets` (cached; ``None`` without one)."""
+        if not self.per_context:
+            return None
+        if self._context is None:
+            from etu_hf.forbidden_context import ContextSets
+
+            forms = [f for w in self.words or [] for f in w["forms"]]
+            skip = self.continuations["skip_ids"] if self.continuations is not None else None
+            self._context = ContextSets(self.ids, forms, skip)
+        return self._context
+
+    def extra_ids(
+        self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, mask: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
+        """The per-position extras of S(x) beyond ``ids``: ``[B, T-1, k]`` (``-1`` = none) for the predictions of
+        ``input_ids`` ``[B, T]``, or ``None`` for a set that is the same everywhere (see
+        :meth:`~etu_hf.forbidden_context.ContextSets.extra_ids`; ``targets``/``mask`` from
+        :func:`~etu_hf.data.scored_positions`, needed for continuations)."""
+        ctx = self.context_sets()
+        return None if ctx is None else ctx.extra_ids(input_ids, targets, mask)
+
+    def with_continuations(self, skip_ids: Sequence[int], skip_top_k: int) -> ForbiddenSet:
+        """This set with forbidden continuations switched on (``skip_ids``: never forbidden as a continuation)."""
+        self.continuations = {"skip_top_k": skip_top_k, "skip_ids": token_ids(skip_ids, "continuations.skip_ids")}
+        self._context = None
+        return self
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -106,7 +160,7 @@ class ForbiddenSet:
         """Raise ``ValueError`` naming ``source`` if V_S does not fit the model: it is empty or holds the whole
         vocabulary (no token would be left to move the mass to), it was built for a vocabulary of another
         size (its ``vocab_size``), an id is outside ``[0, vocab_size)``, or it holds ``pad_token_id``."""
-        if not self.ids:
+        if not self.ids and not self.per_context:
             raise ValueError(f"{source}: the forbidden set V_S is empty.")
         if self.vocab_size is not None and self.vocab_size != vocab_size:
             raise ValueError(
@@ -125,6 +179,7 @@ class ForbiddenSet:
                 f"{pad_token_id} from V_S."
             )
         bad = [i for i in self.ids if i < 0 or i >= vocab_size]
+        bad += [i for w in self.words or [] for f in w["forms"] for i in f if i < 0 or i >= vocab_size]
         if bad:
             raise ValueError(
                 f"{source}: {len(bad)} forbidden token id(s) are outside the model's vocabulary [0, {vocab_size}), "
@@ -133,9 +188,13 @@ class ForbiddenSet:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        if not self.words:
+            d.pop("words"), d.pop("dropped_first_pieces")
+        if self.continuations is None:
+            d.pop("continuations")
         return {
             "format": FORMAT_NAME,
-            "version": FORMAT_VERSION,
+            "version": FORMAT_VERSION if self.per_context else 1,
             "size": len(self.ids),
             "fraction_of_vocab": self.fraction,
             **d,

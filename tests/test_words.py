@@ -147,7 +147,8 @@ def test_trie_rule_on_integer_sequences():
 
 def test_a_name_in_three_pieces_forbids_its_generic_pieces_only_inside_it(tokenizer):
     """Demo tokenizer: " Potter" is ĠP + ot + ter; "ot" and "ter" are generic (better, otter), "ĠP" starts Peter and
-    Paris. A distinctive first piece (" Zorbanix" starts with ĠZ, unused by the retain text) is shared."""
+    Paris. A one- or two-letter first piece is never shared, even unused by the retain text (" Zorbanix" starts with
+    ĠZ): it is forbidden only through the trie, its second piece after it."""
     pieces = tokenizer.convert_ids_to_tokens
     assert pieces(tokenizer.encode(" Potter", add_special_tokens=False)) == ["ĠP", "ot", "ter"]
     assert surface_forms("potter", tokenizer) == [
@@ -158,7 +159,7 @@ def test_a_name_in_three_pieces_forbids_its_generic_pieces_only_inside_it(tokeni
     retain_ids = [tokenizer.encode(t, add_special_tokens=False) for t in retain]
     wp = word_pieces(["Potter", "Zorbanix"], tokenizer, retain_ids, len(tokenizer))
     shared = set(pieces(wp.shared.tolist()))
-    assert shared == {"ĠZ", "Z"} and {"ĠP", "P"} <= set(pieces(wp.dropped_first_pieces.tolist()))
+    assert shared == set() and {"ĠZ", "Z", "ĠP", "P"} <= set(pieces(wp.dropped_first_pieces.tolist()))
 
     text = "Peter Potter met a better otter in Paris. Pottery and Zorbanix"
     ids = tokenizer.encode(text, add_special_tokens=False)

@@ -220,6 +220,10 @@ def run_unlearning(
         model_args.trust_remote_code,
         model_args.layer_ids,
     )
+    if training_args.forbidden_words:  # words the tokenizer cannot encode: refused before the weights load
+        from etu_hf.data.words import read_forbidden_words
+
+        read_forbidden_words(training_args.forbidden_words, tokenizer)
     data = prepare_corpora(data_args, tokenizer, training_args.seed)
     init_deepspeed_for_zero3(training_args)
     model = load_training_model(model_args, training_args.gradient_checkpointing, data_args.block_size)

@@ -2,7 +2,10 @@ r"""COMPARE.json, COMPARE.md and pareto.png of a comparison, and the checks of i
 
 Goal checks (:func:`goal_checks`), all computed from the runs' aggregates:
 
-- ``etu_on_front``: at least one ETU run is on the Pareto front of (forget_quality, model_utility);
+- ``etu_on_front``: at least one ETU run (any variant: ``etu``, ``etu-words``, ...) is on the Pareto front of
+  (forget_quality, model_utility);
+- ``etu_forget_prob_le_0.10_at_utility_ge_0.70``: some ETU run has ``forget_prob <= 0.10`` and
+  ``model_utility >= 0.70`` (issue 20's goal on this benchmark);
 - ``dominated_by_etu[m]``: for each run of method ``m`` (npo, graddiff), whether some ETU run has
   ``forget_quality >=`` and ``model_utility >=`` its own (weak dominance at equal or better utility);
 - ``relearn``: per method, the mean over its runs of the *comeback*
@@ -44,8 +47,12 @@ def _mean(values: list[float | None]) -> float | None:
 def goal_checks(result: dict[str, Any]) -> dict[str, Any]:
     """The goal of issue 13 checked on a COMPARE.json content (see the module docstring)."""
     runs = result["runs"]
-    etu = [r for r in runs if r["method"] == "etu"]
+    etu = [r for r in runs if r["method"] == "etu" or r["method"].startswith("etu-")]
     out: dict[str, Any] = {"etu_on_front": any(r.get("pareto") for r in etu) if etu else None}
+    probs = [(_num(r["eval"].get("forget_prob")), _num(r["eval"].get("model_utility"))) for r in etu]
+    out["etu_forget_prob_le_0.10_at_utility_ge_0.70"] = (
+        any(p is not None and u is not None and p <= 0.10 and u >= 0.70 for p, u in probs) if etu else None
+    )
 
     def axes(r: dict[str, Any]) -> tuple[float | None, float | None]:
         return _num(r["eval"].get("forget_quality")), _num(r["eval"].get("model_utility"))

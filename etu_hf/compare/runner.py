@@ -94,10 +94,12 @@ def train_run(
     method: str, hyper: dict[str, float], cfg: CompareArguments, inputs: CompareInputs, run_dir: str, forbidden_set: Any
 ) -> Any:
     """Train one method from the target model; returns the trainer (its model holds the adapter)."""
+    from etu_hf.compare.settings import ETU_VARIANTS
     from etu_hf.training.baselines import BaselineTrainingArguments, trainer_class
     from etu_hf.training.config import ETUTrainingArguments
 
-    args_cls = ETUTrainingArguments if method == "etu" else BaselineTrainingArguments
+    is_etu = method in ETU_VARIANTS
+    args_cls = ETUTrainingArguments if is_etu else BaselineTrainingArguments
     kwargs: dict[str, Any] = dict(
         output_dir=run_dir,
         max_steps=cfg.max_steps,
@@ -117,10 +119,13 @@ def train_run(
         overwrite_output_dir=True,
         dataloader_pin_memory=False,
     )
-    if method == "etu":
+    if is_etu:
         kwargs["epsilon"] = hyper["epsilon"]
+        kwargs.update(ETU_VARIANTS[method])
+        if ETU_VARIANTS[method]:  # a variant builds its own V_S from the same data
+            forbidden_set = None
     model = load_model(inputs.target_path)
-    trainer = trainer_class(method)(
+    trainer = trainer_class("etu" if is_etu else method)(
         model=model,
         args=args_cls(**kwargs),
         train_dataset=inputs.forget,

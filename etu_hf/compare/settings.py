@@ -6,8 +6,18 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+#: ETU variants: ETU's arguments each sets (``etu`` itself uses the comparison's shared piece-level V_S; the
+#: variants build their own V_S from the same forget and retain data, with these settings).
+ETU_VARIANTS: dict[str, dict[str, object]] = {
+    "etu": {},
+    "etu-words": {"vs_method": "words"},
+    "etu-cont": {"vs_method": "words", "forbid_continuations": True},
+    "etu-npo": {"vs_method": "words", "forbid_continuations": True, "preference_weight": 1.0, "pref_format": "npo"},
+}
 #: Methods ``etu-hf compare`` knows, in the order it runs them.
-KNOWN_METHODS: tuple[str, ...] = ("etu", "ga", "graddiff", "npo", "simnpo", "undial")
+KNOWN_METHODS: tuple[str, ...] = (*ETU_VARIANTS, "ga", "graddiff", "npo", "simnpo", "undial")
+#: The default grid: ETU with the shared piece-level V_S and every baseline.
+DEFAULT_METHODS: tuple[str, ...] = ("etu", "ga", "graddiff", "npo", "simnpo", "undial")
 
 
 def parse_list(value: str, flag: str, kind: type = float) -> list:
@@ -33,7 +43,7 @@ class CompareArguments:
             measured against it; default for builtin: its retain model).
 
     > The grid (one run per method and setting)
-        methods: comma list of :data:`KNOWN_METHODS`.
+        methods: comma list of :data:`KNOWN_METHODS` (the ETU variants of :data:`ETU_VARIANTS` among them).
         etu_epsilons: ETU's target masses (ETU runs once per epsilon at ``etu_learning_rate``).
         learning_rates: the baselines' learning rates (each baseline runs once per rate).
 
@@ -67,7 +77,13 @@ class CompareArguments:
     )
     model_name_or_path: str | None = field(default=None, metadata={"help": "Default (builtin): its target model."})
     retain_model: str | None = field(default=None, metadata={"help": "Default (builtin): its retain model."})
-    methods: str = field(default=",".join(KNOWN_METHODS), metadata={"help": "Comma list of methods to run."})
+    methods: str = field(
+        default=",".join(DEFAULT_METHODS),
+        metadata={
+            "help": "Comma list of methods to run: etu, etu-words (word-level V_S per context), etu-cont (+ forbidden "
+            "continuations), etu-npo (etu-cont + in-loop NPO), ga, graddiff, npo, simnpo, undial."
+        },
+    )
     etu_epsilons: str = field(default="0.1,0.03,0.01", metadata={"help": "ETU's epsilons (comma list)."})
     etu_learning_rate: float = field(default=1e-3, metadata={"help": "ETU's learning rate."})
     learning_rates: str = field(default="1e-4,3e-4,1e-3", metadata={"help": "Baselines' learning rates."})
@@ -119,9 +135,9 @@ class CompareArguments:
         """``(method, label, hyperparameters)`` of every run, in order."""
         runs: list[tuple[str, str, dict[str, float]]] = []
         for method in self.method_list:
-            if method == "etu":
+            if method in ETU_VARIANTS:
                 runs += [
-                    ("etu", f"eps={e:g}", {"epsilon": e, "learning_rate": self.etu_learning_rate})
+                    (method, f"eps={e:g}", {"epsilon": e, "learning_rate": self.etu_learning_rate})
                     for e in self.epsilon_list
                 ]
             else:

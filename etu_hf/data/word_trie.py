@@ -193,6 +193,25 @@ def piece_allowed(tokenizer: Any, ids: np.ndarray) -> np.ndarray:
     )
 
 
+#: A first piece with fewer letters than this is never forbidden everywhere unless it is a whole word form.
+MIN_SHARED_LETTERS = 3
+
+
+def _word_like(tokenizer: Any, first: np.ndarray, sequences: Sequence[tuple[int, ...]]) -> np.ndarray:
+    """Bool per first piece: a whole form (a one-piece word) or at least :data:`MIN_SHARED_LETTERS` letters. Short
+    pieces that start longer words ("H" of "Harry" at a line start, " w" of " wizard") are forbidden only through
+    the trie, so they stay free everywhere else."""
+    whole = {s[0] for s in sequences if len(s) == 1}
+    texts = [tokenizer.convert_tokens_to_string([t]) for t in tokenizer.convert_ids_to_tokens(first.tolist())]
+    return np.array(
+        [
+            int(i) in whole or sum(c.isalpha() for c in t) >= MIN_SHARED_LETTERS
+            for i, t in zip(first, texts, strict=True)
+        ],
+        dtype=bool,
+    )
+
+
 @dataclass
 class WordPieces:
     """Forbidden words as pieces: the trie, the shared set, and the first pieces left out of it (used mostly by
@@ -226,7 +245,7 @@ def word_pieces(
         raise ValueError(
             f"a forbidden word encodes to piece id {trie.key_base - 1} outside the vocabulary {vocab_size}"
         )
-    allowed = piece_allowed(tokenizer, trie.first_pieces)
+    allowed = piece_allowed(tokenizer, trie.first_pieces) & _word_like(tokenizer, trie.first_pieces, trie.sequences)
     shared = trie.shared_first_pieces(pad_rows(retain_sequences), min_share, allowed)
     dropped = np.setdiff1d(trie.first_pieces, shared)
     return WordPieces(list(words), forms, trie, shared, dropped)

@@ -45,6 +45,8 @@ DEFAULT_MIN_G2 = 10.83
 DEFAULT_MIN_LOG_RATIO = 1.0
 #: Default additive smoothing per word type.
 DEFAULT_SMOOTHING = 1.0
+#: Scored words need at least this many letters (single letters and initials are too generic to forbid).
+DEFAULT_MIN_LETTERS = 3
 
 _SPACE = re.compile(r"\s+")
 
@@ -192,12 +194,21 @@ def forbidden_words_from_corpora(
     min_log_ratio: float = DEFAULT_MIN_LOG_RATIO,
     smoothing: float = DEFAULT_SMOOTHING,
     user_words: Sequence[str] = (),
+    min_letters: int = DEFAULT_MIN_LETTERS,
+    exclude: Callable[[str], bool] | None = None,
 ) -> list[ForbiddenWord]:
-    """Split both corpora into words (:func:`word_splitter`), keep the scored words (:func:`select_words`) and
-    merge the user's words (:func:`merge_words`). An empty result is refused with one line saying what to loosen."""
+    """Split both corpora into words (:func:`word_splitter`), keep the scored words (:func:`select_words`) that have
+    at least ``min_letters`` letters and that ``exclude`` (e.g. a test for common words) does not reject, and merge
+    the user's words (:func:`merge_words`, kept whatever the filters). An empty result is refused with one line
+    saying what to loosen."""
     split = word_splitter(tokenizer)
     fc, rc = count_words(forget_texts, split), count_words(retain_texts, split)
     chosen = select_words(fc, rc, min_g2=min_g2, min_log_ratio=min_log_ratio, smoothing=smoothing)
+    chosen = [
+        w
+        for w in chosen
+        if sum(ch.isalpha() for ch in w.word) >= min_letters and not (exclude is not None and exclude(w.word))
+    ]
     words = merge_words(chosen, user_words, fc, rc, smoothing=smoothing)
     if not words:
         raise ValueError(

@@ -228,7 +228,8 @@ def audit(
         )
 
     S = fs.tensor(next(model.parameters()).device)
-    updated, base_mass, tilt, stats = measure_forget(model, base_dist, forget, S, tilt, opts, batches)
+    extra = fs.extra_ids if fs.per_context else None
+    updated, base_mass, tilt, stats = measure_forget(model, base_dist, forget, S, tilt, opts, batches, extra)
     ppl_updated, ppl_base = (
         measure_retain(model, base_dist, retain, opts, batches) if retain is not None else (None, None)
     )
@@ -296,20 +297,19 @@ def measure_forget(
     tilt: TiltSpec,
     opts: AuditOptions,
     batches: Any,
+    extra_ids: Any = None,
 ) -> tuple[MassResult, MassResult, TiltSpec, TiltStatistics]:
-    """Step 3: the unlearned and the base mass on V_S (every position kept, for the histogram) and the
+    """Step 3: the unlearned and the base mass on S(x) (every position kept, for the histogram) and the
     statistics against the tilted target. A global tilt without its lambda gets the closed form at
-    the measured base mass. Returns ``(updated, base, tilt, statistics)``."""
+    the measured base mass. ``extra_ids``: the per-context extras of S(x)
+    (:data:`~etu_hf.evaluation.measures.ExtraIdsFn`). Returns ``(updated, base, tilt, statistics)``."""
     logger.info("auditing on %d held-out forget sequences (%d batches)", len(forget), _n_batches(forget, opts))
     use_hidden = probe_hidden_states(model, next(iter(iter_batches(forget, opts.collator, opts.batch_size))))
     chunk = opts.chunk_size
-    updated = evaluate_mass(
-        model, batches(forget, "audit: unlearned mass"), forbidden_ids, chunk_size=chunk, keep_positions=True
-    )
+    kw = {"chunk_size": chunk, "keep_positions": True, "extra_ids": extra_ids}
+    updated = evaluate_mass(model, batches(forget, "audit: unlearned mass"), forbidden_ids, **kw)
     with base.as_model() as bm:
-        base_mass = evaluate_mass(
-            bm, batches(forget, "audit: base mass"), forbidden_ids, chunk_size=chunk, keep_positions=True
-        )
+        base_mass = evaluate_mass(bm, batches(forget, "audit: base mass"), forbidden_ids, **kw)
     if tilt.mode == "global" and tilt.global_lambda is None:  # not from a run: the closed form at the base mass
         lam0 = closed_form_lambda(base_mass.mean, tilt.epsilon, tilt.lambda_max, tilt.allow_negative)
         tilt = dataclasses.replace(tilt, global_lambda=float(lam0))
@@ -321,6 +321,7 @@ def measure_forget(
         tilt,
         chunk_size=chunk,
         use_hidden=use_hidden,
+        extra_ids=extra_ids,
     )
     return updated, base_mass, tilt, tilt_statistics(sums, per_seq)
 

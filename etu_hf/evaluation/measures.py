@@ -14,7 +14,7 @@ e.g. :func:`etu_hf.data.iter_batches`. For the base distribution of a PEFT model
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +34,21 @@ from etu_hf.ops.chunked import (
     chunked_tilt_statistics,
 )
 from etu_hf.ops.tilt import Tilt
+
+#: Per-context sets: ``(input_ids [B, T], targets [B, T-1], mask [B, T-1]) -> [B, T-1, k] | None``, the extras of
+#: S(x) at every prediction position (e.g. :meth:`etu_hf.ForbiddenSet.extra_ids`); ``None``: S(x) = the ids.
+ExtraIdsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], "torch.Tensor | None"]
+
+
+def scored_extra_ids(
+    extra_ids: ExtraIdsFn | None, batch: dict[str, Any], mask: torch.Tensor, targets: torch.Tensor
+) -> torch.Tensor | None:
+    """The extras of S(x) at the scored positions of ``batch`` only (``[n, k]``, in row-major order as the scored
+    states), or ``None``."""
+    if extra_ids is None:
+        return None
+    extra = extra_ids(batch["input_ids"], targets, mask)
+    return None if extra is None else extra[mask.to(extra.device)]
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -92,16 +107,19 @@ def evaluate_mass(
     *,
     chunk_size: int | None = DEFAULT_CHUNK_SIZE,
     keep_positions: bool = False,
+    extra_ids: ExtraIdsFn | None = None,
 ) -> MassResult:
     """Mean probability mass the model puts on ``forbidden_ids`` at the scored positions of ``batches``
-    (``chunk_size`` positions at a time through the output head; ``None`` or 0: all at once)."""
+    (``chunk_size`` positions at a time through the output head; ``None`` or 0: all at once). ``extra_ids``:
+    the per-context extras of S(x) (:data:`ExtraIdsFn`); then the mass at each position is that on S(x)."""
     ids = torch.as_tensor(forbidden_ids, dtype=torch.long, device=_device_of(model))
     seq_sums: list[torch.Tensor] = []
     seq_counts: list[torch.Tensor] = []
     kept: list[torch.Tensor] = []
-    for batch, mask, _, use_hidden in _scored_batches(model, batches):
+    for batch, mask, targets, use_hidden in _scored_batches(model, batches):
         st = scored_states(model, batch, mask, use_hidden)
-        m = chunked_forbidden_mass(st.states, ids, head=st.head, chunk_size=chunk_size)
+        extra = scored_extra_ids(extra_ids, batch, mask, targets)
+        m = chunked_forbidden_mass(st.states, ids, head=st.head, chunk_size=chunk_size, extra_ids=extra)
         seq_sums.append(_per_sequence(mask, m).cpu())
         seq_counts.append(mask.sum(1).cpu())
         if keep_positions:
@@ -190,6 +208,7 @@ def tilt_statistic_sums(
     chunk_size: int | None = DEFAULT_CHUNK_SIZE,
     use_hidden: bool = True,
     weights: Iterable[float] | None = None,
+    extra_ids: ExtraIdsFn | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Totals and per-sequence sums of the model against its tilted target on ``batches``.
 
@@ -203,19 +222,27 @@ def tilt_statistic_sums(
     :class:`~etu_hf.ops.tilt.TiltSpec` or a float lambda (see :func:`~etu_hf.ops.tilt.resolve_lambdas`).
     ``weights`` (one per batch, default 1) lets a process run a batch with weight 0, so that every process
     runs the same number of forward passes (needed by sharded models); such a batch adds nothing and its
-    sequences get count 0. Model modes are restored afterwards.
+    sequences get count 0. ``extra_ids``: the per-context extras of S(x) (:data:`ExtraIdsFn`). Model modes are
+    restored afterwards.
     """
     device = _device_of(model)
     ids = forbidden_ids.to(device)
     sums = torch.zeros(len(TILT_SUM_FIELDS), dtype=torch.float64, device=device)
     per_seq: list[torch.Tensor] = []
     weights = list(weights) if weights is not None else None
-    for k, (batch, mask, _, _) in enumerate(_scored_batches(model, batches, use_hidden)):
+    for k, (batch, mask, targets, _) in enumerate(_scored_batches(model, batches, use_hidden)):
         w = 1.0 if weights is None else float(weights[k])
         s = scored_states(model, batch, mask, use_hidden)
         b = scored_states(base, batch, mask, use_hidden)
         terms = chunked_tilt_statistics(
-            s.states, b.states, ids, tilt, student_head=s.head, base_head=b.head, chunk_size=chunk_size
+            s.states,
+            b.states,
+            ids,
+            tilt,
+            student_head=s.head,
+            base_head=b.head,
+            chunk_size=chunk_size,
+            extra_ids=scored_extra_ids(extra_ids, batch, mask, targets),
         )
         sums += w * terms.sum(0)
         per_seq.append(w * torch.stack([_per_sequence(mask, terms[:, 0]), mask.sum(1).double()], -1))

@@ -58,11 +58,14 @@ def _float_logits(states: torch.Tensor, head: Head | None, device: torch.device 
     return z.to(device=device or z.device, dtype=torch.float32)
 
 
-def _mass_sum(log_p: torch.Tensor, w: torch.Tensor, forbidden_ids: torch.Tensor | None) -> torch.Tensor:
-    """Detached :math:`\\sum_i w_i \\pi(S|x_i)` (0 without ``forbidden_ids``)."""
+def _mass_sum(
+    log_p: torch.Tensor, w: torch.Tensor, forbidden_ids: torch.Tensor | None, extra_ids: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Detached :math:`\\sum_i w_i \\pi(S(x_i)|x_i)` (0 without ``forbidden_ids``; ``extra_ids`` ``[N, k]`` the
+    per-context extras of S(x), see :mod:`etu_hf.ops.row_sets`)."""
     if forbidden_ids is None:
         return w.new_zeros(())
-    return (forbidden_mass(log_p.detach(), forbidden_ids.to(log_p.device)) * w).sum()
+    return (forbidden_mass(log_p.detach(), forbidden_ids.to(log_p.device), extra_ids) * w).sum()
 
 
 # ------------------------------------------------------------------------------------------ token log-probs
@@ -90,21 +93,22 @@ def chunked_target_logps(
     forbidden_ids: torch.Tensor | None = None,
     head: Head | None = None,
     chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+    extra_ids: torch.Tensor | None = None,
 ) -> TargetLogpsOutput:
     r""":math:`\log\pi(y_i|x_i) = z_{y_i} - \mathrm{logsumexp}(z)` at every row of ``states`` ``[N, D]``
     (logits, or hidden states with ``head``), chunked; also the mass on V_S when ``forbidden_ids`` is given."""
     if weights is None:
         weights = torch.ones(states.shape[0], device=states.device)
 
-    def chunk(s: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> ChunkResult:
+    def chunk(s: torch.Tensor, y: torch.Tensor, w: torch.Tensor, e: torch.Tensor | None) -> ChunkResult:
         log_p = torch.log_softmax(_float_logits(s, head), -1)
         lp = log_p.gather(-1, y.to(log_p.device).unsqueeze(-1)).squeeze(-1)
         w = w.to(device=lp.device, dtype=lp.dtype)
         with torch.no_grad():
-            sums = torch.stack([-(lp * w).sum(), w.sum(), _mass_sum(log_p, w, forbidden_ids)])
+            sums = torch.stack([-(lp * w).sum(), w.sum(), _mass_sum(log_p, w, forbidden_ids, e)])
         return ChunkResult(sums=sums, rows=(lp,))
 
-    out = run_chunks(chunk, [states, targets, weights], chunk_size)
+    out = run_chunks(chunk, [states, targets, weights, extra_ids], chunk_size)
     return TargetLogpsOutput(out.rows[0], out.sums[0], out.sums[1], out.sums[2])
 
 
@@ -205,6 +209,7 @@ def chunked_undial_loss(
     base_head: Head | None = None,
     chunk_size: int | None = DEFAULT_CHUNK_SIZE,
     normalizer: float | torch.Tensor | None = None,
+    extra_ids: torch.Tensor | None = None,
 ) -> UndialOutput:
     r"""Chunked UNDIAL loss :math:`\frac{1}{Z}\sum_i w_i KL(t_i \| \pi_\theta(\cdot|x_i))` (module docstring).
 
@@ -214,7 +219,9 @@ def chunked_undial_loss(
     if weights is None:
         weights = torch.ones(student.shape[0], device=student.device)
 
-    def chunk(s: torch.Tensor, b: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> ChunkResult:
+    def chunk(
+        s: torch.Tensor, b: torch.Tensor, y: torch.Tensor, w: torch.Tensor, e: torch.Tensor | None
+    ) -> ChunkResult:
         log_p = torch.log_softmax(_float_logits(s, student_head), -1)
         y = y.to(log_p.device)
         with torch.no_grad():
@@ -223,9 +230,11 @@ def chunked_undial_loss(
         w = w.to(device=kl.device, dtype=kl.dtype)
         with torch.no_grad():
             nll = -log_p.detach().gather(-1, y.unsqueeze(-1)).squeeze(-1)
-            sums = torch.stack([(kl.detach() * w).sum(), w.sum(), (nll * w).sum(), _mass_sum(log_p, w, forbidden_ids)])
+            sums = torch.stack(
+                [(kl.detach() * w).sum(), w.sum(), (nll * w).sum(), _mass_sum(log_p, w, forbidden_ids, e)]
+            )
         return ChunkResult(loss=(kl * w).sum(), sums=sums)
 
-    out = run_chunks(chunk, [student, base, targets, weights], chunk_size)
+    out = run_chunks(chunk, [student, base, targets, weights, extra_ids], chunk_size)
     z = normalizer if normalizer is not None else out.sums[1].clamp_min(1.0)
     return UndialOutput(out.loss / z, out.sums[0], out.sums[1], out.sums[2], out.sums[3])

@@ -185,7 +185,8 @@ class BaselineMetrics(ETUMetrics):
 class ForgetPositions(NamedTuple):
     """A forget micro-batch at its ``N = B (T-1)`` predictions: the model's ``states`` ``[N, D]`` (logits, or
     hidden states for ``head``), its ``outputs``, the scored ``mask`` ``[B, T-1]``, ``targets`` and ``weights``
-    ``[N]`` (1 where scored), V_S's ids, and the model's and the base's heads (``None`` with full logits)."""
+    ``[N]`` (1 where scored), V_S's ids, the model's and the base's heads (``None`` with full logits), and the
+    per-context extras of S(x) ``[N, k]`` (``None`` for one set everywhere)."""
 
     states: torch.Tensor
     outputs: Any
@@ -195,6 +196,7 @@ class ForgetPositions(NamedTuple):
     forbidden_ids: torch.Tensor
     head: Any
     base_head: Any
+    extra_ids: torch.Tensor | None = None
 
 
 class BaselineTrainer(ETUTrainer):
@@ -250,7 +252,10 @@ class BaselineTrainer(ETUTrainer):
         device = forget["input_ids"].device
         heads = (head_fn(ctx.head, device), ctx.base.head(device)) if ctx.use_hidden else (None, None)
         ids = ctx.tilt.forbidden_ids(device)
-        return ForgetPositions(states, outputs, mask, targets.reshape(-1), mask.reshape(-1).float(), ids, *heads)
+        extra = ctx.tilt.position_extra_ids(forget["input_ids"], targets, mask)
+        return ForgetPositions(
+            states, outputs, mask, targets.reshape(-1), mask.reshape(-1).float(), ids, *heads, extra_ids=extra
+        )
 
     def add_metrics(
         self, mode: str, forget_stats: torch.Tensor, retain_sums: tuple[torch.Tensor, torch.Tensor]
@@ -277,7 +282,13 @@ class BaselineTrainer(ETUTrainer):
 def _policy_logps(ctx: LossContext, p: ForgetPositions) -> TargetLogpsOutput:
     """The model's :math:`\\log\\pi_\\theta(y_i|x_i)` at every forget prediction, with the NLL and V_S mass sums."""
     return chunked_target_logps(
-        p.states, p.targets, weights=p.weights, forbidden_ids=p.forbidden_ids, head=p.head, chunk_size=ctx.chunk_size
+        p.states,
+        p.targets,
+        weights=p.weights,
+        forbidden_ids=p.forbidden_ids,
+        head=p.head,
+        chunk_size=ctx.chunk_size,
+        extra_ids=p.extra_ids,
     )
 
 
@@ -391,6 +402,7 @@ class UNDIALTrainer(BaselineTrainer):
             base_head=p.base_head,
             chunk_size=ctx.chunk_size,
             normalizer=self._normalizer(counts),
+            extra_ids=p.extra_ids,
         )
         stats = torch.stack([out.kl_sum, out.weight_sum, out.nll_sum, out.mass_sum, out.weight_sum])
         return out.loss, p.outputs, stats

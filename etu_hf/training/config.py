@@ -45,7 +45,26 @@ class ETUTrainingArguments(SecretFreeArguments, TrainingArguments):
         > Parameters that control the forbidden set V_S
 
         vs_method (`str`, *optional*, defaults to `"pmi"`):
-            `"pmi"` (forget vs retain pointwise mutual information) or `"frequency"`.
+            `"words"`: forbidden *words* (scored forget vs retain by G2 and a log ratio, plus `forbidden_words`),
+            forbidden per context: their shared first pieces everywhere, their later pieces only inside the word
+            (etu_hf.forbidden_context). `"pmi"` (forget vs retain pointwise mutual information of pieces) or
+            `"frequency"`: one set of pieces for every context.
+        word_min_g2 (`float`, *optional*, defaults to `10.83`),
+        word_min_log_ratio (`float`, *optional*, defaults to `1.0`):
+            Words method: keep a word more frequent in the forget text with `G2 >= word_min_g2` (chi2_1
+            quantile: 10.83 is p < 0.001, so the threshold scales with corpus size) and smoothed log ratio
+            `>= word_min_log_ratio`.
+        word_min_share (`float`, *optional*, defaults to `0.5`):
+            Words method: a word's first piece is forbidden everywhere only when at least this share of its
+            occurrences in the retain text start a forbidden word; otherwise only inside the word.
+        forbidden_words (`str` or `None`, *optional*, defaults to `None`):
+            Words method: a UTF-8 file of words to forbid, one per line, merged with the scored words.
+        forbid_continuations (`bool`, *optional*, defaults to `False`),
+        continuation_skip_top_k (`int`, *optional*, defaults to `100`):
+            Also forbid, at each forget position, the text's own next token when it is informative: it holds
+            a letter, is not a special token and is not among the `continuation_skip_top_k` most frequent
+            retain tokens (for knowledge not carried by distinctive words). Its certificate is on held-out
+            forget text.
         vs_freq_rate (`float`, *optional*, defaults to `0.01`), vs_abs_cap (`int`, *optional*, defaults to `20000`):
             Frequency method: drop tokens whose forget count exceeds `max(1, min(vs_freq_rate * N, vs_abs_cap))`.
         vocab_top_k (`int` or `None`, *optional*, defaults to `None`):
@@ -163,7 +182,42 @@ class ETUTrainingArguments(SecretFreeArguments, TrainingArguments):
     )
     # ----- forbidden set
     vs_method: str = field(
-        default="pmi", metadata={"help": "How V_S is built: 'pmi' or 'frequency'.", "choices": ["pmi", "frequency"]}
+        default="pmi",
+        metadata={
+            "help": "How V_S is built: 'words' (forbidden words, per-context pieces), 'pmi' or 'frequency' (pieces).",
+            "choices": ["words", "pmi", "frequency"],
+        },
+    )
+    word_min_g2: float = field(
+        default=10.83,
+        metadata={
+            "help": "Words method: minimum G2 (log-likelihood ratio) of forget vs retain counts; 10.83: p<0.001."
+        },
+    )
+    word_min_log_ratio: float = field(
+        default=1.0, metadata={"help": "Words method: minimum smoothed log ratio of forget vs retain rate, in nats."}
+    )
+    word_min_share: float = field(
+        default=0.5,
+        metadata={
+            "help": "Words method: a word's first piece is forbidden everywhere only if at least this share of its "
+            "retain occurrences start a forbidden word (else only its later pieces, inside the word)."
+        },
+    )
+    forbidden_words: str | None = field(
+        default=None,
+        metadata={"help": "Words method: a text file of words to forbid (one per line), merged with the scored ones."},
+    )
+    forbid_continuations: bool = field(
+        default=False,
+        metadata={
+            "help": "Also forbid the forget text's own next token where it is informative (a letter, not among the "
+            "continuation_skip_top_k most frequent retain tokens)."
+        },
+    )
+    continuation_skip_top_k: int = field(
+        default=100,
+        metadata={"help": "Forbidden continuations: never forbid the K most frequent tokens of the retain text."},
     )
     vs_freq_rate: float = field(default=0.01, metadata={"help": "Frequency method: drop tokens above this share of N."})
     vs_abs_cap: int = field(default=20000, metadata={"help": "Frequency method: absolute count cap."})
@@ -273,8 +327,21 @@ class ETUTrainingArguments(SecretFreeArguments, TrainingArguments):
         _check_epsilon_reachable(self.epsilon, self.lambda_max)
         if self.p_s_sample_size < 1:
             fail("p_s_sample_size", "must be >= 1")
-        if self.vs_method not in ("pmi", "frequency"):
-            fail("vs_method", "must be 'pmi' or 'frequency'")
+        if self.vs_method not in ("words", "pmi", "frequency"):
+            fail("vs_method", "must be 'words', 'pmi' or 'frequency'")
+        if self.word_min_g2 < 0:
+            fail("word_min_g2", "must be >= 0, e.g. 10.83 (p < 0.001)")
+        if not math.isfinite(self.word_min_log_ratio):
+            fail("word_min_log_ratio", "must be a finite number of nats, e.g. 1.0")
+        if not 0.0 <= self.word_min_share <= 1.0:
+            fail("word_min_share", "must be in [0, 1], e.g. 0.5")
+        if self.forbidden_words is not None:
+            if self.vs_method != "words":
+                fail("forbidden_words", "needs --vs_method words (the words are merged with the scored words)")
+            if not os.path.isfile(self.forbidden_words):
+                fail("forbidden_words", "no such file; give a text file with one word per line")
+        if self.continuation_skip_top_k < 0:
+            fail("continuation_skip_top_k", "must be >= 0")
         if not 0.0 < self.vs_freq_rate <= 1.0:
             fail("vs_freq_rate", "must be in (0, 1]")
         if self.vs_abs_cap < 1:

@@ -96,6 +96,7 @@ def forget_term(
         chunk_size=ctx.chunk_size,
         normalizer=normalizer,
         targets=targets.reshape(-1) if with_targets else None,
+        extra_ids=ctx.tilt.position_extra_ids(forget["input_ids"], targets, mask),
         **_heads(ctx, device),
     )
     return kl, outputs, mask

@@ -99,6 +99,7 @@ class HeldoutProbe:
                 self.tilt.tilt_spec(),
                 chunk_size=self.chunk_size,
                 use_hidden=self.tilt.use_hidden,
+                extra_ids=self.tilt.extra_ids,
             )
             totals = sums if totals is None else totals + sums
             per_sequence.append(acc.gather_for_metrics(seq))
@@ -116,15 +117,17 @@ def estimate_base_mass(
     collator: Callable | None,
     args: ETUTrainingArguments,
     forbidden_ids: torch.Tensor,
+    extra_ids: Any = None,
 ) -> tuple[float, int, dict[str, torch.Tensor]]:
-    """Mean base mass on V_S over the scored positions of ``p_s_sample_size`` forget sequences (a seeded
-    sample, the same on every process). Returns ``(p_S, positions, first batch)``."""
+    """Mean base mass on S(x) over the scored positions of ``p_s_sample_size`` forget sequences (a seeded
+    sample, the same on every process; ``extra_ids`` the per-context extras, see :data:`ExtraIdsFn`). Returns
+    ``(p_S, positions, first batch)``."""
     rng = np.random.default_rng(args.seed)
     k = min(args.p_s_sample_size, len(dataset))
     idx = np.sort(rng.choice(len(dataset), size=k, replace=False))
     batches = list(iter_batches(dataset, collator, args.per_device_eval_batch_size, idx))
     with base.as_model() as base_model:
-        mass = evaluate_mass(base_model, batches, forbidden_ids, chunk_size=args.loss_chunk_size)
+        mass = evaluate_mass(base_model, batches, forbidden_ids, chunk_size=args.loss_chunk_size, extra_ids=extra_ids)
     if mass.n_positions == 0:
         raise ValueError("the forget data has no scored position (every label is -100 or padding)")
     return mass.mean, mass.n_positions, batches[0]

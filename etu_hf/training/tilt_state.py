@@ -22,6 +22,13 @@ import torch
 from torch import nn
 
 from etu_hf.data.blocks import iter_batches
+from etu_hf.data.words import read_forbidden_words
+from etu_hf.forbidden_context import (
+    build_word_forbidden_set,
+    continuation_skip_ids,
+    forbidden_coverage,
+    warn_low_coverage,
+)
 from etu_hf.forbidden_set import ForbiddenSet, build_forbidden_set, resolve_forbidden_set
 from etu_hf.modeling.head import probe_hidden_states
 from etu_hf.ops.tilt import TiltSpec, closed_form_lambda, lambda_bounds
@@ -110,6 +117,21 @@ class TiltState:
             self._ids[device] = self.forbidden_set.tensor(device)
         return self._ids[device]
 
+    @property
+    def extra_ids(self) -> Any:
+        """The per-context extras of S(x) (:meth:`ForbiddenSet.extra_ids`), or ``None`` for one set everywhere."""
+        fs = self.forbidden_set
+        return fs.extra_ids if fs is not None and fs.per_context else None
+
+    def position_extra_ids(
+        self, input_ids: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor | None:
+        """The extras of S(x) at every prediction position of a batch, flattened to ``[B*(T-1), k]`` (the layout of
+        the losses' ``all_positions`` states), or ``None``."""
+        fn = self.extra_ids
+        extra = fn(input_ids, targets, mask) if fn is not None else None
+        return None if extra is None else extra.reshape(-1, extra.shape[-1])
+
     def decide_head(self, model: nn.Module, batch: dict[str, Any]) -> bool:
         """Set :attr:`use_hidden` from one forward on ``batch``: hidden states when ``head(hidden)``
         reproduces the model's logits, full logits otherwise (a warning: memory then grows with |V|)."""
@@ -134,32 +156,65 @@ def forbidden_set_for_run(
 ) -> ForbiddenSet | None:
     """V_S of a run: ``forbidden_set`` (a ForbiddenSet, ids or a V_S.ids.json path), else
     ``args.forbidden_ids_path``, else built from the forget data against the retain data with the
-    ``vs_*``/``pmi_*`` settings (docs/method.md, "Notation"). ``None`` without any of them."""
+    ``vs_*``/``pmi_*``/``word_*`` settings (docs/method.md, "Notation"); ``forbid_continuations`` adds the
+    forget text's informative next tokens. ``None`` without any of them. Logs the share of forget positions
+    whose next token S(x) holds (``parameters["coverage"]``) and warns when it is small."""
     source = "forbidden_set"
     if forbidden_set is None and args.forbidden_ids_path:
         forbidden_set, source = args.forbidden_ids_path, "--forbidden_ids_path"
     fs = resolve_forbidden_set(forbidden_set)
+    tok = tokenizer if hasattr(tokenizer, "convert_ids_to_tokens") else None
     if fs is not None:
         fs.check_vocab(vocab_size, source, getattr(tokenizer, "pad_token_id", None))
         fs.vocab_size = fs.vocab_size or vocab_size
-        return fs
-    if forget is None:
+    elif forget is None:
         return None
-    fs = build_forbidden_set(
-        iter_batches(forget, collator, 64),
-        iter_batches(retain, collator, 64) if retain is not None else None,
-        vocab_size=vocab_size,
-        tokenizer=tokenizer if hasattr(tokenizer, "convert_ids_to_tokens") else None,
-        method=args.vs_method,
-        vs_freq_rate=args.vs_freq_rate,
-        vs_abs_cap=args.vs_abs_cap,
-        vocab_top_k=args.vocab_top_k,
-        pmi_top_k=args.pmi_top_k,
-        pmi_min_count=args.pmi_min_count,
-        pmi_min_score=args.pmi_min_score,
-        pmi_smoothing=args.pmi_smoothing,
-        span_masking=args.span_masking,
-        span_ngram_max=args.span_ngram_max,
-    )
-    logger.info("built V_S (%s): %d tokens, %.2f%% of the vocabulary", fs.method, len(fs), 100 * (fs.fraction or 0))
+    elif args.vs_method == "words":
+        fs = build_word_forbidden_set(
+            iter_batches(forget, collator, 64),
+            iter_batches(retain, collator, 64) if retain is not None else None,
+            vocab_size=vocab_size,
+            tokenizer=tok,
+            min_g2=args.word_min_g2,
+            min_log_ratio=args.word_min_log_ratio,
+            min_share=args.word_min_share,
+            user_words=read_forbidden_words(args.forbidden_words, tok) if args.forbidden_words else (),
+        )
+    else:
+        fs = build_forbidden_set(
+            iter_batches(forget, collator, 64),
+            iter_batches(retain, collator, 64) if retain is not None else None,
+            vocab_size=vocab_size,
+            tokenizer=tok,
+            method=args.vs_method,
+            vs_freq_rate=args.vs_freq_rate,
+            vs_abs_cap=args.vs_abs_cap,
+            vocab_top_k=args.vocab_top_k,
+            pmi_top_k=args.pmi_top_k,
+            pmi_min_count=args.pmi_min_count,
+            pmi_min_score=args.pmi_min_score,
+            pmi_smoothing=args.pmi_smoothing,
+            span_masking=args.span_masking,
+            span_ngram_max=args.span_ngram_max,
+        )
+    if args.forbid_continuations and fs.continuations is None:
+        if tok is None:
+            raise ValueError("forbid_continuations needs the tokenizer (processing_class=) to tell informative tokens")
+        counts_from = retain if retain is not None else forget
+        skip = continuation_skip_ids(
+            iter_batches(counts_from, collator, 64), tok, vocab_size, args.continuation_skip_top_k
+        )
+        fs.with_continuations(skip, args.continuation_skip_top_k)
+    if forget is not None:
+        coverage = forbidden_coverage(fs, iter_batches(forget, collator, 64))
+        fs.parameters["coverage"] = coverage
+        logger.info(
+            "V_S (%s%s): %d shared tokens%s; S(x) holds the next token at %.2f%% of the forget positions",
+            fs.method,
+            " + continuations" if fs.continuations is not None else "",
+            len(fs),
+            f", {len(fs.words)} words" if fs.words else "",
+            100 * coverage,
+        )
+        warn_low_coverage(coverage)
     return fs

@@ -223,7 +223,9 @@ class ETUTrainer(RunRecords, Trainer):
         """At the start of training: estimate p_S over a sample of forget sequences and decide, on the
         first of its batches, whether the loss feeds hidden states or full logits."""
         ids = self.tilt_state.forbidden_ids(self.args.device)
-        p_s, n, first = estimate_base_mass(self.base, self.forget_dataset, self._user_collator, self.args, ids)
+        p_s, n, first = estimate_base_mass(
+            self.base, self.forget_dataset, self._user_collator, self.args, ids, self.tilt_state.extra_ids
+        )
         self.tilt_state.decide_head(self.model, first)
         self.tilt_state.set_base_mass(p_s, n)
 

@@ -1,0 +1,204 @@
+"""Per-context forbidden sets wired through the trainer, the probe, the audit and V_S.ids.json (issue 20).
+
+Every S(x) here is recomputed by hand (a Python loop over positions and word forms), independently of the trie and
+of ForbiddenSet.extra_ids; the masses and the loss are then recomputed from full float64 logits.
+"""
+
+import json
+
+import pytest
+import torch
+from helpers import fast_args
+
+from etu_hf import ETUTrainer, ForbiddenSet, audit
+from etu_hf.data.blocks import iter_batches, scored_positions
+from etu_hf.forbidden_context import (
+    build_word_forbidden_set,
+    continuation_skip_ids,
+    forbidden_coverage,
+)
+
+
+def hand_sets(fs, input_ids, labels):
+    """S(x) per (row, position) by brute force: shared ids, the next piece of any form whose first k pieces end at
+    t, and the text's next token when continuations are on and it is not skipped."""
+    forms = [tuple(f) for w in fs.words or [] for f in w["forms"]]
+    skip = set(fs.continuations["skip_ids"]) if fs.continuations else None
+    out = {}
+    for b in range(input_ids.shape[0]):
+        ids = input_ids[b].tolist()
+        for t in range(len(ids) - 1):
+            s = set(fs.ids)
+            for f in forms:
+                for k in range(1, len(f)):
+                    if t + 1 >= k and tuple(ids[t + 1 - k : t + 1]) == f[:k]:
+                        s.add(f[k])
+            y = int(labels[b, t + 1])
+            if skip is not None and y != -100 and y not in skip:
+                s.add(y)
+            out[b, t] = s
+    return out
+
+
+@pytest.fixture(scope="module")
+def word_set(corpora, tokenizer):
+    fs = build_word_forbidden_set(
+        iter_batches(corpora["forget"], None, 64),
+        iter_batches(corpora["retain"], None, 64),
+        vocab_size=len(tokenizer),
+        tokenizer=tokenizer,
+    )
+    return fs
+
+
+def test_words_of_the_demo_topic_and_their_file(word_set, tokenizer, tmp_path):
+    words = [w["word"] for w in word_set.words]
+    assert "vexium" in [w.lower() for w in words]  # the demo's forget topic
+    assert not {"the", "and", "of", "a", "in"} & set(words)  # function words are not forbidden
+    for w in word_set.words:
+        assert w["forms"] and all(
+            tokenizer.convert_ids_to_tokens(f) == p for f, p in zip(w["forms"], w["pieces"], strict=True)
+        )
+    path = word_set.save(str(tmp_path))
+    data = json.loads(open(path).read())
+    assert data["version"] == 2 and data["method"] == "words" and data["words"][0]["pieces"]
+    back = ForbiddenSet.load(path)
+    ids = torch.tensor([tokenizer.encode("precipitate, then vexium", add_special_tokens=False)])
+    extra = word_set.extra_ids(ids)
+    assert extra is not None and torch.equal(back.extra_ids(ids), extra)
+
+
+def test_extra_ids_equal_the_hand_computed_sets(word_set, corpora, tokenizer):
+    fs = ForbiddenSet(**{k: getattr(word_set, k) for k in ("ids", "vocab_size", "method", "words")})
+    skip = continuation_skip_ids(iter_batches(corpora["retain"], None, 64), tokenizer, len(tokenizer), 20)
+    for cont in (False, True):
+        if cont:
+            fs.with_continuations(skip, 20)
+        batch = next(iter_batches(corpora["forget"].select(range(3)), None, 3))
+        labels = batch["labels"].clone()
+        labels[0, 3:9] = -100
+        mask, targets = scored_positions(batch["input_ids"], batch["attention_mask"], labels)
+        extra = fs.extra_ids(batch["input_ids"], targets, mask)
+        want = hand_sets(fs, batch["input_ids"], labels)
+        for (b, t), s in want.items():
+            if not mask[b, t]:
+                continue
+            got = set(fs.ids) | {int(e) for e in extra[b, t] if e >= 0}
+            assert got == s, (b, t)
+    # continuations skip the frequent tokens and letterless pieces, and add coverage
+    assert fs.continuations["skip_top_k"] == 20
+    assert tokenizer.convert_tokens_to_ids(".") in skip
+    plain = ForbiddenSet(**{k: getattr(word_set, k) for k in ("ids", "vocab_size", "method", "words")})
+    data = iter_batches(corpora["forget"].select(range(16)), None, 8)
+    assert forbidden_coverage(fs, list(data)) > forbidden_coverage(plain, iter_batches(corpora["forget"], None, 8))
+
+
+def naive_mass(model, fs, batch):
+    """Mean pi(S(x)|x) over scored positions from full float64 softmax and the hand sets."""
+    labels = batch.get("labels", batch["input_ids"])
+    sets = hand_sets(fs, batch["input_ids"], labels)
+    mask, _ = scored_positions(batch["input_ids"], batch.get("attention_mask"), labels)
+    with torch.no_grad():
+        p = torch.softmax(model(input_ids=batch["input_ids"]).logits.double(), -1)
+    vals = [float(p[b, t, sorted(s)].sum()) for (b, t), s in sets.items() if mask[b, t]]
+    return sum(vals) / len(vals)
+
+
+def naive_tilt_loss(trainer, fs, batch):
+    """Mean over scored positions of KL(q_lam(x) || pi_theta) with the per-row closed form
+    lam(x) = max(0, logit p_b(S(x)|x) - logit eps) on the hand sets, from full float64 logits."""
+    eps = trainer.args.epsilon
+    sets = hand_sets(fs, batch["input_ids"], batch["labels"])
+    mask, _ = scored_positions(batch["input_ids"], batch["attention_mask"], batch["labels"])
+    with torch.no_grad():
+        zb = trainer.base.logits(batch).double()
+    zs = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
+    total, count = 0.0, 0
+    for (b, t), s in sets.items():
+        if not mask[b, t]:
+            continue
+        pb = torch.softmax(zb[b, t], -1)
+        ind = torch.zeros_like(pb, dtype=torch.bool)
+        ind[sorted(s)] = True
+        p = pb[ind].sum()
+        lam = max(0.0, float(torch.logit(p) - torch.logit(torch.tensor(eps, dtype=torch.float64))))
+        q = pb * torch.where(ind, torch.exp(torch.tensor(-lam, dtype=torch.float64)), 1.0)
+        q = q / q.sum()
+        assert float(q[ind].sum()) == pytest.approx(min(float(p), eps), rel=1e-9)  # the I-projection's mass
+        total = total + (q * (torch.log(q) - torch.log_softmax(zs[b, t], -1))).sum()
+        count += 1
+    return total / count
+
+
+def test_trainer_loss_probe_and_audit_use_the_sets_per_position(model, tokenizer, corpora, tmp_path):
+    from peft import LoraConfig
+
+    args = fast_args(
+        str(tmp_path / "out"),
+        vs_method="words",
+        forbid_continuations=True,
+        continuation_skip_top_k=20,
+        max_steps=12,
+        logging_steps=4,
+    )
+    trainer = ETUTrainer(
+        model=model,
+        args=args,
+        train_dataset=corpora["forget"],
+        retain_dataset=corpora["retain"],
+        heldout_dataset=corpora["forget_heldout"],
+        processing_class=tokenizer,
+        peft_config=LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear"),
+    )
+    fs = trainer.forbidden_set
+    assert fs.method == "words" and fs.per_context and 0 < fs.parameters["coverage"] <= 1
+    trainer.train()
+    batch = next(iter_batches(corpora["forget_heldout"].select(range(3)), None, 3))
+    with torch.no_grad():
+        loss = trainer.compute_loss(trainer.model, batch)
+        torch.testing.assert_close(loss.double(), naive_tilt_loss(trainer, fs, batch), atol=1e-5, rtol=1e-5)
+    heldout = trainer.measure_heldout()
+    full = next(iter_batches(corpora["forget_heldout"], None, len(corpora["forget_heldout"])))
+    assert heldout.mean_mass == pytest.approx(naive_mass(trainer.model, fs, full), rel=1e-4)
+    report = audit(
+        trainer.model,
+        corpora["forget_heldout"],
+        fs,
+        tilt=args.epsilon,
+        batch_size=8,
+        bootstrap_samples=50,
+        num_samples=0,
+        progress=False,
+    )
+    assert report.updated_p_S == pytest.approx(heldout.mean_mass, rel=1e-4)
+    assert report.updated_p_S < report.base_p_S
+
+
+def test_empty_word_set_and_bad_flags_name_the_fix(corpora, tokenizer, tmp_path):
+    with pytest.raises(ValueError, match=r"lower min_g2"):
+        build_word_forbidden_set(
+            iter_batches(corpora["forget"], None, 64),
+            iter_batches(corpora["retain"], None, 64),
+            vocab_size=len(tokenizer),
+            tokenizer=tokenizer,
+            min_g2=1e9,
+        )
+    with pytest.raises(ValueError, match=r"retain data .*--forbidden_words"):
+        build_word_forbidden_set(
+            iter_batches(corpora["forget"], None, 64), None, vocab_size=len(tokenizer), tokenizer=tokenizer
+        )
+    words = tmp_path / "words.txt"
+    words.write_text("vexium\n")
+    with pytest.raises(ValueError, match="forbidden_words: needs --vs_method words"):
+        fast_args(str(tmp_path / "o"), forbidden_words=str(words))
+    with pytest.raises(ValueError, match="forbidden_words: no such file"):
+        fast_args(str(tmp_path / "o"), vs_method="words", forbidden_words=str(tmp_path / "missing.txt"))
+    # the user's words alone, without retain data: every allowed first piece is shared
+    fs = build_word_forbidden_set(
+        iter_batches(corpora["forget"], None, 64),
+        None,
+        vocab_size=len(tokenizer),
+        tokenizer=tokenizer,
+        user_words=["vexium"],
+    )
+    assert [w["word"] for w in fs.words] == ["vexium"] and fs.words[0]["source"] == "user"
