@@ -49,6 +49,7 @@ def test_goal_checks_and_table(tmp_path):
     result = {"runs": runs, "references": {"target": {"forget_quality": 1e-9, "model_utility": 0.7}}}
     goals = goal_checks(result)
     assert goals["etu_on_front"] is True
+    assert goals["etu_forget_prob_le_0.10_at_utility_ge_0.70"] is False  # forget_prob 0.2 and 0.3
     assert goals["dominated_by_etu"]["npo"] == [
         {"label": "lr=1e-3", "dominated_by": ["eps=0.1"]},
         {"label": "lr=1e-4", "dominated_by": []},
@@ -84,6 +85,32 @@ def test_bad_settings(flags, match, tmp_path):
 def test_grid():
     cfg = CompareArguments(output_dir="x", methods="etu,ga", etu_epsilons="0.1,0.01", learning_rates="1e-4")
     assert [(m, lab) for m, lab, _ in cfg.grid()] == [("etu", "eps=0.1"), ("etu", "eps=0.01"), ("ga", "lr=0.0001")]
+    cfg = CompareArguments(output_dir="x", methods="etu-cont,npo", etu_epsilons="0.05", learning_rates="1e-3")
+    assert [(m, lab) for m, lab, _ in cfg.grid()] == [("etu-cont", "eps=0.05"), ("npo", "lr=0.001")]
+    assert cfg.grid()[0][2] == {"epsilon": 0.05, "learning_rate": 1e-3}
+
+
+def test_etu_variants_build_their_own_forbidden_set(small_bench, tmp_path):
+    from etu_hf.compare.runner import CompareInputs, build_forbidden, train_run
+
+    built, _, folder = small_bench
+    cfg = CompareArguments(
+        output_dir=str(tmp_path),
+        benchmark=folder,
+        model_name_or_path=built.target,
+        retain_model=built.retain,
+        methods="etu,etu-cont",
+        max_steps=1,
+    )
+    inputs = CompareInputs(cfg)
+    shared = build_forbidden(cfg, inputs)
+    hyper = {"epsilon": 0.05, "learning_rate": 1e-3}
+    plain = train_run("etu", hyper, cfg, inputs, str(tmp_path / "a"), shared)
+    assert plain.forbidden_set is shared
+    cont = train_run("etu-cont", hyper, cfg, inputs, str(tmp_path / "b"), shared)
+    fs = cont.forbidden_set
+    assert fs.method == "words" and fs.continuations is not None and fs.per_context
+    assert json.loads((tmp_path / "b" / "V_S.ids.json").read_text())["version"] == 2
 
 
 def test_compare_refuses_existing_output(tmp_path, capsys):

@@ -50,6 +50,8 @@ def forbidden_set_lines(forbidden: dict[str, Any], max_tokens: int = 20) -> list
     how = {
         "pmi": "the tokens most over-represented in the forget text against the retain text (PMI)",
         "frequency": "the most frequent tokens of the forget text",
+        "words": "forbidden words (scored forget vs retain by G2 and a log ratio, or given by the user), forbidden "
+        "per context: their shared first pieces everywhere, their other pieces only inside the word",
         "list": "a given list of ids",
         "custom": "given by the user",
     }.get(method, method)
@@ -69,6 +71,22 @@ def forbidden_set_lines(forbidden: dict[str, Any], max_tokens: int = 20) -> list
         shown = [tokens[i] for i in order[:max_tokens] if tokens[i] is not None]
         label = "highest-scoring" if scores else "first"
         lines.append(f"  - {label} tokens: " + ", ".join(f"`{t}`" for t in shown))
+    words = forbidden.get("words") or []
+    if words:
+        shown = [
+            f"`{w['word']}` ({' + '.join(w['pieces'][-1]) if w.get('pieces') else '?'})" for w in words[:max_tokens]
+        ]
+        more = f" and {len(words) - max_tokens} more" if len(words) > max_tokens else ""
+        lines.append(f"  - {len(words)} forbidden words (word: pieces of its spaced form): " + ", ".join(shown) + more)
+    cont = forbidden.get("continuations")
+    if cont:
+        lines.append(
+            "  - forbidden continuations: on forget text, S(x) also holds the text's own next token unless it is one "
+            f"of the {cont.get('skip_top_k')} most frequent retain tokens, a special token or a piece without a letter"
+        )
+    coverage = params.get("coverage")
+    if isinstance(coverage, (int, float)):
+        lines.append(f"  - S(x) holds the next token at {coverage:.1%} of the forget positions")
     return lines
 
 

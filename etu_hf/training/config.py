@@ -57,6 +57,9 @@ class ETUTrainingArguments(SecretFreeArguments, TrainingArguments):
         word_min_share (`float`, *optional*, defaults to `0.5`):
             Words method: a word's first piece is forbidden everywhere only when at least this share of its
             occurrences in the retain text start a forbidden word; otherwise only inside the word.
+        word_common_rank (`float`, *optional*, defaults to `0.125`):
+            Words method: a scored word whose spaced form is one piece with id below `word_common_rank * |V|` is
+            an everyday word and left out (tokenizers list frequent pieces first); 0 keeps every scored word.
         forbidden_words (`str` or `None`, *optional*, defaults to `None`):
             Words method: a UTF-8 file of words to forbid, one per line, merged with the scored words.
         forbid_continuations (`bool`, *optional*, defaults to `False`),
@@ -204,6 +207,13 @@ class ETUTrainingArguments(SecretFreeArguments, TrainingArguments):
             "retain occurrences start a forbidden word (else only its later pieces, inside the word)."
         },
     )
+    word_common_rank: float = field(
+        default=0.125,
+        metadata={
+            "help": "Words method: leave out everyday words: one-piece words among the first word_common_rank x |V| "
+            "ids of the tokenizer (0: keep them)."
+        },
+    )
     forbidden_words: str | None = field(
         default=None,
         metadata={"help": "Words method: a text file of words to forbid (one per line), merged with the scored ones."},
@@ -335,6 +345,8 @@ class ETUTrainingArguments(SecretFreeArguments, TrainingArguments):
             fail("word_min_log_ratio", "must be a finite number of nats, e.g. 1.0")
         if not 0.0 <= self.word_min_share <= 1.0:
             fail("word_min_share", "must be in [0, 1], e.g. 0.5")
+        if not 0.0 <= self.word_common_rank <= 1.0:
+            fail("word_common_rank", "must be in [0, 1], e.g. 0.125 (0: keep everyday words)")
         if self.forbidden_words is not None:
             if self.vs_method != "words":
                 fail("forbidden_words", "needs --vs_method words (the words are merged with the scored words)")

@@ -178,6 +178,7 @@ def forbidden_set_for_run(
             min_g2=args.word_min_g2,
             min_log_ratio=args.word_min_log_ratio,
             min_share=args.word_min_share,
+            common_rank=args.word_common_rank,
             user_words=read_forbidden_words(args.forbidden_words, tok) if args.forbidden_words else (),
         )
     else:

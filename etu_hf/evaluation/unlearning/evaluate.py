@@ -263,7 +263,17 @@ class BenchmarkEvaluator:
                 t0 = time.perf_counter()
                 mine = S.shard_indices(len(split), accelerator)
                 rows = S.score_examples(
-                    model, self.tokenizer, split, mine, passes, options, forbidden_ids=forbidden, use_hidden=use_hidden
+                    model,
+                    self.tokenizer,
+                    split,
+                    mine,
+                    passes,
+                    options,
+                    forbidden_ids=forbidden,
+                    use_hidden=use_hidden,
+                    extra_ids=self.forbidden.extra_ids
+                    if forbidden is not None and self.forbidden.per_context
+                    else None,
                 )
                 per_example[name] = S.columns(S.gather_by_index(mine, rows, len(split), accelerator))
                 logger.info("%s: %d rows (%s) in %.1fs", name, len(split), ", ".join(passes), time.perf_counter() - t0)

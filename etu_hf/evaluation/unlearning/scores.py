@@ -306,9 +306,11 @@ def score_examples(
     *,
     forbidden_ids: torch.Tensor | None = None,
     use_hidden: bool | None = None,
+    extra_ids: Any = None,
 ) -> list[dict[str, Any]]:
     """Per-example values (the columns of :data:`PASS_COLUMNS` for ``passes``, plus ``"question"``) of the rows
-    ``indices`` of ``split``, in that order. The model is used as it is (the caller sets eval mode)."""
+    ``indices`` of ``split``, in that order. The model is used as it is (the caller sets eval mode). ``extra_ids``:
+    the per-context extras of S(x) for the mass pass (:meth:`etu_hf.ForbiddenSet.extra_ids`)."""
     pad = pad_token_id(tokenizer)
     rows: list[dict[str, Any]] = [{"question": split.questions[i]} for i in indices]
     if not indices:
@@ -348,7 +350,7 @@ def score_examples(
     if "vs_mass" in passes:
         if forbidden_ids is None:
             raise ValueError("the mass on V_S needs forbidden ids")
-        sums, counts = vs_mass_sums(model, split, indices, forbidden_ids, pad, options)
+        sums, counts = vs_mass_sums(model, split, indices, forbidden_ids, pad, options, extra_ids)
         for row, s, c in zip(rows, sums, counts, strict=True):
             row["vs_mass_sum"], row["vs_positions"] = float(s), int(c)
     return rows
@@ -361,6 +363,7 @@ def vs_mass_sums(
     forbidden_ids: torch.Tensor,
     pad_id: int,
     options: ScoreOptions,
+    extra_ids: Any = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Each answer's summed mass on V_S and its number of scored positions (the answer tokens), from
     :func:`etu_hf.evaluation.measures.evaluate_mass` over the same right-padded batches as the answer pass."""
@@ -369,7 +372,7 @@ def vs_mass_sums(
     items = [(split.prompts[i], split.answer_ids[i]) for i in indices]
     size = options.batch_size
     batches = [right_padded(items[s : s + size], pad_id) for s in range(0, len(items), size)]
-    result = evaluate_mass(model, batches, forbidden_ids, chunk_size=options.chunk_size)
+    result = evaluate_mass(model, batches, forbidden_ids, chunk_size=options.chunk_size, extra_ids=extra_ids)
     if len(result.sequence_sums) != len(items):  # every answer has >= 1 token (encode_split), so never
         raise RuntimeError(f"evaluate_mass scored {len(result.sequence_sums)} of {len(items)} answers")
     return result.sequence_sums, result.sequence_counts
