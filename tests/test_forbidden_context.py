@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 from helpers import fast_args
+from test_bad_input import no_model_load, refused  # noqa: F401 (a fixture)
 
 from etu_hf import ETUTrainer, ForbiddenSet, audit
 from etu_hf.data.blocks import iter_batches, scored_positions
@@ -202,3 +203,21 @@ def test_empty_word_set_and_bad_flags_name_the_fix(corpora, tokenizer, tmp_path)
         user_words=["vexium"],
     )
     assert [w["word"] for w in fs.words] == ["vexium"] and fs.words[0]["source"] == "user"
+
+
+def test_the_command_line_refuses_bad_word_files_before_the_weights(tmp_path, capsys, no_model_load):  # noqa: F811
+    from helpers import cli_flags
+
+    from etu_hf.demo.corpus import write_demo_corpora
+
+    forget, retain = write_demo_corpora(str(tmp_path / "data"))
+    words = tmp_path / "words.txt"
+    words.write_text("vexium\ntwo words\n")
+    argv = ["unlearn", *cli_flags(tmp_path, forget, retain, "--vs_method", "words", "--forbidden_words", str(words))]
+    line = refused(capsys, argv, "--forbidden_words")
+    assert "'two words' holds a space; put each word on its own line" in line
+    argv = ["unlearn", *cli_flags(tmp_path, forget, retain, "--forbidden_words", str(words))]
+    assert "forbidden_words: needs --vs_method words" in refused(capsys, argv, "forbidden_words")
+    argv = ["unlearn", *cli_flags(tmp_path, forget, retain, "--vs_method", "words", "--word_min_share", "2")]
+    assert "word_min_share: must be in [0, 1]" in refused(capsys, argv, "word_min_share")
+    assert not (tmp_path / "run").exists()

@@ -53,8 +53,8 @@ class ModelArguments:
     )
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the hub."})
     use_lora: bool = field(default=False, metadata={"help": "Train a LoRA adapter (PEFT) instead of all weights."})
-    lora_r: int = field(default=256, metadata={"help": "LoRA rank."})
-    lora_alpha: int = field(default=512, metadata={"help": "LoRA scaling alpha."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling alpha."})
     lora_dropout: float = field(default=0.1, metadata={"help": "LoRA dropout."})
     lora_target_modules: str = field(
         default="all-linear,lm_head",
