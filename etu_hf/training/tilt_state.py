@@ -164,6 +164,10 @@ def forbidden_set_for_run(
         forbidden_set, source = args.forbidden_ids_path, "--forbidden_ids_path"
     fs = resolve_forbidden_set(forbidden_set)
     tok = tokenizer if hasattr(tokenizer, "convert_ids_to_tokens") else None
+
+    def batches(data: Any) -> Any:
+        return iter_batches(data, collator, 64) if data is not None else None
+
     if fs is not None:
         fs.check_vocab(vocab_size, source, getattr(tokenizer, "pad_token_id", None))
         fs.vocab_size = fs.vocab_size or vocab_size
@@ -171,8 +175,8 @@ def forbidden_set_for_run(
         return None
     elif args.vs_method == "words":
         fs = build_word_forbidden_set(
-            iter_batches(forget, collator, 64),
-            iter_batches(retain, collator, 64) if retain is not None else None,
+            batches(forget),
+            batches(retain),
             vocab_size=vocab_size,
             tokenizer=tok,
             min_g2=args.word_min_g2,
@@ -183,8 +187,8 @@ def forbidden_set_for_run(
         )
     else:
         fs = build_forbidden_set(
-            iter_batches(forget, collator, 64),
-            iter_batches(retain, collator, 64) if retain is not None else None,
+            batches(forget),
+            batches(retain),
             vocab_size=vocab_size,
             tokenizer=tok,
             method=args.vs_method,
@@ -202,12 +206,10 @@ def forbidden_set_for_run(
         if tok is None:
             raise ValueError("forbid_continuations needs the tokenizer (processing_class=) to tell informative tokens")
         counts_from = retain if retain is not None else forget
-        skip = continuation_skip_ids(
-            iter_batches(counts_from, collator, 64), tok, vocab_size, args.continuation_skip_top_k
-        )
+        skip = continuation_skip_ids(batches(counts_from), tok, vocab_size, args.continuation_skip_top_k)
         fs.with_continuations(skip, args.continuation_skip_top_k)
     if forget is not None:
-        coverage = forbidden_coverage(fs, iter_batches(forget, collator, 64))
+        coverage = forbidden_coverage(fs, batches(forget))
         fs.parameters["coverage"] = coverage
         logger.info(
             "V_S (%s%s): %d shared tokens%s; S(x) holds the next token at %.2f%% of the forget positions",
