@@ -193,16 +193,16 @@ class AuditReport:
             ("  lower bound (sequences)", f(self.base_p_S_lower), "", "base above epsilon? (else vacuous)"),
             ("  bootstrap 95% (sequences)", ci(self.base_p_S_bootstrap_95), ci(self.updated_p_S_bootstrap_95), ""),
             (
-                "suppression ratio (unlearned/base)",
-                "",
-                f(self.suppression_ratio),
-                f"95% upper {f(self.suppression_ratio_upper)} (paired bootstrap)",
-            ),
-            (
                 "  positions above epsilon",
                 f(self.share_above_epsilon_base, ".1%"),
                 f(self.share_above_epsilon_updated, ".1%"),
                 "",
+            ),
+            (
+                "suppression ratio",
+                "",
+                f(self.suppression_ratio),
+                f"unlearned/base; 95% upper {f(self.suppression_ratio_upper)}",
             ),
             ("delta = KL(model || target)", "", f(self.delta), f"Pinsker bound {f(self.pinsker_bound)}"),
             (
