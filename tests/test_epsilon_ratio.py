@@ -126,9 +126,23 @@ def test_the_ratio_resolves_to_r_times_p_s_everywhere_and_a_resume_keeps_it(toke
     assert resumed.lambda_controller.history[-1]["step"] == 4
     assert json.loads((out / "metrics.json").read_text())["epsilon"] == tilt.epsilon
 
-    # the audit at the end judges against the same epsilon
-    report = resumed.audit(forget_data=corpora["forget_heldout"].select(range(8)), num_samples=0, bootstrap_samples=100)
+    # the audit at the end judges against the same epsilon, and the card says where it came from
+    report = resumed.audit(
+        forget_data=corpora["forget_heldout"].select(range(8)),
+        output_dir=str(out),
+        overwrite=True,
+        num_samples=0,
+        bootstrap_samples=100,
+    )
     assert report.epsilon == tilt.epsilon and report.tilt["epsilon"] == tilt.epsilon
+    assert json.loads((out / "metrics.json").read_text())["heldout"]["epsilon"] == tilt.epsilon
+    from etu_hf.hub import build_model_card
+
+    card = str(build_model_card(str(out)))
+    assert (
+        f"| epsilon (target mass on V_S) | {tilt.epsilon:g} = 0.25 x p_S {first.base_p_s:.4f} (`--epsilon_ratio`) |"
+        in card
+    )
 
     # another ratio cannot continue this checkpoint
     with pytest.raises(ValueError, match=r"trained with epsilon_ratio=0.25 .*this run gives epsilon_ratio=0.5"):
