@@ -253,6 +253,9 @@ def test_metrics_agree_with_the_run_and_its_report(run):
         "perplexity_ratio": "perplexity_ratio",
         "target_achieved": "target_achieved",
         "target_achieved_upper": "target_achieved_upper",
+        "verdict": "verdict",
+        "base_p_S_lower": "base_p_S_lower",
+        "suppression_ratio_upper": "suppression_ratio_upper",
         "epsilon": "epsilon",
     }
     for mkey, rkey in pairs.items():

@@ -69,12 +69,12 @@ def test_verdict_line_says_reached_only_under_the_upper_bound():
     report = AuditReport(
         **{**fields, "target_achieved": True, "target_achieved_upper": False, "updated_p_S_upper": 0.06}
     )
-    assert "NOT reached" in report.verdict() and ": reached" not in report.verdict()
+    assert "NOT reached" in report.verdict_line() and ": reached" not in report.verdict_line()
     report = AuditReport(
         **{**fields, "target_achieved": True, "target_achieved_upper": True, "updated_p_S_upper": 0.049}
     )
-    assert "0.05: reached (upper bound 0.0490)" in report.verdict()
+    assert "0.05: reached (upper bound 0.0490)" in report.verdict_line()
     report = AuditReport(
         **{**fields, "target_achieved": False, "target_achieved_upper": False, "updated_p_S_upper": 0.2}
     )
-    assert "NOT reached" in report.verdict()
+    assert "NOT reached" in report.verdict_line()

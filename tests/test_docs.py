@@ -81,7 +81,9 @@ def test_every_unlearn_flag_is_in_the_generated_reference_with_its_real_default(
     assert {"--npo_beta", "--adaptive_lambda"} <= set(baseline_rows)
     assert _check_defaults(baseline_rows, unlearn_parser(method="npo"), hooks.format_default) == len(baseline_rows)
     # the drift issue 22 found: --lambda_max was listed twice, with 12.0 and 100
-    assert rows["--lambda_max"] == "`100.0`" and rows["--epsilon"] == "`0.05`"
+    # --epsilon defaults to None so that it can be told from --epsilon_ratio; unset, it means 0.05
+    assert rows["--lambda_max"] == "`100.0`" and rows["--epsilon"] == "`None`" and rows["--epsilon_ratio"] == "`None`"
+    assert "(unset: 0.05)" in etu[etu.index("| `--epsilon` |") :].splitlines()[0]
     assert etu.count("`--lambda_max`") == 1
 
 
@@ -90,7 +92,7 @@ def test_flag_tables_follow_the_docstring_groups_and_refuse_stale_markers():
     from etu_hf.training.config import ETUTrainingArguments
 
     groups = dict(hooks.docstring_groups(ETUTrainingArguments))
-    assert groups["Parameters that control the target"][:2] == ["epsilon", "lambda_mode"]
+    assert groups["Parameters that control the target"][:3] == ["epsilon", "epsilon_ratio", "lambda_mode"]
     assert {"pmi_top_k", "pmi_min_count", "pmi_smoothing"} <= set(
         groups["Parameters that control the forbidden set V_S"]
     )

@@ -66,8 +66,18 @@ class RunRecord:
 
     @property
     def epsilon(self) -> float:
-        """The run's target mass ``epsilon`` (args.json; :data:`DEFAULT_EPSILON` when absent)."""
-        return float(self.args.get("epsilon", DEFAULT_EPSILON))
+        """The run's target mass ``epsilon``: args.json's; for a run given ``epsilon_ratio`` (whose args.json
+        holds ``epsilon: null``) the value it resolved, from metrics.json; :data:`DEFAULT_EPSILON` when
+        neither file says."""
+        value = self.args.get("epsilon")
+        if value is None and self.args.get("epsilon_ratio") is not None:
+            value = self.metrics.get("epsilon")
+            if value is None:
+                raise ValueError(
+                    f"{self.folder}: the run set epsilon_ratio={self.args['epsilon_ratio']} but its metrics.json "
+                    "holds no resolved epsilon (the run did not finish); give --epsilon"
+                )
+        return float(value if value is not None else DEFAULT_EPSILON)
 
     @property
     def lambda_record(self) -> dict[str, Any]:

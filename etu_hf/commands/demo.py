@@ -69,6 +69,8 @@ def _plan(user_argv: Sequence[str]) -> tuple[list[str], str, bool]:
     }
     check_output_dir(output_dir, given.overwrite_output_dir, given.resume_from_checkpoint, inputs)
     argv = list(DEMO_DEFAULTS)
+    if given.epsilon_ratio is not None:  # the user's relative target replaces the demo's absolute one
+        del argv[argv.index("--epsilon") : argv.index("--epsilon") + 2]
     wrote = given.forget_corpora is None
     if wrote:
         data_dir = os.path.join(output_dir, "demo_data")

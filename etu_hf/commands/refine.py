@@ -257,6 +257,8 @@ def run_refine(args: RefineArguments, config: Any) -> Any:
                         "updated_p_S": report.updated_p_S,
                         "perplexity_ratio": report.perplexity_ratio,
                         "target_achieved": report.target_achieved,
+                        "target_achieved_upper": report.target_achieved_upper,
+                        "verdict": report.verdict,
                     },
                 },
             )

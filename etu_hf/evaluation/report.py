@@ -1,6 +1,17 @@
 """The suppression report: its versioned JSON schema (:data:`DEFINITIONS` says what each number means;
 docs/method.md, "The audit and its verdict"), the printed table and Markdown, and :func:`build_report`,
-which turns the audit's measurements into bounds and a verdict."""
+which turns the audit's measurements into bounds and a verdict.
+
+The verdict (:attr:`AuditReport.verdict`) is one of :data:`VERDICTS`:
+
+- ``"reached"``: the unlearned model's sequence-level upper bound is at most epsilon
+  (``target_achieved_upper``) and the base model was above epsilon: its sequence-level lower bound
+  ``base_p_S_lower`` exceeds epsilon, so the run suppressed something the base model did put there;
+- ``"vacuous"``: the upper bound is at most epsilon, but so is the base model's held-out mass or its lower
+  bound: there was nothing to suppress at this epsilon and "reached" would certify nothing (the line
+  suggests ``--epsilon_ratio``, epsilon as a share of the base mass);
+- ``"not_reached"``: the upper bound is above epsilon.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +21,17 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from etu_hf.artifacts.files import MARKDOWN_FILE, REPORT_FILE, write_json
-from etu_hf.ops.bounds import bootstrap_ratio_interval, pinsker_slack, sequence_upper_bound, wilson_upper
+from etu_hf.ops.bounds import (
+    bootstrap_ratio_interval,
+    paired_ratio_upper,
+    pinsker_slack,
+    sequence_lower_bound,
+    sequence_upper_bound,
+    wilson_upper,
+)
 
 if TYPE_CHECKING:
     from etu_hf.evaluation.measures import MassResult, PerplexityResult, TiltStatistics
@@ -21,6 +41,12 @@ if TYPE_CHECKING:
 REPORT_FORMAT = "etu-hf/suppression-report"
 
 REPORT_VERSION = 2
+
+#: The machine-readable verdicts (module docstring); ``suppression_report.json``'s ``verdict``.
+VERDICTS = ("reached", "vacuous", "not_reached")
+
+#: The ratio the vacuous verdict suggests (``--epsilon_ratio``: epsilon = this share of the base mass).
+SUGGESTED_EPSILON_RATIO = 0.25
 
 
 #: What every number of the report means; written into the JSON next to the numbers.
@@ -37,7 +63,15 @@ DEFINITIONS = {
     "this undercovers: reported for comparison only, never used for a verdict",
     "*_bootstrap_95": "95% percentile bootstrap interval of the mean mass, resampling whole sequences "
     "(accounts for the within-sequence correlation)",
-    "suppression_ratio": "updated_p_S / base_p_S",
+    "base_p_S_lower": "sequence-level LOWER confidence bound of base_p_S: 1 - the upper bound (same method, "
+    "nominal one-sided 98.75%, stated 95%) of the mean mass on the complement of V_S; 0.0 with fewer than 8 "
+    "sequences. At or below epsilon it makes the verdict 'vacuous'",
+    "suppression_ratio": "updated_p_S / base_p_S: the share of the base model's held-out mass on V_S left after "
+    "unlearning (both measured on the same positions)",
+    "suppression_ratio_upper": "one-sided 95% upper bound of suppression_ratio: paired percentile bootstrap over "
+    "held-out sequences (bootstrap_samples resamples, seeded): each resample draws sequences with replacement, "
+    "the same for both models, and takes sum(updated mass) / sum(base mass) over them; the bound is the empirical "
+    "95% quantile of those ratios",
     "delta": "mean over held-out forget positions of KL(pi_theta(.|x) || q_lambda(.|x)), per token, "
     "with the run's tilt",
     "mean_target_mass": "mean over the same positions of q_lambda(S|x), the target's mass on V_S",
@@ -49,6 +83,10 @@ DEFINITIONS = {
     "*_perplexity": "exp(mean next-token NLL) over held-out retain positions; perplexity_ratio = updated / base",
     "target_achieved": "updated_p_S <= epsilon (point estimate)",
     "target_achieved_upper": "updated_p_S_upper <= epsilon (the guarantee: sequence-level upper bound)",
+    "verdict": "'reached': target_achieved_upper and base_p_S_lower > epsilon (the base model was above epsilon, "
+    "the unlearned one is certified below it); 'vacuous': target_achieved_upper but base_p_S or base_p_S_lower <= "
+    "epsilon (nothing to suppress at this epsilon: the bound certifies nothing; use --epsilon_ratio or a lower "
+    "--epsilon); 'not_reached': updated_p_S_upper > epsilon",
     "clamped_share": "share of held-out forget positions where a lambda clamp binds (the target misses epsilon)",
     "samples": "greedy continuations of a few held-out forget prompts, base and unlearned: an illustration only",
 }
@@ -98,6 +136,10 @@ class AuditReport:
     clamped_share: float
     tilt: dict[str, Any]
     seconds: float
+    #: Added to version 2 (a report written before them reads them as None; :attr:`outcome` then falls back).
+    base_p_S_lower: float | None = None
+    suppression_ratio_upper: float | None = None
+    verdict: str | None = None
     samples: list[dict[str, str]] = field(default_factory=list)
     activations: dict[str, Any] | None = None
     sources: dict[str, Any] = field(default_factory=dict)
@@ -148,12 +190,19 @@ class AuditReport:
                 f(self.updated_p_S_token_wilson_upper),
                 "positions as independent: undercovers",
             ),
+            ("  lower bound (sequences)", f(self.base_p_S_lower), "", "base above epsilon? (else vacuous)"),
             ("  bootstrap 95% (sequences)", ci(self.base_p_S_bootstrap_95), ci(self.updated_p_S_bootstrap_95), ""),
             (
                 "  positions above epsilon",
                 f(self.share_above_epsilon_base, ".1%"),
                 f(self.share_above_epsilon_updated, ".1%"),
                 "",
+            ),
+            (
+                "suppression ratio",
+                "",
+                f(self.suppression_ratio),
+                f"unlearned/base; 95% upper {f(self.suppression_ratio_upper)}",
             ),
             ("delta = KL(model || target)", "", f(self.delta), f"Pinsker bound {f(self.pinsker_bound)}"),
             (
@@ -171,20 +220,42 @@ class AuditReport:
         w[1], w[2] = max(w[1], 10), max(w[2], 10)
         lines = [f"{'':{w[0]}}  {'base':>{w[1]}}  {'unlearned':>{w[2]}}  target/notes", "-" * (sum(w) + 8)]
         lines += [f"{a:{w[0]}}  {b:>{w[1]}}  {c:>{w[2]}}  {d}" for a, b, c, d in rows]
-        lines.append(self.verdict())
+        lines.append(self.verdict_line())
         return "\n".join(lines)
 
-    def verdict(self) -> str:
-        """One line: "reached" only when the sequence-level upper bound is at most epsilon."""
-        if self.target_achieved_upper:
-            head = f"target pi_theta(S) <= {self.epsilon}: reached (upper bound {self.updated_p_S_upper:.4f})"
+    @property
+    def outcome(self) -> str:
+        """:attr:`verdict`, or for a report written before it existed ``"reached"``/``"not_reached"`` from
+        ``target_achieved_upper`` alone (such a report cannot tell a vacuous "reached")."""
+        if self.verdict is not None:
+            return self.verdict
+        return "reached" if self.target_achieved_upper else "not_reached"
+
+    def verdict_line(self) -> str:
+        """One line: "reached" only when the sequence-level upper bound is at most epsilon and the base
+        model's lower bound is above it; "nothing to suppress" when the base model was already at or below
+        epsilon (``verdict == "vacuous"``, module docstring)."""
+        eps = self.epsilon
+        head = f"target pi_theta(S) <= {eps}"
+        if self.outcome == "vacuous":
+            base, lower = self.base_p_S, self.base_p_S_lower
+            where = "is already" if base <= eps else f"has a lower bound {lower:.4f}"
+            ratio = SUGGESTED_EPSILON_RATIO
+            head = (
+                f"{head}: nothing to suppress at this epsilon: the base model's held-out mass {base:.4f} {where} <= "
+                f"epsilon {eps}, so the unlearned upper bound {self.updated_p_S_upper:.4f} certifies nothing. Set "
+                f"--epsilon_ratio {ratio} (epsilon = {ratio} x the base mass, here about {ratio * base:.4f}) or a "
+                "lower --epsilon"
+            )
+        elif self.outcome == "reached":
+            head = f"{head}: reached (upper bound {self.updated_p_S_upper:.4f})"
         elif self.target_achieved:
             head = (
-                f"target pi_theta(S) <= {self.epsilon}: NOT reached: the point estimate {self.updated_p_S:.4f} is "
+                f"{head}: NOT reached: the point estimate {self.updated_p_S:.4f} is "
                 f"below epsilon but its upper bound {self.updated_p_S_upper:.4f} is not"
             )
         else:
-            head = f"target pi_theta(S) <= {self.epsilon}: NOT reached (point estimate {self.updated_p_S:.4f})"
+            head = f"{head}: NOT reached (point estimate {self.updated_p_S:.4f})"
         return f"{head}; {self.forget_positions} positions in {self.forget_sequences} held-out sequences"
 
     def to_markdown(self) -> str:
@@ -195,7 +266,7 @@ class AuditReport:
             f"({self.V_S_fraction:.2%} of {self.vocab_size})",
             f"- held-out forget data: {self.forget_sequences} sequences, {self.forget_positions} scored positions",
             f"- tilt: {self.tilt}",
-            f"- {self.verdict()}",
+            f"- {self.verdict_line()}",
             "",
             "| measure | base | unlearned | target / notes |",
             "| --- | --- | --- | --- |",
@@ -237,6 +308,14 @@ class AuditReport:
         return paths
 
 
+def decide_verdict(epsilon: float, updated_upper: float, base_mean: float, base_lower: float) -> str:
+    """``"not_reached"`` when ``updated_upper > epsilon``; else ``"vacuous"`` when the base model's held-out mass
+    or its lower bound is at most epsilon (nothing to suppress), else ``"reached"``."""
+    if not updated_upper <= epsilon:
+        return "not_reached"
+    return "vacuous" if base_mean <= epsilon or base_lower <= epsilon else "reached"
+
+
 def build_report(
     fs: ForbiddenSet,
     vocab: int,
@@ -258,6 +337,16 @@ def build_report(
         name: sequence_upper_bound(m.sequence_sums, m.sequence_counts, seed=opts.seed)
         for name, m in (("base", base), ("updated", updated))
     }
+    if not np.array_equal(base.sequence_counts, updated.sequence_counts):
+        raise ValueError("build_report: the base and unlearned masses were not measured on the same positions")
+    base_lower = sequence_lower_bound(base.sequence_sums, base.sequence_counts, seed=opts.seed)
+    ratio_upper = paired_ratio_upper(
+        updated.sequence_sums,
+        base.sequence_sums,
+        base.sequence_counts,
+        samples=opts.bootstrap_samples,
+        seed=opts.seed,
+    )
     slack = pinsker_slack(stats.delta)
     per_model = {}
     for name, m in (("base", base), ("updated", updated)):
@@ -293,6 +382,9 @@ def build_report(
         retain_sequences=None,
         target_achieved=bool(updated.mean <= eps),
         target_achieved_upper=bool(bounds["updated"].upper <= eps),
+        base_p_S_lower=base_lower,
+        suppression_ratio_upper=ratio_upper,
+        verdict=decide_verdict(eps, bounds["updated"].upper, base.mean, base_lower),
         clamped_share=stats.clamped_share,
         tilt=tilt.to_dict(),
         seconds=0.0,

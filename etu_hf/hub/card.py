@@ -224,7 +224,8 @@ def build_model_card(
         body += [
             "",
             "Masses are means over the scored positions of held-out forget text never trained on; the upper bound "
-            f"is a one-sided 95% bound with the sequence as the unit, and {bound} only when it is at most epsilon. "
+            f"is a one-sided 95% bound with the sequence as the unit, and {bound} only when it is at most epsilon "
+            "and the base model's lower bound is above epsilon (otherwise there was nothing to suppress). "
             "Perplexity is on held-out retain text.",
         ]
         if run.has_file(REPORT_FILE):

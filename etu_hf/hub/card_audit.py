@@ -2,7 +2,8 @@
 
 The numbers are the report's (``suppression_report.json``, else the ``heldout`` section of
 ``metrics.json``); nothing is recomputed. For ETU the verdict says "reached" only when the sequence-level
-upper bound is at most epsilon; for a baseline epsilon is only the audit's reference ("met"/"not met").
+upper bound is at most epsilon and the base model was above it (the report's ``verdict``; "nothing to
+suppress" when it is ``"vacuous"``); for a baseline epsilon is only the audit's reference ("met"/"not met").
 """
 
 from __future__ import annotations
@@ -62,7 +63,9 @@ def run_method(run: RunFiles) -> str:
 
 def verdict(numbers: dict[str, Any], method: str = ETU_METHOD) -> str:
     """One line: for ETU, "reached" only when the sequence-level upper bound ``updated_p_S_upper`` is at most
-    epsilon (``target_achieved_upper``); the point estimate alone is never enough. For another ``method``
+    epsilon (``target_achieved_upper``) and the report's ``verdict`` is not ``"vacuous"`` (the base model was
+    already at or below epsilon: then "nothing to suppress", for every method); the point estimate alone is
+    never enough. For another ``method``
     the same test against the same number, worded as a reference bound that is "met" or "not met": the
     method did not train toward it."""
     eps = format_value(numbers.get("epsilon"), "g")
@@ -75,6 +78,14 @@ def verdict(numbers: dict[str, Any], method: str = ETU_METHOD) -> str:
     else:
         head = f"reference bound pi_theta(S) <= {eps} (ETU's target; `{method}` does not train toward it)"
         yes, no = "met", "not met"
+    if numbers.get("verdict") == "vacuous":
+        base, lower = numbers.get("base_p_S"), numbers.get("base_p_S_lower")
+        return (
+            f"{head}: **nothing to suppress at this epsilon**: the base model's held-out mass {format_value(base)} "
+            f"(lower bound {format_value(lower)}) was already at or below epsilon, so the upper bound "
+            f"{format_value(upper)} certifies nothing (`--epsilon_ratio` sets epsilon as a share of the base mass); "
+            f"{where}"
+        )
     if numbers.get("target_achieved_upper") is True:
         return f"{head}: **{yes}** (upper bound {format_value(upper)}); {where}"
     if upper is None:
@@ -107,10 +118,18 @@ def audit_rows(numbers: dict[str, Any], method: str = ETU_METHOD) -> list[tuple[
             f"{numbers.get('forget_sequences', 'n/a')} sequences; the verdict's number",
         ),
         (
+            "lower bound (sequence-level, 95%)",
+            format_value(numbers.get("base_p_S_lower")),
+            "",
+            "the base model's: at or below epsilon, nothing to suppress",
+        ),
+        (
             "suppression ratio (unlearned / base)",
             "",
             format_value(numbers.get("suppression_ratio")),
-            "",
+            f"95% upper bound {format_value(numbers.get('suppression_ratio_upper'))} (paired bootstrap over sequences)"
+            if numbers.get("suppression_ratio_upper") is not None
+            else "",
         ),
         (
             "positions above epsilon",
@@ -119,6 +138,8 @@ def audit_rows(numbers: dict[str, Any], method: str = ETU_METHOD) -> list[tuple[
             "",
         ),
     ]
+    if numbers.get("base_p_S_lower") is None:  # a report written before the lower bound existed
+        rows = [r for r in rows if not r[0].startswith("lower bound")]
     if numbers.get("delta") is not None:
         notes = (
             f"Pinsker bound {format_value(numbers['pinsker_bound'])}"

@@ -95,8 +95,12 @@ def etu_settings_rows(run: RunFiles) -> list[tuple[str, str]]:
     m, a = run.metrics, run.args
     lam = m.get("lambda") or {}
     mode = lam.get("mode", a.get("lambda_mode"))
+    epsilon = format_value(m.get("epsilon", a.get("epsilon")), "g")
+    ratio = m.get("epsilon_ratio", a.get("epsilon_ratio"))
+    if ratio is not None:  # epsilon set as a share of the base mass (--epsilon_ratio)
+        epsilon += f" = {format_value(ratio, 'g')} x p_S {format_value(m.get('epsilon_base_p_S'))} (`--epsilon_ratio`)"
     rows = [
-        ("epsilon (target mass on V_S)", format_value(m.get("epsilon", a.get("epsilon")), "g")),
+        ("epsilon (target mass on V_S)", epsilon),
         ("lambda mode", f"`{mode}`" if mode else "n/a"),
         ("closed-form lambda `logit(p_S) - logit(epsilon)`", format_value(lam.get("closed_form_global"))),
         ("base mass p_S on the training forget data", format_value(m.get("base_p_S"))),

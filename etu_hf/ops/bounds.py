@@ -27,6 +27,17 @@ mass ``s_j = \sum_{i \in j} \pi(S|x_i)``. Positions of one sequence are strongly
   fall to 0.94-0.95 in the hardest of these regimes. Fewer than :data:`MIN_SEQUENCES` sequences
   give the uninformative bound 1.0.
 
+- :func:`sequence_lower_bound`: the same bound on the other side, by symmetry: a position's mass on the
+  complement of V_S is :math:`1 - \pi(S|x)`, so sequence ``j`` sums :math:`c_j - s_j` there and
+  :math:`\mathrm{lower}(R) = 1 - \mathrm{upper}(1 - R)` with :func:`sequence_upper_bound` of
+  ``(c - s, c)`` (the Wilson bound is symmetric in :math:`p \leftrightarrow 1-p`; the bootstrap-t part
+  becomes :math:`R - q_{1-\alpha}(T^*)\sqrt{\hat V}`, the lower studentised bound). The audit uses it to
+  tell when the base model is already at or below epsilon (nothing to suppress).
+
+- :func:`paired_ratio_upper`: an upper bound of the suppression ratio :math:`\rho = R_u / R_b` of two
+  masses measured on the same sequences (unlearned over base), by a paired percentile bootstrap over
+  sequences (module docstring of the function).
+
 - :func:`wilson_upper`: the token-level Wilson score bound (ETU's original figure), which treats
   positions as independent trials. Reported, labelled as such, but never used for a verdict:
   it undercovers badly (62-74% for a nominal 97.5%) when positions are correlated.
@@ -195,3 +206,70 @@ def bootstrap_ratio_interval(
         means.append(sums[idx].sum(1) / np.maximum(counts[idx].sum(1), 1.0))
     lo, hi = np.quantile(np.concatenate(means), [(1 - level) / 2, 1 - (1 - level) / 2])
     return float(lo), float(hi)
+
+
+def sequence_lower_bound(
+    sums: Any,
+    counts: Any,
+    *,
+    alpha: float = DEFAULT_ALPHA,
+    samples: int = BOOTSTRAP_SAMPLES,
+    seed: int = 0,
+) -> float:
+    r"""Lower confidence bound of :math:`R = \sum_j s_j / \sum_j c_j`, the mirror of :func:`sequence_upper_bound`.
+
+    :math:`1 - U(c - s, c)`: the sequence-level upper bound of the mass on the complement of V_S,
+    subtracted from 1 (the same method, level and seed, applied to :math:`1 - R`; see the module
+    docstring). 0.0 with fewer than :data:`MIN_SEQUENCES` sequences (nothing can be said). Each
+    position's mass must lie in [0, 1], so that :math:`0 \le s_j \le c_j`.
+    """
+    s = np.asarray(sums, dtype=np.float64).reshape(-1)
+    c = np.asarray(counts, dtype=np.float64).reshape(-1)
+    complement = sequence_upper_bound(c - s, c, alpha=alpha, samples=samples, seed=seed)
+    return max(0.0, 1.0 - complement.upper)
+
+
+def paired_ratio_upper(
+    numerator_sums: Any,
+    denominator_sums: Any,
+    counts: Any,
+    *,
+    samples: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> float:
+    r"""One-sided upper bound of the ratio of two means measured on the same sequences (paired bootstrap).
+
+    Sequence ``j`` has ``counts[j]`` scored positions and summed masses ``a_j`` (``numerator_sums``, e.g. the
+    unlearned model's) and ``b_j`` (``denominator_sums``, the base model's) over the *same* positions. The
+    ratio of the two means is
+
+    .. math::
+        \rho = \frac{\sum_j a_j / \sum_j c_j}{\sum_j b_j / \sum_j c_j} = \frac{\sum_j a_j}{\sum_j b_j}.
+
+    Each of ``samples`` resamples draws ``k`` sequence indices with replacement (the same indices for both
+    models, which keeps the pairing: a sequence on the topic is high for both) and computes
+    :math:`\rho^*_b = \sum_{j \in b} a_j / \sum_{j \in b} b_j` (:math:`+\infty` when the resampled base sum is
+    0). The bound is the empirical ``level`` quantile of the :math:`\rho^*_b` (``numpy.quantile`` with
+    ``method="inverted_cdf"``: the smallest :math:`\rho^*_b` with at least ``level`` of them at or below it).
+    Sequences with no scored position are dropped; ``nan`` without sequences or when
+    :math:`\sum_j b_j = 0` (no ratio). Deterministic for a given ``seed``.
+    """
+    a = np.asarray(numerator_sums, dtype=np.float64).reshape(-1)
+    b = np.asarray(denominator_sums, dtype=np.float64).reshape(-1)
+    c = np.asarray(counts, dtype=np.float64).reshape(-1)
+    if not len(a) == len(b) == len(c):
+        raise ValueError(f"paired_ratio_upper: {len(a)}, {len(b)} and {len(c)} sequences: the masses must be paired")
+    keep = c > 0
+    a, b = a[keep], b[keep]
+    k = len(a)
+    if k == 0 or samples < 1 or not b.sum() > 0:
+        return math.nan
+    rng = np.random.default_rng(seed)
+    ratios = []
+    for start in range(0, samples, 256):  # bounded memory: 256 resamples at a time
+        idx = rng.integers(0, k, size=(min(256, samples - start), k))
+        num, den = a[idx].sum(1), b[idx].sum(1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratios.append(np.where(den > 0, num / den, np.inf))
+    return float(np.quantile(np.concatenate(ratios), level, method="inverted_cdf"))

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 from etu_hf.artifacts.files import SecretFreeArguments
+from etu_hf.artifacts.record import DEFAULT_EPSILON
 from etu_hf.ops.tilt import DEFAULT_LAMBDA_MAX
 from etu_hf.training.argument_checks import check_training_arguments, require_deepspeed_if_asked
 
@@ -23,9 +24,17 @@ class ETUTrainingArguments(SecretFreeArguments, TrainingArguments):
     Parameters:
         > Parameters that control the target
 
-        epsilon (`float`, *optional*, defaults to `0.05`):
+        epsilon (`float` or `None`, *optional*, defaults to `None`, which means `0.05`):
             Target mass: the trained model should put at most `epsilon` probability on the forbidden
-            set V_S at forget contexts. Must be in (0, 1).
+            set V_S at forget contexts. Must be in (0, 1). Left unset it is 0.05, unless `epsilon_ratio`
+            is given (then it stays `None` here and the trainer holds the resolved value).
+        epsilon_ratio (`float` or `None`, *optional*, defaults to `None`):
+            Set epsilon relative to the base model instead: `epsilon = epsilon_ratio x p_S`, with `p_S` the
+            base mass on V_S that the trainer estimates at the start of training (`p_s_sample_size` forget
+            sequences). In (0, 1); not together with `epsilon`. The resolved value is
+            `ETUTrainer.tilt_state.epsilon`; metrics.json records it with the ratio and that `p_S`
+            (`epsilon`, `epsilon_ratio`, `epsilon_base_p_S`), and a resumed run keeps it. An absolute epsilon
+            at or above the base mass certifies nothing (the audit's verdict is then "vacuous").
         lambda_mode (`str`, *optional*, defaults to `"per_position"`):
             `"per_position"`: exact tilt per context, `lam(x) = max(0, logit(p(x)) - logit(epsilon))`,
             so the target has `q(S|x) = min(p(x), epsilon)` everywhere (the true I-projection).
@@ -166,7 +175,17 @@ class ETUTrainingArguments(SecretFreeArguments, TrainingArguments):
     """
 
     # ----- target
-    epsilon: float = field(default=0.05, metadata={"help": "Target mass on V_S at forget contexts, in (0, 1)."})
+    epsilon: float | None = field(
+        default=None,
+        metadata={"help": f"Target mass on V_S at forget contexts, in (0, 1) (unset: {DEFAULT_EPSILON})."},
+    )
+    epsilon_ratio: float | None = field(
+        default=None,
+        metadata={
+            "help": "Target mass as a share of the base model's: epsilon = r x p_S, the base mass on V_S estimated "
+            "at the start of training; r in (0, 1), e.g. 0.25. Not with --epsilon."
+        },
+    )
     lambda_mode: str = field(
         default="per_position",
         metadata={
@@ -328,13 +347,24 @@ class ETUTrainingArguments(SecretFreeArguments, TrainingArguments):
         def fail(name: str, message: str) -> None:
             raise ValueError(f"{name}: {message} (got {getattr(self, name)!r})")
 
-        if not 0.0 < self.epsilon < 1.0:
+        if self.epsilon_ratio is not None:
+            if not 0.0 < self.epsilon_ratio < 1.0:
+                fail("epsilon_ratio", "must be strictly between 0 and 1 (epsilon = r x the base mass p_S), e.g. 0.25")
+            if self.epsilon is not None:
+                raise ValueError(
+                    f"epsilon_ratio: give --epsilon_ratio (epsilon = r x the base mass) or --epsilon (an absolute "
+                    f"mass), not both (got epsilon_ratio={self.epsilon_ratio!r} and epsilon={self.epsilon!r})"
+                )
+        elif self.epsilon is None:
+            self.epsilon = DEFAULT_EPSILON
+        if self.epsilon is not None and not 0.0 < self.epsilon < 1.0:
             fail("epsilon", "must be strictly between 0 and 1, e.g. 0.05")
         if not (math.isfinite(self.lambda_max) and self.lambda_max > 0):
             fail("lambda_max", f"must be finite and > 0, e.g. {DEFAULT_LAMBDA_MAX}")
         if self.lambda_mode not in ("per_position", "global"):
             fail("lambda_mode", "must be 'per_position' or 'global'")
-        _check_epsilon_reachable(self.epsilon, self.lambda_max)
+        if self.epsilon is not None:  # with epsilon_ratio, checked once epsilon is resolved (TiltState)
+            check_epsilon_reachable(self.epsilon, self.lambda_max)
         if self.p_s_sample_size < 1:
             fail("p_s_sample_size", "must be >= 1")
         if self.vs_method not in ("words", "pmi", "frequency"):
@@ -422,7 +452,7 @@ class ETUTrainingArguments(SecretFreeArguments, TrainingArguments):
 REACHABLE_MASS_WARN = 0.999
 
 
-def _check_epsilon_reachable(epsilon: float, lambda_max: float) -> None:
+def check_epsilon_reachable(epsilon: float, lambda_max: float) -> None:
     """Refuse an epsilon no lambda within the clamp can reach; warn when high-mass contexts miss it.
 
     A context whose base mass on V_S is ``p`` reaches epsilon at ``lambda = logit(p) - logit(epsilon)``.

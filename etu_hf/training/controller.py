@@ -17,7 +17,7 @@ import json
 import logging
 import math
 import os
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any, Protocol
 
 from transformers import TrainerCallback
@@ -202,6 +202,8 @@ class AdaptiveLambdaCallback(TrainerCallback):
         """Measure the held-out slice, apply one step of the rule, record and return it. With ``args``
         (the TrainingArguments) the history is written to ``args.output_dir`` when ``args.should_save``."""
         tilt = self._require_bound()
+        # the run's epsilon, resolved at the start of training when it is a share of p_S (epsilon_ratio)
+        self.settings = replace(self.settings, epsilon=tilt.epsilon)
         stats = self.probe.measure()
         bound = stats.upper_bound(seed=self.seed)
         measurement = HeldoutMeasurement(

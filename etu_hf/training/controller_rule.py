@@ -49,6 +49,7 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from etu_hf.artifacts.record import DEFAULT_EPSILON
 from etu_hf.ops.bounds import pinsker_slack
 from etu_hf.training.config import ETUTrainingArguments
 
@@ -67,9 +68,11 @@ def _arg(name: str) -> Any:
 @dataclass
 class ControllerSettings:
     """The controller's gains and band (see the module docstring). Each field's default is the matching
-    ``ETUTrainingArguments`` field, named in its ``metadata["arg"]``; :meth:`from_args` reads them all."""
+    ``ETUTrainingArguments`` field, named in its ``metadata["arg"]``; :meth:`from_args` reads them all.
+    ``epsilon`` is ``None`` while a run's ``epsilon_ratio`` waits for the base mass: the callback sets the
+    run's resolved epsilon before every update (:meth:`AdaptiveLambdaCallback.update`)."""
 
-    epsilon: float = _arg("epsilon")
+    epsilon: float | None = field(default=DEFAULT_EPSILON, metadata={"arg": "epsilon"})
     update_freq: int = _arg("lambda_update_freq")
     eta: float = _arg("lambda_eta")
     band: float = _arg("lambda_band")
@@ -90,7 +93,7 @@ class ControllerSettings:
             "eta": math.isfinite(self.eta) and self.eta > 0,
             "band": math.isfinite(self.band) and self.band > 0,
             "step_max": math.isfinite(self.step_max) and self.step_max > 0,
-            "epsilon": 0.0 < self.epsilon < 1.0,
+            "epsilon": self.epsilon is None or 0.0 < self.epsilon < 1.0,
             "stop_when_certified": self.stop_when_certified >= 0,
         }
         arg = {f.name: f.metadata["arg"] for f in fields(self)}
@@ -134,6 +137,8 @@ def controller_step(
 ) -> tuple[ControllerState, dict[str, Any]]:
     """One update of the rule in the module docstring. Returns the new state and the record."""
     eps = settings.epsilon
+    if eps is None:
+        raise ValueError("controller_step: settings.epsilon is not resolved yet (epsilon_ratio before p_S is known)")
     s = measurement.upper if settings.use_upper else measurement.mass
     floor, ceiling = offset_bounds
     if not math.isfinite(s):

@@ -109,6 +109,12 @@ class RunRecords:
         self._metrics.reset()
         main = self.is_world_process_zero()
         self._run_before = run_state.restore_run_state(resume, self._metrics.total, main, a.device)
+        if self._run_before["epsilon"] is not None:
+            self.tilt_state.restore_epsilon(self._run_before["epsilon"], resume)
+        elif resume is not None and a.epsilon_ratio is not None:
+            logger.warning(
+                "%s records no resolved epsilon (saved by an older etu-hf): epsilon_ratio is resolved again", resume
+            )
         controller = self.lambda_controller
         if controller is not None and resume is not None and not controller.load_from_checkpoint(resume):
             logger.warning("%s holds no lambda controller state (etu_controller.json); the controller restarts", resume)
@@ -184,7 +190,9 @@ class RunRecords:
         before = getattr(self, "_run_before", None) or {"training_seconds": 0.0}
         seconds = before["training_seconds"] + time.time() - getattr(self, "_train_start", time.time())
         stats = self._metrics.total.snapshot(self._reduce(), self.args.device)
-        state = run_state.run_state(self.state.global_step, self._loss_sum(), seconds, stats)
+        tilt = self.tilt_state
+        epsilon = tilt.epsilon_record() if tilt.epsilon_resolved else None
+        state = run_state.run_state(self.state.global_step, self._loss_sum(), seconds, stats, epsilon)
         folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
         if self.args.should_save:
             write_json(os.path.join(folder, run_state.RUN_STATE_FILE), state)

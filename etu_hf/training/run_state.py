@@ -38,9 +38,10 @@ def check_checkpoint_forbidden_set(checkpoint: str, forbidden_set: ForbiddenSet)
 
 def restore_run_state(checkpoint: str | None, total: StatisticsAccumulator, main_process: bool, device: Any) -> dict:
     """Read :data:`RUN_STATE_FILE` of the checkpoint: returns the loss sum and training time before it
-    (``complete`` False for a checkpoint without the file) and loads the ETU statistic sums into ``total``
-    on the main process (the sums are reduced over processes when read)."""
-    before = {"checkpoint": checkpoint, "loss_sum": 0.0, "training_seconds": 0.0, "complete": True}
+    (``complete`` False for a checkpoint without the file) and the epsilon it trained with (``epsilon``:
+    :meth:`TiltState.epsilon_record`, ``None`` when the file holds none), and loads the ETU statistic sums
+    into ``total`` on the main process (the sums are reduced over processes when read)."""
+    before = {"checkpoint": checkpoint, "loss_sum": 0.0, "training_seconds": 0.0, "complete": True, "epsilon": None}
     if checkpoint is None:
         return before
     path = os.path.join(checkpoint, RUN_STATE_FILE)
@@ -55,11 +56,19 @@ def restore_run_state(checkpoint: str | None, total: StatisticsAccumulator, main
         state = json.load(f)
     if state.get("stats") and main_process:
         total.restore(state["stats"], device)
-    return {**before, "loss_sum": float(state["loss_sum"]), "training_seconds": float(state["training_seconds"])}
+    return {
+        **before,
+        "loss_sum": float(state["loss_sum"]),
+        "training_seconds": float(state["training_seconds"]),
+        "epsilon": state.get("epsilon"),
+    }
 
 
-def run_state(global_step: int, loss_sum: float, training_seconds: float, stats: dict | None) -> dict[str, Any]:
-    """The content of :data:`RUN_STATE_FILE`."""
+def run_state(
+    global_step: int, loss_sum: float, training_seconds: float, stats: dict | None, epsilon: dict[str, Any] | None
+) -> dict[str, Any]:
+    """The content of :data:`RUN_STATE_FILE`; ``epsilon`` is :meth:`TiltState.epsilon_record` (so that a resumed
+    run keeps an epsilon resolved from ``epsilon_ratio``)."""
     return {
         "format": "etu-hf/trainer-state",
         "version": 1,
@@ -67,6 +76,7 @@ def run_state(global_step: int, loss_sum: float, training_seconds: float, stats:
         "loss_sum": loss_sum,
         "training_seconds": training_seconds,
         "stats": stats,
+        "epsilon": epsilon,
     }
 
 
@@ -93,7 +103,7 @@ def training_metrics(
         "format": "etu-hf/metrics",
         "version": 1,
         "training_success": True,
-        "epsilon": a.epsilon,
+        **tilt.epsilon_record(),
         "base_p_S": tilt.base_p_s,
         "base_p_S_positions": tilt.base_p_s_positions,
         "lambda": {
@@ -139,6 +149,8 @@ def audit_summary(report: Any) -> dict[str, Any]:
         "updated_p_S_upper": report.updated_p_S_upper,
         "updated_p_S_token_wilson_upper": report.updated_p_S_token_wilson_upper,
         "suppression_ratio": report.suppression_ratio,
+        "suppression_ratio_upper": report.suppression_ratio_upper,
+        "base_p_S_lower": report.base_p_S_lower,
         "share_above_epsilon_before": report.share_above_epsilon_base,
         "share_above_epsilon_after": report.share_above_epsilon_updated,
         "positions": report.forget_positions,
@@ -149,6 +161,7 @@ def audit_summary(report: Any) -> dict[str, Any]:
         "perplexity_ratio": report.perplexity_ratio,
         "target_achieved": report.target_achieved,
         "target_achieved_upper": report.target_achieved_upper,
+        "verdict": report.verdict,
     }
 
 

@@ -3,6 +3,9 @@ r"""``TiltState``: the one owner of the facts that define the training target.
 See docs/method.md, "The target: an exponential tilt". It holds:
 
 - V_S, the forbidden set (loaded, or built from the forget and retain data: :func:`forbidden_set_for_run`);
+- epsilon (:attr:`TiltState.epsilon`): ``args.epsilon``, or with ``args.epsilon_ratio = r`` the value
+  :math:`\varepsilon = r\,p_S` resolved once, from the first base mass :meth:`TiltState.set_base_mass`
+  records (or restored from a checkpoint by :meth:`TiltState.restore_epsilon`);
 - the base mass :math:`p_S` (mean of :math:`\pi_b(S|x)` over a seeded sample of forget positions) and
   the closed-form global lambda :math:`\lambda_0 = \max(0, \mathrm{logit}(p_S) - \mathrm{logit}(\varepsilon))`;
 - the controller's offset :math:`o` (stored here only; :meth:`TiltState.set_offset` clamps it);
@@ -32,7 +35,7 @@ from etu_hf.forbidden_context import (
 from etu_hf.forbidden_set import ForbiddenSet, build_forbidden_set, resolve_forbidden_set
 from etu_hf.modeling.head import probe_hidden_states
 from etu_hf.ops.tilt import TiltSpec, closed_form_lambda, lambda_bounds
-from etu_hf.training.config import ETUTrainingArguments
+from etu_hf.training.config import ETUTrainingArguments, check_epsilon_reachable
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +57,72 @@ class TiltState:
         self.use_hidden: bool | None = None
         self._offset = 0.0
         self._ids: dict[torch.device, torch.Tensor] = {}
+        #: With ``epsilon_ratio``: the resolved epsilon and the base mass it was resolved from (else None).
+        self._resolved_epsilon: float | None = None
+        self.epsilon_base_p_s: float | None = None
+
+    # ------------------------------------------------------------------ epsilon
+    @property
+    def epsilon(self) -> float:
+        """The run's target mass: ``args.epsilon``, or ``args.epsilon_ratio x p_S`` once p_S is known.
+
+        With ``epsilon_ratio`` it is resolved by the first :meth:`set_base_mass` (at the start of training)
+        and kept for the rest of the run (a resumed run restores it: :meth:`restore_epsilon`); reading it
+        before then is an error, never a default.
+        """
+        a = self.args
+        if a.epsilon_ratio is None:
+            return a.epsilon
+        if self._resolved_epsilon is None:
+            raise ValueError(
+                f"epsilon_ratio={a.epsilon_ratio}: epsilon is that share of the base mass p_S, which is estimated at "
+                "the start of training; it is not known yet (train(), or audit(), estimates it)"
+            )
+        return self._resolved_epsilon
+
+    @property
+    def epsilon_resolved(self) -> bool:
+        """False only while an ``epsilon_ratio`` waits for the base mass."""
+        return self.args.epsilon_ratio is None or self._resolved_epsilon is not None
+
+    def epsilon_record(self) -> dict[str, Any]:
+        """What metrics.json and the checkpoint run state record of epsilon: the value, the ratio (or
+        ``None``) and the base mass the ratio was applied to (or ``None``)."""
+        return {
+            "epsilon": self.epsilon,
+            "epsilon_ratio": self.args.epsilon_ratio,
+            "epsilon_base_p_S": self.epsilon_base_p_s,
+        }
+
+    def _resolve_epsilon(self, p_s: float) -> None:
+        r = self.args.epsilon_ratio
+        epsilon = r * p_s
+        if not 0.0 < epsilon < 1.0:
+            raise ValueError(
+                f"epsilon_ratio: epsilon = {r} x the base mass on V_S ({p_s:.4g}) = {epsilon:.4g} is no target mass "
+                "(the base model puts no mass on V_S at the forget positions); give an absolute --epsilon or "
+                "check V_S (V_S.ids.json) against the forget data"
+            )
+        check_epsilon_reachable(epsilon, self.args.lambda_max)
+        self._resolved_epsilon, self.epsilon_base_p_s = epsilon, p_s
+        logger.info("epsilon = epsilon_ratio %g x base p_S %.4f = %.4g", r, p_s, epsilon)
+
+    def restore_epsilon(self, record: dict[str, Any], source: str) -> None:
+        """Keep the epsilon a checkpoint resolved (its run state's :meth:`epsilon_record`), so that a resumed
+        run does not resolve it again from a new estimate of p_S. ``ValueError`` naming ``source`` when the
+        checkpoint was trained with another ``epsilon_ratio``."""
+        r = self.args.epsilon_ratio
+        saved_r = record.get("epsilon_ratio")
+        if r is None and saved_r is None:
+            return
+        if saved_r is None or r is None or float(saved_r) != float(r) or record.get("epsilon") is None:
+            raise ValueError(
+                f"--resume_from_checkpoint: {source} was trained with epsilon_ratio={saved_r} (epsilon "
+                f"{record.get('epsilon')}); this run gives epsilon_ratio={r}. Resume with the setting it was "
+                "trained with, or start afresh in another --output_dir."
+            )
+        self._resolved_epsilon, self.epsilon_base_p_s = float(record["epsilon"]), record.get("epsilon_base_p_S")
+        logger.info("epsilon = %.4g, resolved by %s (epsilon_ratio %g)", self._resolved_epsilon, source, r)
 
     # ------------------------------------------------------------------ the offset
     @property
@@ -88,7 +157,7 @@ class TiltState:
         """The current target: mode, epsilon, clamps, closed-form global lambda and the offset."""
         a = self.args
         return TiltSpec(
-            epsilon=a.epsilon,
+            epsilon=self.epsilon,
             mode=a.lambda_mode,
             lambda_max=a.lambda_max,
             allow_negative=a.allow_negative_lambda,
@@ -98,14 +167,18 @@ class TiltState:
 
     @property
     def needs_base_mass(self) -> bool:
-        """Global mode without p_S yet: the target is undefined until :meth:`set_base_mass`."""
-        return self.args.lambda_mode == "global" and self.global_lambda is None
+        """Global mode without p_S yet, or an ``epsilon_ratio`` not resolved yet: the target is undefined until
+        :meth:`set_base_mass`."""
+        return (self.args.lambda_mode == "global" and self.global_lambda is None) or not self.epsilon_resolved
 
     def set_base_mass(self, p_s: float, positions: int) -> None:
-        """Record p_S and derive the closed-form lambda ``max(0, logit(p_S) - logit(epsilon))``."""
+        """Record p_S, resolve epsilon from it with ``epsilon_ratio`` (the first time only) and derive the
+        closed-form lambda ``max(0, logit(p_S) - logit(epsilon))``."""
         a = self.args
+        if not self.epsilon_resolved:
+            self._resolve_epsilon(p_s)
         self.base_p_s, self.base_p_s_positions = p_s, positions
-        self.global_lambda = float(closed_form_lambda(p_s, a.epsilon, None, a.allow_negative_lambda))
+        self.global_lambda = float(closed_form_lambda(p_s, self.epsilon, None, a.allow_negative_lambda))
         self.set_offset(self._offset)  # its range in global mode is known only now
         logger.info(
             "base p_S = %.4f over %d forget positions; closed-form lambda = %.3f", p_s, positions, self.global_lambda
