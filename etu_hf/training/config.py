@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import math
-import os
-import warnings
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
@@ -13,6 +10,9 @@ from etu_hf.artifacts.files import SecretFreeArguments
 from etu_hf.artifacts.record import DEFAULT_EPSILON
 from etu_hf.ops.tilt import DEFAULT_LAMBDA_MAX
 from etu_hf.training.argument_checks import check_training_arguments, require_deepspeed_if_asked
+from etu_hf.training.etu_checks import check_epsilon_reachable, check_etu_arguments
+
+__all__ = ["ETUTrainingArguments", "check_epsilon_reachable"]
 
 
 @dataclass
@@ -339,144 +339,6 @@ class ETUTrainingArguments(SecretFreeArguments, TrainingArguments):
 
     def __post_init__(self) -> None:
         check_training_arguments(self)
-        self._validate_etu()
+        check_etu_arguments(self)
         require_deepspeed_if_asked(self.deepspeed)
         super().__post_init__()
-
-    def _validate_etu(self) -> None:
-        def fail(name: str, message: str) -> None:
-            raise ValueError(f"{name}: {message} (got {getattr(self, name)!r})")
-
-        if self.epsilon_ratio is not None:
-            if not 0.0 < self.epsilon_ratio < 1.0:
-                fail("epsilon_ratio", "must be strictly between 0 and 1 (epsilon = r x the base mass p_S), e.g. 0.25")
-            if self.epsilon is not None:
-                raise ValueError(
-                    f"epsilon_ratio: give --epsilon_ratio (epsilon = r x the base mass) or --epsilon (an absolute "
-                    f"mass), not both (got epsilon_ratio={self.epsilon_ratio!r} and epsilon={self.epsilon!r})"
-                )
-        elif self.epsilon is None:
-            self.epsilon = DEFAULT_EPSILON
-        if self.epsilon is not None and not 0.0 < self.epsilon < 1.0:
-            fail("epsilon", "must be strictly between 0 and 1, e.g. 0.05")
-        if not (math.isfinite(self.lambda_max) and self.lambda_max > 0):
-            fail("lambda_max", f"must be finite and > 0, e.g. {DEFAULT_LAMBDA_MAX}")
-        if self.lambda_mode not in ("per_position", "global"):
-            fail("lambda_mode", "must be 'per_position' or 'global'")
-        if self.epsilon is not None:  # with epsilon_ratio, checked once epsilon is resolved (TiltState)
-            check_epsilon_reachable(self.epsilon, self.lambda_max)
-        if self.p_s_sample_size < 1:
-            fail("p_s_sample_size", "must be >= 1")
-        if self.vs_method not in ("words", "pmi", "frequency"):
-            fail("vs_method", "must be 'words', 'pmi' or 'frequency'")
-        if self.word_min_g2 < 0:
-            fail("word_min_g2", "must be >= 0, e.g. 10.83 (p < 0.001)")
-        if not math.isfinite(self.word_min_log_ratio):
-            fail("word_min_log_ratio", "must be a finite number of nats, e.g. 1.0")
-        if not 0.0 <= self.word_min_share <= 1.0:
-            fail("word_min_share", "must be in [0, 1], e.g. 0.5")
-        if not 0.0 <= self.word_common_rank <= 1.0:
-            fail("word_common_rank", "must be in [0, 1], e.g. 0.125 (0: keep everyday words)")
-        if self.forbidden_words is not None:
-            if self.vs_method != "words":
-                fail("forbidden_words", "needs --vs_method words (the words are merged with the scored words)")
-            if not os.path.isfile(self.forbidden_words):
-                fail("forbidden_words", "no such file; give a text file with one word per line")
-        if self.continuation_skip_top_k < 0:
-            fail("continuation_skip_top_k", "must be >= 0")
-        if not 0.0 < self.vs_freq_rate <= 1.0:
-            fail("vs_freq_rate", "must be in (0, 1]")
-        if self.vs_abs_cap < 1:
-            fail("vs_abs_cap", "must be >= 1")
-        if self.vocab_top_k is not None and self.vocab_top_k < 1:
-            fail("vocab_top_k", "must be >= 1 or unset")
-        if self.pmi_top_k < 1:
-            fail("pmi_top_k", "must be >= 1")
-        if self.pmi_min_count < 1:
-            fail("pmi_min_count", "must be >= 1")
-        if self.pmi_min_score < 0:
-            fail("pmi_min_score", "must be >= 0 (nats), e.g. 1.0")
-        if self.pmi_smoothing <= 0:
-            fail("pmi_smoothing", "must be > 0")
-        if self.forbidden_ids_path is not None and not os.path.exists(self.forbidden_ids_path):
-            fail("forbidden_ids_path", "does not exist; give a V_S.ids.json file or a folder holding one")
-        if self.span_ngram_max < 2:
-            fail("span_ngram_max", "must be >= 2")
-        if self.retain_weight < 0:
-            fail("retain_weight", "must be >= 0")
-        for name in ("seed", "data_seed"):
-            if getattr(self, name) is not None and not 0 <= getattr(self, name) < 2**32:
-                fail(name, "must be in [0, 2**32) (numpy and torch take seeds there), e.g. 42")
-        if self.max_steps <= 0 and self.num_train_epochs <= 0:
-            fail(
-                "num_train_epochs",
-                "with max_steps <= 0 it trains 0 steps: give --max_steps N or --num_train_epochs > 0",
-            )
-        if self.retain_loss_type not in ("nll", "kl"):
-            fail("retain_loss_type", "must be 'nll' or 'kl'")
-        if self.loss_chunk_size < 0:
-            fail("loss_chunk_size", "must be >= 0 (0 = unchunked)")
-        if self.lambda_update_freq < 1:
-            fail("lambda_update_freq", "must be >= 1 (optimiser steps between lambda updates)")
-        if not (math.isfinite(self.lambda_eta) and self.lambda_eta > 0):
-            fail("lambda_eta", "must be finite and > 0, e.g. 1.0")
-        if not (math.isfinite(self.lambda_band) and self.lambda_band > 0):
-            fail("lambda_band", "must be finite and > 0 (logit units), e.g. 0.5")
-        if not (math.isfinite(self.lambda_step_max) and self.lambda_step_max > 0):
-            fail("lambda_step_max", "must be finite and > 0, e.g. 2.0")
-        if self.wilson_max_n < 1:
-            fail("wilson_max_n", "must be >= 1")
-        if self.stop_when_certified < 0:
-            fail("stop_when_certified", "must be >= 0 (0: never stop early)")
-        if self.heldout_batches < 1:
-            fail("heldout_batches", "must be >= 1")
-        if self.preference_weight < 0:
-            fail("preference_weight", "must be >= 0 (0 turns preference refinement off)")
-        if self.pref_beta <= 0:
-            fail("pref_beta", "must be > 0, e.g. 0.1")
-        if self.pref_every < 1:
-            fail("pref_every", "must be >= 1")
-        if self.pref_prompt_tokens < 1:
-            fail("pref_prompt_tokens", "must be >= 1")
-        if self.pref_format not in ("npo", "simnpo", "dpo"):
-            fail("pref_format", "must be 'npo', 'simnpo' or 'dpo'")
-        if self.pref_chosen not in ("refusal", "retain", "data"):
-            fail("pref_chosen", "must be 'refusal', 'retain' or 'data'")
-        if self.pref_chosen == "refusal" and not any(r.strip() for r in self.pref_refusals):
-            fail("pref_refusals", "is empty: give at least one refusal, or another --pref_chosen")
-        if self.heldout_fraction is not None and not 0.0 < self.heldout_fraction < 1.0:
-            fail("heldout_fraction", "must be in (0, 1) or unset")
-
-
-#: A warning when contexts above this base mass on V_S cannot be tilted down to epsilon.
-REACHABLE_MASS_WARN = 0.999
-
-
-def check_epsilon_reachable(epsilon: float, lambda_max: float) -> None:
-    """Refuse an epsilon no lambda within the clamp can reach; warn when high-mass contexts miss it.
-
-    A context whose base mass on V_S is ``p`` reaches epsilon at ``lambda = logit(p) - logit(epsilon)``.
-    Even ``p = 0.5`` needs ``-logit(epsilon)``: above ``lambda_max`` the target is unreachable almost
-    everywhere, so it is refused. Otherwise contexts with ``p > sigmoid(lambda_max + logit(epsilon))``
-    stay above epsilon; a warning says so when that threshold is below :data:`REACHABLE_MASS_WARN`.
-    """
-    if not (0.0 < epsilon < 1.0 and math.isfinite(lambda_max) and lambda_max > 0):
-        return  # reported by the range checks
-    needed = math.log1p(-epsilon) - math.log(epsilon)  # -logit(epsilon)
-    if needed > lambda_max:
-        raise ValueError(
-            f"epsilon: {epsilon!r} is unreachable with lambda_max={lambda_max!r}: even a context whose base mass on "
-            f"V_S is 0.5 needs lambda = -logit(epsilon) = {needed:.1f}. Raise --lambda_max above {math.ceil(needed)} "
-            "or raise --epsilon."
-        )
-    headroom = lambda_max - needed
-    if headroom < math.log(REACHABLE_MASS_WARN / (1 - REACHABLE_MASS_WARN)):
-        p_max = 1.0 / (1.0 + math.exp(-headroom))
-        warnings.warn(
-            f"epsilon={epsilon!r} with lambda_max={lambda_max!r}: contexts whose base mass on V_S exceeds {p_max:.3f} "
-            f"cannot be tilted down to epsilon (they need lambda > lambda_max). Raise --lambda_max to "
-            f"{math.ceil(needed + math.log(REACHABLE_MASS_WARN / (1 - REACHABLE_MASS_WARN)))} or more to reach "
-            f"contexts up to {REACHABLE_MASS_WARN}.",
-            UserWarning,
-            stacklevel=4,
-        )
