@@ -88,7 +88,10 @@ def build_word_forbidden_set(
     from etu_hf.forbidden_set import ForbiddenSet
 
     if tokenizer is None or not hasattr(tokenizer, "batch_decode"):
-        raise ValueError("vs_method='words' needs the tokenizer (processing_class=) to find the words of the text")
+        raise ValueError(
+            "vs_method='words' (the default) needs the tokenizer to find the words of the text: pass "
+            "processing_class=tokenizer, or choose vs_method='pmi' (pieces; then also forbid_continuations=False)"
+        )
     forget_rows = _rows(forget)
     retain_rows = _rows(retain) if retain is not None else []
     if not forget_rows or not sum(len(r) for r in forget_rows):
@@ -120,8 +123,9 @@ def build_word_forbidden_set(
         evidence = {w: {"source": "user"} for w in words}
     else:
         raise ValueError(
-            "vs_method='words' scores words of the forget text against retain text: pass retain data "
-            "(retain_dataset= / --retain_corpora) or list the words yourself (--forbidden_words FILE)"
+            "vs_method='words' (the default) scores words of the forget text against retain text: pass retain data "
+            "(retain_dataset= / --retain_corpora), list the words yourself (--forbidden_words FILE), or choose "
+            "--vs_method frequency"
         )
     wp = word_pieces(words, tokenizer, retain_rows, vocab_size, min_share)
     entries = []

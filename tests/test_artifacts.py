@@ -128,9 +128,31 @@ def _blocks(tokenizer, path) -> list[list[int]]:
     return [stream[i : i + BLOCK] for i in range(0, len(stream), BLOCK)]
 
 
+def _membership(vs: dict, blocks: list[list[int]], vocab: int) -> torch.Tensor:
+    """``[positions, vocab]`` bool: S(x) at every prediction of ``blocks``, rebuilt from V_S.ids.json's documented
+    fields alone: ``ids`` everywhere; the next piece of any word form whose first k pieces are the last k tokens;
+    the text's next token unless it is in ``continuations.skip_ids``."""
+    forms = [tuple(f) for w in vs.get("words") or [] for f in w["forms"]]
+    skip = set(vs["continuations"]["skip_ids"]) if vs.get("continuations") else None
+    rows = []
+    for block in blocks:
+        for t in range(len(block) - 1):
+            row = torch.zeros(vocab, dtype=torch.bool)
+            row[vs["ids"]] = True
+            for f in forms:
+                for k in range(1, len(f)):
+                    if t + 1 >= k and tuple(block[t + 1 - k : t + 1]) == f[:k]:
+                        row[f[k]] = True
+            if skip is not None and block[t + 1] not in skip:
+                row[block[t + 1]] = True
+            rows.append(row)
+    return torch.stack(rows)
+
+
 @torch.no_grad()
-def _position_stats(model, blocks: list[list[int]], ids: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per scored position: full float64 next-token distribution's mass on ids, log-probs, NLL of the target."""
+def _position_stats(model, blocks: list[list[int]], in_s: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Per scored position: full float64 log-probs, NLL of the target and, given the membership ``in_s``
+    (:func:`_membership`), the mass on S(x)."""
     logps, nll = [], []
     for block in blocks:
         x = torch.tensor([block])
@@ -139,7 +161,10 @@ def _position_stats(model, blocks: list[list[int]], ids: torch.Tensor) -> dict[s
         logps.append(lp)
         nll.append(-lp.gather(-1, x[0, 1:, None]).squeeze(-1))
     lp = torch.cat(logps)
-    return {"logp": lp, "mass": lp[:, ids].exp().sum(-1), "nll": torch.cat(nll)}
+    out = {"logp": lp, "nll": torch.cat(nll)}
+    if in_s is not None:
+        out["mass"] = (lp.exp() * in_s).sum(-1)
+    return out
 
 
 def _wilson_upper(p: float, n: int, z: float = 1.959963984540054) -> float:
@@ -164,7 +189,6 @@ def test_audit_numbers_recomputed_without_etu_hf(run):
     report = _json(audit_dir / "suppression_report.json")
     metrics = _json(out / "metrics.json")
     vs = _json(out / "V_S.ids.json")
-    ids = torch.tensor(vs["ids"])
     tokenizer = AutoTokenizer.from_pretrained(DEMO_MODEL_DIR)
     base = AutoModelForCausalLM.from_pretrained(DEMO_MODEL_DIR).eval()
     unlearned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(DEMO_MODEL_DIR), str(out)).eval()
@@ -175,7 +199,8 @@ def test_audit_numbers_recomputed_without_etu_hf(run):
     assert metrics["V_S_fraction"] == pytest.approx(len(vs["ids"]) / vocab)
 
     forget = _blocks(tokenizer, root / "heldout_forget.txt")
-    b, u = _position_stats(base, forget, ids), _position_stats(unlearned, forget, ids)
+    in_s = _membership(vs, forget, vocab)
+    b, u = _position_stats(base, forget, in_s), _position_stats(unlearned, forget, in_s)
     assert report["forget_sequences"] == len(forget)
     assert report["forget_positions"] == sum(len(x) - 1 for x in forget) == len(b["mass"])
     tol = dict(rel=1e-4, abs=1e-6)
@@ -199,8 +224,6 @@ def test_audit_numbers_recomputed_without_etu_hf(run):
     assert tilt["effective_epsilon"] == pytest.approx(eps_prime, rel=1e-9)
     assert metrics["lambda"]["effective_epsilon"] == pytest.approx(eps_prime, rel=1e-9)
     target = torch.clamp(b["mass"], max=eps_prime)
-    in_s = torch.zeros(vocab, dtype=torch.bool)
-    in_s[ids] = True
     log_q = b["logp"] + torch.where(
         in_s, torch.log(target / b["mass"])[:, None], torch.log((1 - target) / (1 - b["mass"]))[:, None]
     )
@@ -214,7 +237,7 @@ def test_audit_numbers_recomputed_without_etu_hf(run):
     )
 
     retain = _blocks(tokenizer, root / "heldout_retain.txt")
-    rb, ru = _position_stats(base, retain, ids), _position_stats(unlearned, retain, ids)
+    rb, ru = _position_stats(base, retain), _position_stats(unlearned, retain)
     assert report["retain_positions"] == len(rb["nll"])
     assert report["base_perplexity"] == pytest.approx(math.exp(float(rb["nll"].mean())), rel=1e-4)
     assert report["updated_perplexity"] == pytest.approx(math.exp(float(ru["nll"].mean())), rel=1e-4)

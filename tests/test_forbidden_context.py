@@ -184,7 +184,7 @@ def test_empty_word_set_and_bad_flags_name_the_fix(corpora, tokenizer, tmp_path)
             tokenizer=tokenizer,
             min_g2=1e9,
         )
-    with pytest.raises(ValueError, match=r"retain data .*--forbidden_words"):
+    with pytest.raises(ValueError, match=r"retain data .*--forbidden_words FILE.*--vs_method frequency"):
         build_word_forbidden_set(
             iter_batches(corpora["forget"], None, 64), None, vocab_size=len(tokenizer), tokenizer=tokenizer
         )

@@ -53,7 +53,7 @@ class ETUTrainingArguments(SecretFreeArguments, TrainingArguments):
 
         > Parameters that control the forbidden set V_S
 
-        vs_method (`str`, *optional*, defaults to `"pmi"`):
+        vs_method (`str`, *optional*, defaults to `"words"`):
             `"words"`: forbidden *words* (scored forget vs retain by G2 and a log ratio, plus `forbidden_words`),
             forbidden per context: their shared first pieces everywhere, their later pieces only inside the word
             (etu_hf.forbidden_context). `"pmi"` (forget vs retain pointwise mutual information of pieces) or
@@ -71,7 +71,7 @@ class ETUTrainingArguments(SecretFreeArguments, TrainingArguments):
             an everyday word and left out (tokenizers list frequent pieces first); 0 keeps every scored word.
         forbidden_words (`str` or `None`, *optional*, defaults to `None`):
             Words method: a UTF-8 file of words to forbid, one per line, merged with the scored words.
-        forbid_continuations (`bool`, *optional*, defaults to `False`),
+        forbid_continuations (`bool`, *optional*, defaults to `True`),
         continuation_skip_top_k (`int`, *optional*, defaults to `100`):
             Also forbid, at each forget position, the text's own next token when it is informative: it holds
             a letter, is not a special token and is not among the `continuation_skip_top_k` most frequent
@@ -204,7 +204,7 @@ class ETUTrainingArguments(SecretFreeArguments, TrainingArguments):
     )
     # ----- forbidden set
     vs_method: str = field(
-        default="pmi",
+        default="words",
         metadata={
             "help": "How V_S is built: 'words' (forbidden words, per-context pieces), 'pmi' or 'frequency' (pieces).",
             "choices": ["words", "pmi", "frequency"],
@@ -238,7 +238,7 @@ class ETUTrainingArguments(SecretFreeArguments, TrainingArguments):
         metadata={"help": "Words method: a text file of words to forbid (one per line), merged with the scored ones."},
     )
     forbid_continuations: bool = field(
-        default=False,
+        default=True,
         metadata={
             "help": "Also forbid the forget text's own next token where it is informative (a letter, not among the "
             "continuation_skip_top_k most frequent retain tokens)."

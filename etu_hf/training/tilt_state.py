@@ -277,7 +277,10 @@ def forbidden_set_for_run(
         )
     if args.forbid_continuations and fs.continuations is None:
         if tok is None:
-            raise ValueError("forbid_continuations needs the tokenizer (processing_class=) to tell informative tokens")
+            raise ValueError(
+                "forbid_continuations (on by default) needs the tokenizer to tell informative tokens: pass "
+                "processing_class=tokenizer, or set forbid_continuations=False"
+            )
         counts_from = retain if retain is not None else forget
         skip = continuation_skip_ids(batches(counts_from), tok, vocab_size, args.continuation_skip_top_k)
         fs.with_continuations(skip, args.continuation_skip_top_k)
