@@ -11,7 +11,8 @@ things (they should stay).
     python examples/real_model_unlearn.py --model_name_or_path HuggingFaceTB/SmolLM2-135M-Instruct   # online
 
 This is an ordinary `ETUTrainer` run: LoRA r=16 on every linear layer and the output head, the package's ETU
-defaults otherwise (epsilon 0.05, per-position lambda, adaptive controller, PMI forbidden set).
+defaults otherwise (epsilon 0.05, per-position lambda, adaptive controller, forbidden words chosen from the forget
+text against the retain text and forbidden per context, plus the forget text's own informative continuations).
 """
 
 from __future__ import annotations
@@ -98,7 +99,13 @@ def main() -> None:
     print(f"\nHeld-out retain perplexity: {ppl_before:.2f} -> {ppl_after:.2f} (ratio {ppl_after / ppl_before:.3f})")
     # The audit: mass on V_S over the controller's held-out forget blocks (never trained on), with its bound.
     report = trainer.audit(retain_data=retain_heldout, output_dir=args.output_dir)
-    print(f"V_S: {len(trainer.forbidden_set)} tokens.")
+    fs = trainer.forbidden_set
+    words = [w["word"] for w in fs.words or []]
+    print(
+        f"V_S: {len(words)} forbidden words ({', '.join(words[:12])}{', ...' if len(words) > 12 else ''}), "
+        f"{len(fs)} shared pieces{', plus forbidden continuations' if fs.continuations else ''}; S(x) holds the "
+        f"next token at {fs.parameters.get('coverage', 0):.1%} of the forget positions."
+    )
     print(report.summary())
 
 

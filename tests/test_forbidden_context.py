@@ -221,3 +221,17 @@ def test_the_command_line_refuses_bad_word_files_before_the_weights(tmp_path, ca
     argv = ["unlearn", *cli_flags(tmp_path, forget, retain, "--vs_method", "words", "--word_min_share", "2")]
     assert "word_min_share: must be in [0, 1]" in refused(capsys, argv, "word_min_share")
     assert not (tmp_path / "run").exists()
+
+
+def test_the_model_card_lists_the_words_their_pieces_and_the_coverage(word_set):
+    from etu_hf.hub.card_settings import forbidden_set_lines
+
+    fs = ForbiddenSet(**{k: getattr(word_set, k) for k in ("ids", "vocab_size", "method", "words", "parameters")})
+    fs.with_continuations([0, 1], 100)
+    fs.parameters["coverage"] = 0.4321
+    text = "\n".join(forbidden_set_lines(fs.to_dict()))
+    first = word_set.words[0]
+    assert f"{len(word_set.words)} forbidden words" in text
+    assert f"`{first['word']}` ({' + '.join(first['pieces'][-1])})" in text
+    assert "forbidden continuations" in text and "100 most frequent retain tokens" in text
+    assert "at 43.2% of the forget positions" in text
