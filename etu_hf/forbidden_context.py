@@ -187,18 +187,24 @@ def common_word_test(tokenizer: Any, vocab_size: int, common_rank: float) -> Any
     return common
 
 
-def continuation_skip_ids(counts_source: Iterable[Any], tokenizer: Any, vocab_size: int, top_k: int) -> list[int]:
-    """Token ids that are never forbidden continuations (sorted): the ``top_k`` most frequent tokens of
-    ``counts_source`` (the retain corpus, or the forget corpus without one), the special tokens, and every piece
-    with no letter (whitespace, punctuation, digits)."""
-    counts = np.zeros(vocab_size, dtype=np.int64)
-    for row in _rows(counts_source):
-        counts += np.bincount(row[(row >= 0) & (row < vocab_size)], minlength=vocab_size)
-    top = np.argsort(-counts, kind="stable")[:top_k]
-    top = top[counts[top] > 0]
+def continuation_skip_ids(
+    retain: Iterable[Any] | None, tokenizer: Any, vocab_size: int, top_k: int, common_rank: float = DEFAULT_COMMON_RANK
+) -> list[int]:
+    """Token ids that are never forbidden continuations (sorted): the special tokens, every piece with no letter
+    (whitespace, punctuation, digits), and the common tokens: the ``top_k`` most frequent tokens of the ``retain``
+    corpus, or without retain data the first ``common_rank x vocab_size`` ids (the tokenizer's most frequent pieces,
+    see :func:`common_word_test`; the forget text's own most frequent tokens would be the topic's)."""
     ids = np.arange(min(vocab_size, len(tokenizer)), dtype=np.int64)
-    never = ids[~piece_allowed(tokenizer, ids)]
-    return sorted(set(top.tolist()) | set(never.tolist()))
+    skip = set(ids[~piece_allowed(tokenizer, ids)].tolist())
+    if retain is not None:
+        counts = np.zeros(vocab_size, dtype=np.int64)
+        for row in _rows(retain):
+            counts += np.bincount(row[(row >= 0) & (row < vocab_size)], minlength=vocab_size)
+        top = np.argsort(-counts, kind="stable")[:top_k]
+        skip |= set(top[counts[top] > 0].tolist())
+    else:
+        skip |= set(range(int(common_rank * vocab_size)))
+    return sorted(skip)
 
 
 class ContextSets:

@@ -17,6 +17,10 @@ def fast_args(output_dir, **kwargs):
         report_to="none",
         use_cpu=True,
         disable_tqdm=True,
+        # the piece-level set these tests' naive references are written for (one set everywhere); the
+        # per-context defaults (words, continuations) have their own references in test_forbidden_context.py
+        vs_method="pmi",
+        forbid_continuations=False,
         pmi_top_k=64,
         pmi_min_count=5,
         p_s_sample_size=32,

@@ -67,10 +67,12 @@ def test_unlearn_on_local_files_writes_the_three_artifacts(tmp_path, files, caps
     assert "held-out forget mass on V_S" in printed and "artifacts:" in printed
 
     vs = json.loads((out / "V_S.ids.json").read_text())
-    assert vs["format"] == "etu-hf/forbidden-set" and vs["version"] == 1
-    for key in ("ids", "tokens", "forget_counts", "retain_counts", "scores", "method", "parameters", "vocab_size"):
+    # the default V_S: forbidden words (with their pieces and evidence) and forbidden continuations
+    assert vs["format"] == "etu-hf/forbidden-set" and vs["version"] == 2 and vs["method"] == "words"
+    for key in ("ids", "tokens", "words", "continuations", "parameters", "vocab_size"):
         assert key in vs, key
-    assert len(vs["ids"]) == len(vs["tokens"]) == len(vs["scores"]) <= 32
+    assert len(vs["ids"]) == len(vs["tokens"]) and vs["words"] and 0 < vs["parameters"]["coverage"] <= 1
+    assert all({"word", "forms", "pieces", "g2", "forget_count", "retain_count"} <= set(w) for w in vs["words"])
 
     raw_args = (out / "args.json").read_text()
     assert TOKEN not in raw_args
@@ -108,7 +110,7 @@ def test_short_flag_names_set_the_flags_they_stand_for(tmp_path):
         [],
     )]  # fmt: skip
     assert batch == [6, 4, 8]
-    assert parse_unlearn_args(required)[2].vs_method == "pmi" and parse_unlearn_args(required)[1].block_size == 512
+    assert parse_unlearn_args(required)[2].vs_method == "words" and parse_unlearn_args(required)[1].block_size == 512
 
 
 def test_adapters_default_to_their_own_learning_rate(tmp_path):

@@ -99,14 +99,14 @@ def test_etu_variants_build_their_own_forbidden_set(small_bench, tmp_path):
         benchmark=folder,
         model_name_or_path=built.target,
         retain_model=built.retain,
-        methods="etu,etu-cont",
+        methods="etu-pmi,etu-cont",
         max_steps=1,
     )
     inputs = CompareInputs(cfg)
     shared = build_forbidden(cfg, inputs)
     hyper = {"epsilon": 0.05, "learning_rate": 1e-3}
-    plain = train_run("etu", hyper, cfg, inputs, str(tmp_path / "a"), shared)
-    assert plain.forbidden_set is shared
+    plain = train_run("etu-pmi", hyper, cfg, inputs, str(tmp_path / "a"), shared)
+    assert plain.forbidden_set is shared and plain.forbidden_set.continuations is None
     cont = train_run("etu-cont", hyper, cfg, inputs, str(tmp_path / "b"), shared)
     fs = cont.forbidden_set
     assert fs.method == "words" and fs.continuations is not None and fs.per_context

@@ -216,7 +216,7 @@ def test_the_command_line_refuses_bad_word_files_before_the_weights(tmp_path, ca
     argv = ["unlearn", *cli_flags(tmp_path, forget, retain, "--vs_method", "words", "--forbidden_words", str(words))]
     line = refused(capsys, argv, "--forbidden_words")
     assert "'two words' holds a space; put each word on its own line" in line
-    argv = ["unlearn", *cli_flags(tmp_path, forget, retain, "--forbidden_words", str(words))]
+    argv = ["unlearn", *cli_flags(tmp_path, forget, retain, "--vs_method", "pmi", "--forbidden_words", str(words))]
     assert "forbidden_words: needs --vs_method words" in refused(capsys, argv, "forbidden_words")
     argv = ["unlearn", *cli_flags(tmp_path, forget, retain, "--vs_method", "words", "--word_min_share", "2")]
     assert "word_min_share: must be in [0, 1]" in refused(capsys, argv, "word_min_share")
@@ -235,3 +235,30 @@ def test_the_model_card_lists_the_words_their_pieces_and_the_coverage(word_set):
     assert f"`{first['word']}` ({' + '.join(first['pieces'][-1])})" in text
     assert "forbidden continuations" in text and "100 most frequent retain tokens" in text
     assert "at 43.2% of the forget positions" in text
+
+
+def test_defaults_without_retain_data_or_processing_class(model, tokenizer, corpora, tmp_path):
+    """A plain Trainer script with the names swapped: forget data only, the tokenizer given to the collator alone.
+    S(x) is then the forget text's informative continuations (a warning says the words need retain data)."""
+    from transformers import DataCollatorForLanguageModeling
+
+    from etu_hf import ETUTrainingArguments
+
+    args = ETUTrainingArguments(
+        output_dir=str(tmp_path / "o"), max_steps=1, report_to="none", use_cpu=True, adaptive_lambda=False
+    )
+    assert args.vs_method == "words" and args.forbid_continuations is None
+    with pytest.warns(UserWarning, match="no retain data: the forget text's words cannot be scored"):
+        trainer = ETUTrainer(
+            model=model,
+            args=args,
+            train_dataset=corpora["forget"],
+            data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+        )
+    fs = trainer.forbidden_set
+    assert fs.ids == [] and fs.continuations is not None and fs.parameters["coverage"] > 0.2
+    # a given V_S gets no continuations unless asked for
+    given = ETUTrainer(
+        model=model, args=args, train_dataset=corpora["forget"], processing_class=tokenizer, forbidden_set=[5, 6]
+    )
+    assert given.forbidden_set.ids == [5, 6] and given.forbidden_set.continuations is None

@@ -122,7 +122,7 @@ def train_run(
     if is_etu:
         kwargs["epsilon"] = hyper["epsilon"]
         kwargs.update(ETU_VARIANTS[method])
-        if ETU_VARIANTS[method]:  # a variant builds its own V_S from the same data
+        if method != "etu-pmi":  # every other ETU run builds its own V_S from the same data
             forbidden_set = None
     model = load_model(inputs.target_path)
     trainer = trainer_class("etu" if is_etu else method)(

@@ -6,11 +6,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-#: ETU variants: ETU's arguments each sets (``etu`` itself uses the comparison's shared piece-level V_S; the
-#: variants build their own V_S from the same forget and retain data, with these settings).
+#: ETU variants: ETU's arguments each sets. ``etu`` runs the package's defaults and every variant but ``etu-pmi``
+#: builds its own V_S from the same forget and retain data; ``etu-pmi`` uses the comparison's shared piece-level
+#: V_S (the one the V_S mass column measures every method on; ETU's default before issue 20).
 ETU_VARIANTS: dict[str, dict[str, object]] = {
     "etu": {},
-    "etu-words": {"vs_method": "words"},
+    "etu-pmi": {},
+    "etu-words": {"vs_method": "words", "forbid_continuations": False},
     "etu-cont": {"vs_method": "words", "forbid_continuations": True},
     "etu-npo": {"vs_method": "words", "forbid_continuations": True, "preference_weight": 1.0, "pref_format": "npo"},
 }
@@ -80,8 +82,9 @@ class CompareArguments:
     methods: str = field(
         default=",".join(DEFAULT_METHODS),
         metadata={
-            "help": "Comma list of methods to run: etu, etu-words (word-level V_S per context), etu-cont (+ forbidden "
-            "continuations), etu-npo (etu-cont + in-loop NPO), ga, graddiff, npo, simnpo, undial."
+            "help": "Comma list of methods to run: etu (the package's defaults), etu-pmi (the shared piece-level V_S), "
+            "etu-words (word-level V_S per context), etu-cont (+ forbidden continuations: today's defaults, named), "
+            "etu-npo (etu-cont + in-loop NPO), ga, graddiff, npo, simnpo, undial."
         },
     )
     etu_epsilons: str = field(default="0.1,0.03,0.01", metadata={"help": "ETU's epsilons (comma list)."})

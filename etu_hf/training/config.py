@@ -71,12 +71,14 @@ class ETUTrainingArguments(SecretFreeArguments, TrainingArguments):
             an everyday word and left out (tokenizers list frequent pieces first); 0 keeps every scored word.
         forbidden_words (`str` or `None`, *optional*, defaults to `None`):
             Words method: a UTF-8 file of words to forbid, one per line, merged with the scored words.
-        forbid_continuations (`bool`, *optional*, defaults to `True`),
+        forbid_continuations (`bool` or `None`, *optional*, defaults to `None`),
         continuation_skip_top_k (`int`, *optional*, defaults to `100`):
             Also forbid, at each forget position, the text's own next token when it is informative: it holds
             a letter, is not a special token and is not among the `continuation_skip_top_k` most frequent
-            retain tokens (for knowledge not carried by distinctive words). Its certificate is on held-out
-            forget text.
+            retain tokens, or without retain data among the first `word_common_rank * |V|` ids (for knowledge
+            not carried by distinctive words). Its certificate is on held-out
+            forget text. `None`: on when etu-hf builds V_S with `vs_method="words"` (the default), off for a
+            V_S you give (`forbidden_set=`, `--forbidden_ids_path`) or a piece-level method.
         vs_freq_rate (`float`, *optional*, defaults to `0.01`), vs_abs_cap (`int`, *optional*, defaults to `20000`):
             Frequency method: drop tokens whose forget count exceeds `max(1, min(vs_freq_rate * N, vs_abs_cap))`.
         vocab_top_k (`int` or `None`, *optional*, defaults to `None`):
@@ -237,11 +239,12 @@ class ETUTrainingArguments(SecretFreeArguments, TrainingArguments):
         default=None,
         metadata={"help": "Words method: a text file of words to forbid (one per line), merged with the scored ones."},
     )
-    forbid_continuations: bool = field(
-        default=True,
+    forbid_continuations: bool | None = field(
+        default=None,
         metadata={
             "help": "Also forbid the forget text's own next token where it is informative (a letter, not among the "
-            "continuation_skip_top_k most frequent retain tokens)."
+            "continuation_skip_top_k most frequent retain tokens). Default: on when V_S is built with "
+            "vs_method 'words', off for a given V_S or a piece-level method."
         },
     )
     continuation_skip_top_k: int = field(

@@ -19,6 +19,7 @@ held-out probe and the audit use.
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Any
 
 import torch
@@ -241,11 +242,24 @@ def forbidden_set_for_run(
     def batches(data: Any) -> Any:
         return iter_batches(data, collator, 64) if data is not None else None
 
+    # forbid_continuations None (the default): on for a V_S built here by the words method, off for a given one
+    continuations = args.forbid_continuations
+    if continuations is None:
+        continuations = fs is None and args.vs_method == "words"
     if fs is not None:
         fs.check_vocab(vocab_size, source, getattr(tokenizer, "pad_token_id", None))
         fs.vocab_size = fs.vocab_size or vocab_size
     elif forget is None:
         return None
+    elif args.vs_method == "words" and retain is None and not args.forbidden_words and continuations:
+        msg = (
+            "no retain data: the forget text's words cannot be scored against a background, so S(x) holds only the "
+            "forget text's own informative continuations (skipping its most frequent tokens). Pass retain data "
+            "(retain_dataset= / --retain_corpora) or --forbidden_words FILE to forbid the topic's words as well."
+        )
+        warnings.warn(msg, stacklevel=2)
+        logger.warning(msg)
+        fs = ForbiddenSet(ids=[], vocab_size=vocab_size, method="words", parameters={"words": "none: no retain data"})
     elif args.vs_method == "words":
         fs = build_word_forbidden_set(
             batches(forget),
@@ -275,14 +289,15 @@ def forbidden_set_for_run(
             span_masking=args.span_masking,
             span_ngram_max=args.span_ngram_max,
         )
-    if args.forbid_continuations and fs.continuations is None:
+    if continuations and fs.continuations is None:
         if tok is None:
             raise ValueError(
-                "forbid_continuations (on by default) needs the tokenizer to tell informative tokens: pass "
-                "processing_class=tokenizer, or set forbid_continuations=False"
+                "forbid_continuations (on by default with vs_method='words') needs the tokenizer to tell informative "
+                "tokens: pass processing_class=tokenizer, or set forbid_continuations=False"
             )
-        counts_from = retain if retain is not None else forget
-        skip = continuation_skip_ids(batches(counts_from), tok, vocab_size, args.continuation_skip_top_k)
+        skip = continuation_skip_ids(
+            batches(retain), tok, vocab_size, args.continuation_skip_top_k, args.word_common_rank
+        )
         fs.with_continuations(skip, args.continuation_skip_top_k)
     if forget is not None:
         coverage = forbidden_coverage(fs, batches(forget))

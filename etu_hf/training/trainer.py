@@ -173,8 +173,13 @@ class ETUTrainer(RunRecords, Trainer):
         self.data_collator = ForgetRetainCollator(self.data_collator)
         self._refusal_ids = refusal_ids(a, processing_class, self.pairs_retain, train_dataset)
         self.base = choose_base(self.model, ref_model, a, tilted_target=self.fits_tilted_target)
+        # the tokenizer finds words and informative tokens: processing_class, else the collator's (a script that
+        # gives its tokenizer only to DataCollatorForLanguageModeling keeps working)
+        tokenizer = (
+            processing_class if processing_class is not None else getattr(self._user_collator, "tokenizer", None)
+        )
         fs = forbidden_set_for_run(
-            forbidden_set, a, self.vocab_size, train_dataset, retain_dataset, self._user_collator, processing_class
+            forbidden_set, a, self.vocab_size, train_dataset, retain_dataset, self._user_collator, tokenizer
         )
         self.tilt_state = TiltState(a, fs)
         self._metrics = ETUMetrics()
