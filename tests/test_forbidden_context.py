@@ -176,7 +176,7 @@ def test_trainer_loss_probe_and_audit_use_the_sets_per_position(model, tokenizer
 
 
 def test_empty_word_set_and_bad_flags_name_the_fix(corpora, tokenizer, tmp_path):
-    with pytest.raises(ValueError, match=r"lower min_g2"):
+    with pytest.raises(ValueError, match=r"lower --word_min_g2 \(now 1000000000.0\) or --word_min_log_ratio"):
         build_word_forbidden_set(
             iter_batches(corpora["forget"], None, 64),
             iter_batches(corpora["retain"], None, 64),

@@ -80,7 +80,9 @@ def test_splitting_with_the_pre_tokenizer_and_merging_user_words(tokenizer):
     assert (words[1].forget_count, words[1].retain_count) == (5, 1) and words[2].forget_count == 0
     fc, rc = count_words(FORGET, split), count_words(RETAIN, split)
     assert merge_words(select_words(fc, rc), [], fc, rc) == words[:1]
-    with pytest.raises(ValueError, match=r"no forbidden word: .* lower min_g2 \(now 20\.0\) or min_log_ratio"):
+    with pytest.raises(
+        ValueError, match=r"no forbidden word: .* lower --word_min_g2 \(now 20\.0\) or --word_min_log_ratio"
+    ):
         forbidden_words_from_corpora(FORGET, RETAIN, tokenizer, min_g2=20.0)
 
 

@@ -213,8 +213,9 @@ def forbidden_words_from_corpora(
     if not words:
         raise ValueError(
             f"no forbidden word: no word of the forget corpus ({sum(fc.values())} words) is significantly more "
-            f"frequent than in the retain corpus ({sum(rc.values())} words). To loosen it, lower min_g2 "
-            f"(now {min_g2}) or min_log_ratio (now {min_log_ratio}), give more forget text, or list the words "
+            f"frequent than in the retain corpus ({sum(rc.values())} words) and passes the filters. To loosen it, "
+            f"lower --word_min_g2 (now {min_g2}) or --word_min_log_ratio (now {min_log_ratio}), set "
+            "--word_common_rank 0 (keep everyday words), give more forget text, or list the words "
             "(--forbidden_words FILE)"
         )
     return words
