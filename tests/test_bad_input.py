@@ -514,8 +514,8 @@ def test_compare_bad_inputs(tmp_path, capsys, no_model_load):
     cases = [
         (
             ["--methods", "etu,rmu"],
-            "--methods: unknown method(s) ['rmu']; known: etu, etu-words, etu-cont, etu-npo, ga, graddiff, npo, "
-            "simnpo, undial",
+            "--methods: unknown method(s) ['rmu']; known: etu, etu-pmi, etu-words, etu-cont, etu-npo, ga, graddiff, "
+            "npo, simnpo, undial",
         ),
         (["--etu_epsilons", "0.1,1.5"], "--etu_epsilons: every epsilon must be in (0, 1) (got 0.1,1.5)"),
         (["--learning_rates", "fast"], "--learning_rates: cannot read 'fast' as comma-separated float values"),

@@ -232,6 +232,20 @@ def test_an_empty_shared_set_with_extras_only():
     torch.testing.assert_close(mass, p.clamp(max=0.05), atol=1e-6, rtol=1e-5)
 
 
+def test_an_empty_set_everywhere_is_the_untilted_kl():
+    """No shared id and no extra in the batch (a words-only V_S whose words do not occur there, or the retain term
+    of such a run): the tilted KL is KL(base || model), the masses 0, nothing is NaN."""
+    g = torch.Generator().manual_seed(9)
+    zs, zb = torch.randn(7, 20, generator=g), torch.randn(7, 20, generator=g)
+    none = torch.tensor([], dtype=torch.long)
+    out = tilted_kl_loss(zs, zb, none, tilt=TiltSpec(epsilon=0.05), chunk_size=3)
+    pb = torch.softmax(zb.double(), -1)
+    kl = (pb * (pb.log() - torch.log_softmax(zs.double(), -1))).sum(-1).mean()
+    torch.testing.assert_close(out.loss.double(), kl, atol=1e-6, rtol=1e-5)
+    assert float(out.student_mass_sum) == 0 and float(out.lambda_sum) == 0
+    assert torch.isfinite(out.loss) and float(chunked_forbidden_mass(zs, none).abs().sum()) == 0
+
+
 # ------------------------------------------------------------------------------------------ the losses
 class Head:
     """A LoRA-like head as a plain callable: z = h W^T + (h A^T) B^T, W frozen."""

@@ -123,7 +123,9 @@ def spread_columns(n_cols: int, exclude: torch.Tensor, k: int = 256) -> torch.Te
 
 def logsumexp(z: torch.Tensor) -> torch.Tensor:
     r""":math:`\log\sum_y e^{z_y}` over the last dimension of a small tensor (``torch.logsumexp`` is slow on CPU
-    for many short rows)."""
+    for many short rows). Over an empty last dimension (an empty S(x)) it is :math:`-\infty`."""
+    if z.shape[-1] == 0:
+        return z.new_full(z.shape[:-1], -float("inf"))
     m = z.amax(-1, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     return (z - m).exp().sum(-1).log() + m.squeeze(-1)
