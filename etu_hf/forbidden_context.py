@@ -245,10 +245,11 @@ def forbidden_coverage(fs: Any, batches: Iterable[Any]) -> float:
     """Share of the scored positions of ``batches`` whose next token is in S(x): how much of the text the forbidden
     set, and so its certificate, speaks about."""
     hit = total = 0
+    shared = torch.as_tensor(fs.ids, dtype=torch.long)
     for item in batches:
         b = as_token_batch(item)
         mask, targets = scored_positions(b["input_ids"], b.get("attention_mask"), b.get("labels"))
-        inside = torch.isin(targets, torch.as_tensor(fs.ids, dtype=torch.long))
+        inside = torch.isin(targets, shared)
         extra = fs.extra_ids(b["input_ids"], targets, mask)
         if extra is not None:
             inside |= (extra == targets.unsqueeze(-1)).any(-1)
