@@ -75,6 +75,11 @@ def test_goal_checks_and_table(tmp_path):
         ({"learning_rates": "fast"}, "--learning_rates"),
         ({"relearn_fraction": 0.0}, "--relearn_fraction"),
         ({"max_steps": 0}, "--max_steps"),
+        ({"etu_args": "no_such_flag=1"}, "--etu_args: 'no_such_flag' is not an ETUTrainingArguments field"),
+        ({"etu_args": "continuation_skip_top_k"}, "is not name=value"),
+        ({"etu_args": "continuation_skip_top_k=many"}, "continuation_skip_top_k takes a value of type int"),
+        ({"etu_args": "forbid_continuations=maybe"}, "forbid_continuations takes true or false"),
+        ({"etu_args": "epsilon=0.1"}, "epsilon is set by compare for every run"),
     ],
 )
 def test_bad_settings(flags, match, tmp_path):
@@ -90,6 +95,21 @@ def test_grid():
     assert cfg.grid()[0][2] == {"epsilon": 0.05, "learning_rate": 1e-3}
 
 
+def test_etu_args_are_typed_like_the_training_arguments():
+    cfg = CompareArguments(
+        output_dir="x",
+        etu_args="continuation_skip_top_k=0, forbid_continuations=false,word_min_g2=6.63,epsilon_ratio=none",
+    )
+    assert cfg.etu_overrides == {
+        "continuation_skip_top_k": 0,
+        "forbid_continuations": False,
+        "word_min_g2": 6.63,
+        "epsilon_ratio": None,
+    }
+    assert type(cfg.etu_overrides["continuation_skip_top_k"]) is int
+    assert CompareArguments(output_dir="x").etu_overrides == {}
+
+
 def test_etu_variants_build_their_own_forbidden_set(small_bench, tmp_path):
     from etu_hf.compare.runner import CompareInputs, build_forbidden, train_run
 
@@ -101,6 +121,7 @@ def test_etu_variants_build_their_own_forbidden_set(small_bench, tmp_path):
         retain_model=built.retain,
         methods="etu-pmi,etu-cont",
         max_steps=1,
+        etu_args="continuation_skip_top_k=7",
     )
     inputs = CompareInputs(cfg)
     shared = build_forbidden(cfg, inputs)
@@ -110,6 +131,7 @@ def test_etu_variants_build_their_own_forbidden_set(small_bench, tmp_path):
     cont = train_run("etu-cont", hyper, cfg, inputs, str(tmp_path / "b"), shared)
     fs = cont.forbidden_set
     assert fs.method == "words" and fs.continuations is not None and fs.per_context
+    assert cont.args.continuation_skip_top_k == 7 and fs.continuations["skip_top_k"] == 7  # --etu_args reached it
     assert json.loads((tmp_path / "b" / "V_S.ids.json").read_text())["version"] == 2
 
 

@@ -25,6 +25,7 @@ from dataclasses import asdict
 from typing import Any
 
 from etu_hf.compare.pareto import pareto_front, plot_pareto
+from etu_hf.compare.report import etu_args_text
 from etu_hf.compare.settings import CompareArguments
 
 logger = logging.getLogger(__name__)
@@ -242,7 +243,8 @@ def write_knowledge_outputs(result: dict[str, Any], output_dir: str) -> dict[str
         f"; model {result['models']['base']}; every run: LoRA r={s['lora_r']} on {s['lora_target_modules']}, "
         f"{s['max_steps']} steps of {s['per_device_train_batch_size']} blocks of {s['block_size']} forget tokens "
         f"(+ as many retain), retain term {s['retain_loss_type']} x {s['retain_weight']} (not for ga); ETU at epsilon "
-        f"in {{{s['etu_epsilons']}}}, lr {s['etu_learning_rate']:g}; baselines at lr in {{{s['learning_rates']}}}; "
+        f"in {{{s['etu_epsilons']}}}, lr {s['etu_learning_rate']:g}{etu_args_text(s)}; "
+        f"baselines at lr in {{{s['learning_rates']}}}; "
         f"V_S {result['vs_size']} tokens.\n\n"
         + knowledge_table(result)
         + "\n\nGoal checks:\n\n```json\n"

@@ -119,6 +119,11 @@ def markdown_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def etu_args_text(settings: dict[str, Any]) -> str:
+    """``", with <etu_args>"`` when the comparison gave ETU runs extra arguments, else ``""``."""
+    return f", with {settings['etu_args']}" if settings.get("etu_args") else ""
+
+
 def settings_text(result: dict[str, Any]) -> str:
     s = result["settings"]
     return (
@@ -127,7 +132,8 @@ def settings_text(result: dict[str, Any]) -> str:
         f"{s['lora_target_modules']}, {s['max_steps']} steps of {s['per_device_train_batch_size']} forget questions, "
         f"constant learning rate, retain term {s['retain_loss_type']} x {s['retain_weight']} (not for ga), seed "
         f"{s['seed']}; ETU without the adaptive controller at epsilon in {{{s['etu_epsilons']}}}, lr "
-        f"{s['etu_learning_rate']:g}; baselines at lr in {{{s['learning_rates']}}}; V_S: {result['vs_size']} tokens."
+        f"{s['etu_learning_rate']:g}{etu_args_text(s)}; "
+        f"baselines at lr in {{{s['learning_rates']}}}; V_S: {result['vs_size']} tokens."
         + (
             f" Relearning attack: {s['relearn_steps']} steps on {s['relearn_fraction']:.0%} of the forget "
             "questions, lr "

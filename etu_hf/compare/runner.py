@@ -122,6 +122,7 @@ def train_run(
     if is_etu:
         kwargs["epsilon"] = hyper["epsilon"]
         kwargs.update(ETU_VARIANTS[method])
+        kwargs.update(cfg.etu_overrides)
         if method != "etu-pmi":  # every other ETU run builds its own V_S from the same data
             forbidden_set = None
     model = load_model(inputs.target_path)

@@ -4,7 +4,9 @@ with ``HfArgumentParser``, a Python user fills it in)."""
 from __future__ import annotations
 
 import math
+import typing
 from dataclasses import dataclass, field
+from typing import Any
 
 #: ETU variants: ETU's arguments each sets. ``etu`` runs the package's defaults and every variant but ``etu-pmi``
 #: builds its own V_S from the same forget and retain data; ``etu-pmi`` uses the comparison's shared piece-level
@@ -33,6 +35,56 @@ def parse_list(value: str, flag: str, kind: type = float) -> list:
         raise ValueError(f"{flag}: cannot read {value!r} as comma-separated {kind.__name__} values") from err
 
 
+#: ``--etu_args`` names that the comparison itself sets for every run (its shared budget) or per run.
+_RESERVED_ETU_ARGS = frozenset(
+    {"output_dir", "max_steps", "per_device_train_batch_size", "learning_rate", "epsilon", "seed", "data_seed"}
+    | {"retain_weight", "retain_loss_type", "lr_scheduler_type", "overwrite_output_dir", "lora_r", "lora_alpha"}
+)
+
+
+def _convert(name: str, text: str, hint: Any) -> object:
+    """``text`` as a value of the annotated type ``hint`` (bool, int, float, str, or one of them | None)."""
+    options = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    if type(None) in typing.get_args(hint) and text.lower() == "none":
+        return None
+    kind = options[0]
+    if kind is bool:
+        if text.lower() in ("true", "1", "yes"):
+            return True
+        if text.lower() in ("false", "0", "no"):
+            return False
+        raise ValueError(f"--etu_args: {name} takes true or false (got {text!r})")
+    if kind in (int, float, str):
+        try:
+            return kind(text)
+        except ValueError as err:
+            raise ValueError(f"--etu_args: {name} takes a value of type {kind.__name__} (got {text!r})") from err
+    raise ValueError(f"--etu_args: {name} cannot be set from the command line of compare (type {hint})")
+
+
+def parse_etu_args(value: str) -> dict[str, object]:
+    """``"a=1,b=true"`` -> ``{"a": 1, "b": True}``, each name an ``ETUTrainingArguments`` field and each value
+    converted to that field's type; ``ValueError`` naming ``--etu_args`` and the fix otherwise. The comparison's
+    own budget (steps, batch, learning rate, epsilon, seed, LoRA, retain term) has its own flags and is refused."""
+    if not value.strip():
+        return {}
+    from etu_hf.training.config import ETUTrainingArguments
+
+    hints = typing.get_type_hints(ETUTrainingArguments)
+    out: dict[str, object] = {}
+    for pair in (p.strip() for p in value.split(",") if p.strip()):
+        name, sep, text = pair.partition("=")
+        name, text = name.strip(), text.strip()
+        if not sep or not name or not text:
+            raise ValueError(f"--etu_args: {pair!r} is not name=value; e.g. --etu_args continuation_skip_top_k=20")
+        if name not in hints:
+            raise ValueError(f"--etu_args: {name!r} is not an ETUTrainingArguments field (see etu-hf unlearn --help)")
+        if name in _RESERVED_ETU_ARGS:
+            raise ValueError(f"--etu_args: {name} is set by compare for every run; use compare's own flag instead")
+        out[name] = _convert(name, text, hints[name])
+    return out
+
+
 @dataclass
 class CompareArguments:
     r"""Settings of a comparison: every method on the same benchmark, LoRA, data and step budget.
@@ -47,6 +99,8 @@ class CompareArguments:
     > The grid (one run per method and setting)
         methods: comma list of :data:`KNOWN_METHODS` (the ETU variants of :data:`ETU_VARIANTS` among them).
         etu_epsilons: ETU's target masses (ETU runs once per epsilon at ``etu_learning_rate``).
+        etu_args: further ``ETUTrainingArguments`` of every ETU run (``name=value,...``), applied after the
+            variant's own (:data:`ETU_VARIANTS`).
         learning_rates: the baselines' learning rates (each baseline runs once per rate).
 
     > The shared budget
@@ -89,6 +143,13 @@ class CompareArguments:
     )
     etu_epsilons: str = field(default="0.1,0.03,0.01", metadata={"help": "ETU's epsilons (comma list)."})
     etu_learning_rate: float = field(default=1e-3, metadata={"help": "ETU's learning rate."})
+    etu_args: str = field(
+        default="",
+        metadata={
+            "help": "Extra ETUTrainingArguments for every ETU run, as comma-separated name=value pairs, e.g. "
+            "'continuation_skip_top_k=20,word_min_g2=6.63' (they override the variant's own settings)."
+        },
+    )
     learning_rates: str = field(default="1e-4,3e-4,1e-3", metadata={"help": "Baselines' learning rates."})
     max_steps: int = field(default=60, metadata={"help": "Optimiser steps of every unlearning run."})
     per_device_train_batch_size: int = field(default=8, metadata={"help": "Forget questions per step."})
@@ -115,6 +176,7 @@ class CompareArguments:
         self.epsilon_list: list[float] = parse_list(self.etu_epsilons, "--etu_epsilons")
         if any(not 0 < e < 1 for e in self.epsilon_list):
             raise ValueError(f"--etu_epsilons: every epsilon must be in (0, 1) (got {self.etu_epsilons})")
+        self.etu_overrides: dict[str, object] = parse_etu_args(self.etu_args)
         self.lr_list: list[float] = parse_list(self.learning_rates, "--learning_rates")
         if any(not (math.isfinite(x) and x > 0) for x in [*self.lr_list, self.etu_learning_rate]):
             raise ValueError("--learning_rates / --etu_learning_rate: learning rates must be > 0")
