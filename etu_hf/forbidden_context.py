@@ -207,16 +207,66 @@ def continuation_skip_ids(
     return sorted(skip)
 
 
+def word_boundary_ids(tokenizer: Any, vocab_size: int) -> tuple[list[int], list[int]]:
+    """``(joining, closed)``, the two id lists that tell where a word goes on (see :func:`first_piece_of_word`).
+
+    ``joining``: the pieces whose text, written right after a letter, starts with a letter or digit (no space
+    marker), e.g. ``ing`` but not ``Ġseries`` / ``▁series``; measured by decoding ``[a, id]`` so it holds for
+    byte-level BPE and SentencePiece alike. ``closed``: the pieces whose text does not end with a letter or digit
+    (punctuation, whitespace, byte fragments, special tokens). A piece continues the word of the previous one
+    exactly when it is joining and the previous piece is not closed."""
+    n = min(vocab_size, len(tokenizer))
+    anchor = tokenizer.encode("a", add_special_tokens=False)[-1]
+    prefix = tokenizer.decode([anchor])
+    pairs = tokenizer.batch_decode([[anchor, i] for i in range(n)])
+    singles = tokenizer.batch_decode([[i] for i in range(n)])
+    special = set(getattr(tokenizer, "all_special_ids", None) or [])
+    joining = [
+        i
+        for i, t in enumerate(pairs)
+        if i not in special and t.startswith(prefix) and len(t) > len(prefix) and t[len(prefix)].isalnum()
+    ]
+    closed = [i for i, t in enumerate(singles) if i in special or not (t and t[-1].isalnum())]
+    return joining, closed
+
+
+def first_piece_of_word(informative: torch.Tensor, continues: torch.Tensor) -> torch.Tensor:
+    """Bool ``[B, T]``: ``informative`` positions that are the first informative piece of their word.
+
+    ``continues[b, t]``: the piece at ``t`` continues the word of the piece before it (a word starts where it is
+    false; column 0 always starts one). With ``s(t)`` the start of the word holding ``t`` and
+    ``c(t) = #{u <= t: informative[u]}``, position ``t`` is kept iff ``informative[t]`` and
+    ``c(t) - c(s(t) - 1) == 1``."""
+    b, t = informative.shape
+    cols = torch.arange(t, device=informative.device).expand(b, t)
+    start = torch.where(continues, torch.zeros_like(cols), cols).cummax(dim=1).values
+    count = informative.long().cumsum(dim=1)
+    before = (count - informative.long()).gather(1, start)
+    return informative & (count - before == 1)
+
+
 class ContextSets:
     """The per-context part of a forbidden set, ready to compute: the trie of the word forms and the ids that are
-    never forbidden continuations. Built from a :class:`~etu_hf.ForbiddenSet` (see :meth:`ForbiddenSet.extra_ids`)."""
+    never forbidden continuations (``skip``). With ``joining``/``closed`` (:func:`word_boundary_ids`) a forbidden
+    continuation is only the first informative piece of each word of the text (the word is capped there; the rest
+    of its spelling is left alone). Built from a :class:`~etu_hf.ForbiddenSet` (see :meth:`ForbiddenSet.extra_ids`)."""
 
-    def __init__(self, shared: Sequence[int], forms: Sequence[Sequence[int]], skip: Sequence[int] | None):
+    def __init__(
+        self,
+        shared: Sequence[int],
+        forms: Sequence[Sequence[int]],
+        skip: Sequence[int] | None,
+        joining: Sequence[int] | None = None,
+        closed: Sequence[int] | None = None,
+    ):
         from etu_hf.data.word_trie import PieceTrie
 
         self.shared = np.asarray(sorted(shared), dtype=np.int64)
         self.trie = PieceTrie(forms) if forms else None
         self.skip = torch.as_tensor(sorted(skip), dtype=torch.long) if skip is not None else None
+        self.per_word = joining is not None
+        self.joining = torch.as_tensor(sorted(joining or []), dtype=torch.long)
+        self.closed = torch.as_tensor(sorted(closed or []), dtype=torch.long)
 
     def extra_ids(
         self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, mask: torch.Tensor | None = None
@@ -235,6 +285,10 @@ class ContextSets:
             drop = torch.isin(t, self.skip) | (t < 0)
             if mask is not None:
                 drop |= ~mask.detach().cpu().bool()
+            if self.per_word:
+                prev = input_ids[:, :-1].detach().cpu().long()
+                continues = torch.isin(t, self.joining) & ~torch.isin(prev, self.closed)
+                drop |= ~first_piece_of_word(~drop, continues)
             parts.append(t.masked_fill(drop, -1).unsqueeze(-1))
         if not parts:
             return None

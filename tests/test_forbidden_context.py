@@ -17,17 +17,30 @@ from etu_hf.forbidden_context import (
     build_word_forbidden_set,
     continuation_skip_ids,
     forbidden_coverage,
+    word_boundary_ids,
 )
 
 
-def hand_sets(fs, input_ids, labels):
+def joins_previous(tokenizer, prev, piece):
+    """The piece continues the previous piece's word: the text at their seam is a letter or digit on both sides
+    (read from decoding the pair itself)."""
+    head = tokenizer.decode([prev])
+    both = tokenizer.decode([prev, piece])
+    tail = both[len(head) :] if both.startswith(head) else both
+    return bool(head) and head[-1].isalnum() and bool(tail) and tail[0].isalnum()
+
+
+def hand_sets(fs, input_ids, labels, tokenizer=None):
     """S(x) per (row, position) by brute force: shared ids, the next piece of any form whose first k pieces end at
-    t, and the text's next token when continuations are on and it is not skipped."""
+    t, and the text's next token when continuations are on and it is not skipped (per word: only the first such
+    piece of each word, words split where a piece does not join the previous one)."""
     forms = [tuple(f) for w in fs.words or [] for f in w["forms"]]
     skip = set(fs.continuations["skip_ids"]) if fs.continuations else None
+    per_word = bool(fs.continuations and fs.continuations.get("per_word"))
     out = {}
     for b in range(input_ids.shape[0]):
         ids = input_ids[b].tolist()
+        capped = False  # a piece of the current word is already forbidden
         for t in range(len(ids) - 1):
             s = set(fs.ids)
             for f in forms:
@@ -35,8 +48,11 @@ def hand_sets(fs, input_ids, labels):
                     if t + 1 >= k and tuple(ids[t + 1 - k : t + 1]) == f[:k]:
                         s.add(f[k])
             y = int(labels[b, t + 1])
-            if skip is not None and y != -100 and y not in skip:
+            if per_word and (t == 0 or not joins_previous(tokenizer, ids[t], ids[t + 1])):
+                capped = False
+            if skip is not None and y != -100 and y not in skip and not (per_word and capped):
                 s.add(y)
+                capped = True
             out[b, t] = s
     return out
 
@@ -69,18 +85,41 @@ def test_words_of_the_demo_topic_and_their_file(word_set, tokenizer, tmp_path):
     assert extra is not None and torch.equal(back.extra_ids(ids), extra)
 
 
+def test_per_word_continuations_forbid_the_first_informative_piece_of_each_word(tokenizer):
+    text = "the vexium sequels in 1990s, interpreted"  # demo tokenizer: 'Ġs e qu el s' is one word
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    pieces = tokenizer.convert_ids_to_tokens(ids)
+    joining, closed = word_boundary_ids(tokenizer, len(tokenizer))
+    vocab = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    skip = [i for i, p in enumerate(vocab) if p in ("Ġs", "Ġin") or not any(c.isalpha() for c in p.strip("Ġ"))]
+    fs = ForbiddenSet(ids=[], vocab_size=len(tokenizer), method="words").with_continuations(skip, 0, (joining, closed))
+    x = torch.tensor([ids])
+    extra = fs.extra_ids(x, x[:, 1:], torch.ones(1, len(ids) - 1, dtype=torch.bool))[0, :, 0].tolist()
+    got = [pieces[t + 1] for t, e in enumerate(extra) if e >= 0]
+    # targets: 'e' ends the word 'the' (its first target piece); 'Ġs' is skipped, so 'sequels' is capped at its
+    # next informative piece 'e'; 'Ġ19', '9', '0' have no letter, so '1990s' is capped at 's'; 'Ġin' is skipped
+    # and 'interpreted' is capped at 'ter'
+    assert pieces[1:14] == ["e", "Ġvexium", "Ġs", "e", "qu", "el", "s", "Ġin", "Ġ19", "9", "0", "s", ","]
+    assert pieces[14:16] == ["Ġin", "ter"]
+    assert got == ["e", "Ġvexium", "e", "s", "ter"]
+    every = ForbiddenSet(ids=[], vocab_size=len(tokenizer), method="words").with_continuations(skip, 0)
+    extra_all = every.extra_ids(x, x[:, 1:], torch.ones(1, len(ids) - 1, dtype=torch.bool))[0, :, 0]
+    assert int((extra_all >= 0).sum()) > len(got)  # without per_word every informative piece is forbidden
+
+
 def test_extra_ids_equal_the_hand_computed_sets(word_set, corpora, tokenizer):
     fs = ForbiddenSet(**{k: getattr(word_set, k) for k in ("ids", "vocab_size", "method", "words")})
     skip = continuation_skip_ids(iter_batches(corpora["retain"], None, 64), tokenizer, len(tokenizer), 20)
-    for cont in (False, True):
+    boundaries = word_boundary_ids(tokenizer, len(tokenizer))
+    for cont in (False, "every piece", "per word"):
         if cont:
-            fs.with_continuations(skip, 20)
+            fs.with_continuations(skip, 20, boundaries if cont == "per word" else None)
         batch = next(iter_batches(corpora["forget"].select(range(3)), None, 3))
         labels = batch["labels"].clone()
         labels[0, 3:9] = -100
         mask, targets = scored_positions(batch["input_ids"], batch["attention_mask"], labels)
         extra = fs.extra_ids(batch["input_ids"], targets, mask)
-        want = hand_sets(fs, batch["input_ids"], labels)
+        want = hand_sets(fs, batch["input_ids"], labels, tokenizer)
         for (b, t), s in want.items():
             if not mask[b, t]:
                 continue
@@ -94,10 +133,10 @@ def test_extra_ids_equal_the_hand_computed_sets(word_set, corpora, tokenizer):
     assert forbidden_coverage(fs, list(data)) > forbidden_coverage(plain, iter_batches(corpora["forget"], None, 8))
 
 
-def naive_mass(model, fs, batch):
+def naive_mass(model, fs, batch, tokenizer):
     """Mean pi(S(x)|x) over scored positions from full float64 softmax and the hand sets."""
     labels = batch.get("labels", batch["input_ids"])
-    sets = hand_sets(fs, batch["input_ids"], labels)
+    sets = hand_sets(fs, batch["input_ids"], labels, tokenizer)
     mask, _ = scored_positions(batch["input_ids"], batch.get("attention_mask"), labels)
     with torch.no_grad():
         p = torch.softmax(model(input_ids=batch["input_ids"]).logits.double(), -1)
@@ -109,7 +148,7 @@ def naive_tilt_loss(trainer, fs, batch):
     """Mean over scored positions of KL(q_lam(x) || pi_theta) with the per-row closed form
     lam(x) = max(0, logit p_b(S(x)|x) - logit eps) on the hand sets, from full float64 logits."""
     eps = trainer.args.epsilon
-    sets = hand_sets(fs, batch["input_ids"], batch["labels"])
+    sets = hand_sets(fs, batch["input_ids"], batch["labels"], trainer.processing_class)
     mask, _ = scored_positions(batch["input_ids"], batch["attention_mask"], batch["labels"])
     with torch.no_grad():
         zb = trainer.base.logits(batch).double()
@@ -160,7 +199,7 @@ def test_trainer_loss_probe_and_audit_use_the_sets_per_position(model, tokenizer
         torch.testing.assert_close(loss.double(), naive_tilt_loss(trainer, fs, batch), atol=1e-5, rtol=1e-5)
     heldout = trainer.measure_heldout()
     full = next(iter_batches(corpora["forget_heldout"], None, len(corpora["forget_heldout"])))
-    assert heldout.mean_mass == pytest.approx(naive_mass(trainer.model, fs, full), rel=1e-4)
+    assert heldout.mean_mass == pytest.approx(naive_mass(trainer.model, fs, full, trainer.processing_class), rel=1e-4)
     report = audit(
         trainer.model,
         corpora["forget_heldout"],

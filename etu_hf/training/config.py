@@ -79,6 +79,12 @@ class ETUTrainingArguments(SecretFreeArguments, TrainingArguments):
             not carried by distinctive words). Its certificate is on held-out
             forget text. `None`: on when etu-hf builds V_S with `vs_method="words"` (the default), off for a
             V_S you give (`forbidden_set=`, `--forbidden_ids_path`) or a piece-level method.
+        continuation_per_word (`bool`, *optional*, defaults to `True`):
+            Forbidden continuations: only the first informative piece of each word of the text is forbidden
+            (a piece continues a word when it starts with a letter or digit with no space marker and the piece
+            before it ends with one). A word's probability is at most its first piece's, so this caps the word;
+            the pieces after it are its spelling (`sequ` -> `els`), which the model should keep. `False`:
+            every informative piece, as before.
         vs_freq_rate (`float`, *optional*, defaults to `0.01`), vs_abs_cap (`int`, *optional*, defaults to `20000`):
             Frequency method: drop tokens whose forget count exceeds `max(1, min(vs_freq_rate * N, vs_abs_cap))`.
         vocab_top_k (`int` or `None`, *optional*, defaults to `None`):
@@ -250,6 +256,13 @@ class ETUTrainingArguments(SecretFreeArguments, TrainingArguments):
     continuation_skip_top_k: int = field(
         default=100,
         metadata={"help": "Forbidden continuations: never forbid the K most frequent tokens of the retain text."},
+    )
+    continuation_per_word: bool = field(
+        default=True,
+        metadata={
+            "help": "Forbidden continuations: forbid only the first informative piece of each word of the forget "
+            "text (caps the word; its later pieces are spelling, not knowledge). False: every informative piece."
+        },
     )
     vs_freq_rate: float = field(default=0.01, metadata={"help": "Frequency method: drop tokens above this share of N."})
     vs_abs_cap: int = field(default=20000, metadata={"help": "Frequency method: absolute count cap."})

@@ -32,6 +32,7 @@ from etu_hf.forbidden_context import (
     continuation_skip_ids,
     forbidden_coverage,
     warn_low_coverage,
+    word_boundary_ids,
 )
 from etu_hf.forbidden_set import ForbiddenSet, build_forbidden_set, resolve_forbidden_set
 from etu_hf.modeling.head import probe_hidden_states
@@ -298,7 +299,8 @@ def forbidden_set_for_run(
         skip = continuation_skip_ids(
             batches(retain), tok, vocab_size, args.continuation_skip_top_k, args.word_common_rank
         )
-        fs.with_continuations(skip, args.continuation_skip_top_k)
+        boundaries = word_boundary_ids(tok, vocab_size) if args.continuation_per_word else None
+        fs.with_continuations(skip, args.continuation_skip_top_k, boundaries)
     if forget is not None:
         coverage = forbidden_coverage(fs, batches(forget))
         fs.parameters["coverage"] = coverage
