@@ -273,7 +273,9 @@ def test_the_model_card_lists_the_words_their_pieces_and_the_coverage(word_set):
     assert f"{len(word_set.words)} forbidden words" in text
     assert f"`{first['word']}` ({' + '.join(first['pieces'][-1])})" in text
     assert "forbidden continuations" in text and "100 most frequent retain tokens" in text
-    assert "at 43.2% of the forget positions" in text
+    assert "at 43.2% of the forget positions" in text and "first such piece of each word" not in text
+    fs.with_continuations([0, 1], 100, ([2, 3], [4]))
+    assert "only the first such piece of each word" in "\n".join(forbidden_set_lines(fs.to_dict()))
 
 
 def test_defaults_without_retain_data_or_processing_class(model, tokenizer, corpora, tmp_path):
