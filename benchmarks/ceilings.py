@@ -13,7 +13,8 @@ S(x) is built exactly as an ETU run builds it (``forbidden_set_for_run``), for e
 
 ``knowledge``: on smollm2-knowledge, for each forget probe of a target, how often its keywords occur in that
 target's forget corpus; and the mean forget answer probability if every probe whose keywords occur there fell to
-0 while the others kept the base model's: a method that removes only what the forget text holds cannot go below it.
+0 while the others (no keyword in the corpus as a whole word, as the keyword is written) kept the base model's:
+a method that removes only what the forget text holds cannot go below it.
 
     python benchmarks/ceilings.py builtin
     python benchmarks/ceilings.py knowledge --target "Harry Potter"
@@ -128,7 +129,7 @@ def knowledge_ceiling(target: str | None) -> dict[str, object]:
                 f"{name}: {p['id']} {p['answer'][:24]:24s} base {s['answer_prob']:.3f} keywords in the corpus {counts}"
             )
         base = sum(r["base"] for r in rows) / len(rows)
-        absent = [r for r in rows if not all(c > 0 for c in r["keyword_counts"].values())]
+        absent = [r for r in rows if not any(r["keyword_counts"].values())]  # keywords are alternatives
         ceiling = sum(r["base"] for r in absent) / len(rows)
         print(
             f"{name}: base mean {base:.3f}; {len(absent)} of {len(rows)} probes ask for a keyword the forget corpus "
