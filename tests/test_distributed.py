@@ -138,6 +138,10 @@ def test_cli_with_a_deepspeed_json_under_torchrun(tmp_path):
         "none",
         "--disable_tqdm",
         "true",
+        "--p_s_sample_size",  # the base p_S and the audit on a few sequences: what is checked is the setup
+        "16",
+        "--audit_max_sequences",
+        "8",
         "--deepspeed",
         os.path.join(ROOT, "ds_configs", "ds_zero3.json"),
         "--output_dir",
