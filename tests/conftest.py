@@ -16,7 +16,13 @@ import torch
 
 from etu_hf.demo import DEMO_MODEL_DIR
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+#: pytest-xdist workers in this run (1 without xdist): the cores are shared among them.
+XDIST_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+#: torch threads of this test process: its share of the cores, at most 2 (the tiny model gains nothing from more).
+TORCH_THREADS = max(1, min(2, (os.cpu_count() or 1) // XDIST_WORKERS))
+torch.set_num_threads(TORCH_THREADS)
+if XDIST_WORKERS > 1:  # processes the tests start get the same share (a test's own env setting wins)
+    os.environ.setdefault("OMP_NUM_THREADS", str(TORCH_THREADS))
 
 
 @pytest.fixture(scope="session")

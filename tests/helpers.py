@@ -1,5 +1,12 @@
 """Helpers shared by test modules (fixtures live in conftest.py)."""
 
+import pytest
+
+#: The tests that start two processes (torch.distributed on its default port 29500) or time a whole run:
+#: under ``pytest -n auto`` (``--dist loadgroup``, pyproject.toml) one worker runs them one after the other, so
+#: two of them never share the cores or the port.
+ONE_AT_A_TIME = pytest.mark.xdist_group("one_at_a_time")
+
 
 def fast_args(output_dir, **kwargs):
     """ETUTrainingArguments for fast CPU tests: no saving, no reporting, no progress bar, no controller

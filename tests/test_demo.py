@@ -9,9 +9,11 @@ import sys
 import time
 
 import pytest
+from helpers import ONE_AT_A_TIME
 
 
 @pytest.mark.slow
+@ONE_AT_A_TIME
 def test_demo_reaches_target_within_three_minutes(tmp_path):
     out = tmp_path / "demo"
     exe = shutil.which("etu-hf")
