@@ -15,13 +15,13 @@ import sys
 
 import pytest
 import torch
-from helpers import ONE_AT_A_TIME
+from helpers import TWO_PROCESSES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "tests", "scripts", "controller_run.py")
 sys.path.insert(0, os.path.dirname(SCRIPT))
 
-pytestmark = ONE_AT_A_TIME
+pytestmark = TWO_PROCESSES
 
 
 def cpu_config(name, tmp_path):
