@@ -3,6 +3,7 @@
 Tests never touch the network: the hub libraries are put in offline mode before anything imports them.
 """
 
+import contextlib
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -13,10 +14,67 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
 import torch
+from helpers import WORKER_OMP_FLAG
 
 from etu_hf.demo import DEMO_MODEL_DIR
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+#: pytest-xdist workers in this run (1 without xdist): the cores are shared among them.
+XDIST_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+#: torch threads of this test process: its share of the cores, at most 2 (the tiny model gains nothing from more).
+TORCH_THREADS = max(1, min(2, (os.cpu_count() or 1) // XDIST_WORKERS))
+torch.set_num_threads(TORCH_THREADS)
+if XDIST_WORKERS > 1 and "OMP_NUM_THREADS" not in os.environ:
+    # processes the tests start get the same share (a test's own env setting wins); WHOLE_MACHINE tests
+    # start theirs without it (helpers.environment_as_given)
+    os.environ["OMP_NUM_THREADS"] = str(TORCH_THREADS)
+    os.environ[WORKER_OMP_FLAG] = "1"
+
+
+def _run_lock_path(config) -> str | None:
+    """The prefix of this ``-n`` run's lock files (None without workers)."""
+    workerinput = getattr(config, "workerinput", None)
+    if workerinput is None or XDIST_WORKERS < 2:
+        return None
+    import tempfile
+
+    return os.path.join(tempfile.gettempdir(), f"etu-hf-tests-{workerinput['testrunuid']}")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """Under ``-n``, while a test runs (setup, call, teardown) it holds this run's lock files:
+
+    - ``.lock``: shared; exclusive for a ``whole_machine`` test, which so runs while no other test runs. The
+      ``.gate`` in front of it keeps a waiting exclusive test from being starved: a test takes the gate only to
+      take the lock, an exclusive one keeps it until it is done, so the tests after it wait at the gate.
+    - ``.two_processes``: exclusive, for a ``two_processes`` test only, so two of them never share the cores
+      or torch.distributed's default port 29500.
+    """
+    prefix = _run_lock_path(item.config)
+    if prefix is None:
+        yield
+        return
+    import fcntl
+
+    exclusive = item.get_closest_marker("whole_machine") is not None
+    with contextlib.ExitStack() as held:
+        gate, lock = (held.enter_context(open(prefix + suffix, "a")) for suffix in (".gate", ".lock"))
+        fcntl.flock(gate, fcntl.LOCK_EX)
+        fcntl.flock(lock, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        if not exclusive:
+            fcntl.flock(gate, fcntl.LOCK_UN)
+        if item.get_closest_marker("two_processes") is not None:
+            fcntl.flock(held.enter_context(open(prefix + ".two_processes", "a")), fcntl.LOCK_EX)
+        yield  # closing the files releases the locks
+
+
+def pytest_sessionfinish(session):
+    """A worker done with its tests removes the run's lock files (a worker still running needs no lock now)."""
+    prefix = _run_lock_path(session.config)
+    if prefix is not None:
+        for suffix in (".gate", ".lock", ".two_processes"):
+            with contextlib.suppress(OSError):
+                os.remove(prefix + suffix)
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,29 @@
 """Helpers shared by test modules (fixtures live in conftest.py)."""
 
+import os
+
+import pytest
+
+#: A test that starts two processes (torch.distributed on its default port 29500): under ``pytest -n auto`` two
+#: of them never run at once (conftest.py's lock), so they never share the cores or the port.
+TWO_PROCESSES = pytest.mark.two_processes
+
+#: A test that times a whole run (the demo's 180 s): under ``pytest -n auto`` it runs while no other test runs
+#: (conftest.py's lock), with the machine's threads (:func:`environment_as_given`).
+WHOLE_MACHINE = pytest.mark.whole_machine
+
+#: Set in os.environ by conftest.py when it set OMP_NUM_THREADS to a worker's share of the cores.
+WORKER_OMP_FLAG = "ETU_HF_TESTS_WORKER_OMP_NUM_THREADS"
+
+
+def environment_as_given() -> dict[str, str]:
+    """``os.environ`` without the per-worker OMP_NUM_THREADS that conftest.py sets under ``pytest -n``: the
+    environment of a process that has the machine to itself, as the user's shell gives it."""
+    env = dict(os.environ)
+    if env.pop(WORKER_OMP_FLAG, None):
+        env.pop("OMP_NUM_THREADS", None)
+    return env
+
 
 def fast_args(output_dir, **kwargs):
     """ETUTrainingArguments for fast CPU tests: no saving, no reporting, no progress bar, no controller

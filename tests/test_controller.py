@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from helpers import TWO_PROCESSES
 from peft import LoraConfig
 from safetensors.torch import load_file
 
@@ -387,6 +388,7 @@ def test_resume_in_a_new_process_continues_the_same_trajectory(tmp_path):
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
 
 
+@TWO_PROCESSES
 def test_two_processes_hold_identical_lambda(tmp_path):
     # (the shipped accelerate configs are launched in test_distributed.py)
     cmd = [shutil.which("torchrun") or "torchrun", "--nproc_per_node", "2"]

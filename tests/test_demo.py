@@ -9,14 +9,16 @@ import sys
 import time
 
 import pytest
+from helpers import WHOLE_MACHINE, environment_as_given
 
 
 @pytest.mark.slow
+@WHOLE_MACHINE
 def test_demo_reaches_target_within_three_minutes(tmp_path):
     out = tmp_path / "demo"
     exe = shutil.which("etu-hf")
     cmd = [exe] if exe else [sys.executable, "-m", "etu_hf"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env = {**environment_as_given(), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     start = time.time()
     done = subprocess.run(
         [*cmd, "demo", "--output_dir", str(out), "--disable_tqdm", "true"],

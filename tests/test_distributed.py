@@ -2,7 +2,9 @@
 
 Each run trains a few ETU steps with the adaptive controller; every rank must hold the same lambda
 trajectory, ZeRO-3 must really partition the parameters, and the saved adapter, reloaded in this
-(fresh) process, must give the audit mass measured in-process by the launched run.
+(fresh) process, must give the audit mass measured in-process by the launched run. Each config is
+launched once per module (``launched``): the DDP and ZeRO-3 runs that the launch test checks are the
+ones whose trajectories are compared (the audit runs after training, so it leaves them unchanged).
 """
 
 import json
@@ -13,10 +15,13 @@ import sys
 
 import pytest
 import torch
+from helpers import TWO_PROCESSES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "tests", "scripts", "controller_run.py")
 sys.path.insert(0, os.path.dirname(SCRIPT))
+
+pytestmark = TWO_PROCESSES
 
 
 def cpu_config(name, tmp_path):
@@ -58,14 +63,28 @@ def reload_and_audit(adapter_dir):
     return report.updated_p_S
 
 
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory):
+    """``launched(config) -> (ranks, out)``: the shipped ``config`` launched once for this module (audited,
+    loss chunks of 50 positions; ZeRO-3 also with gradient checkpointing), then served from the cache."""
+    runs = {}
+
+    def get(config):
+        if config not in runs:
+            if "zero" in config:
+                pytest.importorskip("deepspeed")
+            tmp = tmp_path_factory.mktemp(config.replace(".", "_"))
+            extra = ["--audit", "--loss_chunk_size", "50"] + (["--gradient_checkpointing"] if "zero3" in config else [])
+            runs[config] = (launch(cpu_config(config, tmp), tmp / "run", *extra), tmp / "run")
+        return runs[config]
+
+    return get
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("config", ["accelerate_ddp.yaml", "accelerate_zero2.yaml", "accelerate_zero3.yaml"])
-def test_two_process_launch(tmp_path, config):
-    if "zero" in config:
-        pytest.importorskip("deepspeed")
-    out = tmp_path / "run"
-    extra = ["--audit", "--loss_chunk_size", "50"] + (["--gradient_checkpointing"] if "zero3" in config else [])
-    ranks = launch(cpu_config(config, tmp_path), out, *extra)
+def test_two_process_launch(launched, config):
+    ranks, out = launched(config)
     assert ranks[0]["world_size"] == 2
     assert ranks[0]["history"] == ranks[1]["history"] and len(ranks[0]["history"]) == 6
     assert ranks[0]["zero3_partitioned"] is ("zero3" in config)
@@ -76,17 +95,11 @@ def test_two_process_launch(tmp_path, config):
 
 
 @pytest.mark.slow
-def test_all_launchers_follow_the_same_trajectory(tmp_path):
+def test_all_launchers_follow_the_same_trajectory(launched):
     """Same data, same seed: DDP and ZeRO-3 (gradient checkpointing, checkpointed loss chunks) agree."""
     pytest.importorskip("deepspeed")
-    ddp = launch(cpu_config("accelerate_ddp.yaml", tmp_path), tmp_path / "ddp", "--loss_chunk_size", "50")
-    z3 = launch(
-        cpu_config("accelerate_zero3.yaml", tmp_path),
-        tmp_path / "z3",
-        "--loss_chunk_size",
-        "50",
-        "--gradient_checkpointing",
-    )
+    ddp, _ = launched("accelerate_ddp.yaml")
+    z3, _ = launched("accelerate_zero3.yaml")
     assert z3[0]["zero3_partitioned"]
     assert z3[0]["losses"] == pytest.approx(ddp[0]["losses"], rel=1e-4)
     assert [h["heldout_mass"] for h in z3[0]["history"]] == pytest.approx(
@@ -128,6 +141,10 @@ def test_cli_with_a_deepspeed_json_under_torchrun(tmp_path):
         "none",
         "--disable_tqdm",
         "true",
+        "--p_s_sample_size",  # the base p_S and the audit on a few sequences: what is checked is the setup
+        "16",
+        "--audit_max_sequences",
+        "8",
         "--deepspeed",
         os.path.join(ROOT, "ds_configs", "ds_zero3.json"),
         "--output_dir",

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from datasets import Dataset
+from helpers import TWO_PROCESSES
 from scipy import stats
 from torch import nn
 
@@ -322,6 +323,7 @@ result.save({out!r} + f"/rank{{state.process_index}}.json")
 
 
 @pytest.mark.slow
+@TWO_PROCESSES
 def test_two_processes_gather_the_values_of_one(model, tokenizer, bench, tmp_path):
     script = tmp_path / "eval_two.py"
     script.write_text(SCRIPT.format(tests=os.path.join(ROOT, "tests"), out=str(tmp_path)))
