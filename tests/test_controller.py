@@ -163,6 +163,14 @@ def test_lagging_model_meets_the_bound_within_six_updates_without_oscillating(fr
     assert not any(a < 0 < b for a, b in itertools.pairwise(moves)), offsets  # no down-then-up
 
 
+def test_automatic_period_from_the_step_budget():
+    from etu_hf.training.controller_rule import auto_update_freq
+
+    # min(25, ceil(max_steps / 8)), at least 1
+    assert [auto_update_freq(n) for n in (1, 8, 9, 40, 150, 200, 201, 10_000)] == [1, 1, 2, 5, 19, 25, 25, 25]
+    assert ControllerSettings(update_freq=None).update_freq is None  # resolved when training begins
+
+
 # ------------------------------------------------------------------------------------- on a tiny model
 def controller_trainer(model, tokenizer, corpora, make_args, **args):
     defaults = dict(adaptive_lambda=True, lambda_update_freq=5, logging_steps=5, learning_rate=3e-3)
@@ -193,6 +201,14 @@ def test_global_mode_controller_raises_lambda_until_the_bound_is_met(model, toke
     assert all(h["positions"] == hist[0]["positions"] > 0 for h in hist)  # always the same held-out slice
     # the training loss used the moved lambda
     assert trainer.tilt_spec().global_value() == pytest.approx(hist[-1]["lam"])
+
+
+def test_default_period_follows_the_budget(model, tokenizer, corpora, make_args):
+    trainer = controller_trainer(model, tokenizer, corpora, make_args, lambda_update_freq=None, max_steps=12)
+    trainer.train()
+    # 12 steps: ceil(12 / 8) = 2, so updates at 2, 4, ..., 12 (a fixed 25 would never update)
+    assert [h["step"] for h in trainer.lambda_controller.history] == [2, 4, 6, 8, 10, 12]
+    assert trainer.lambda_controller.settings.update_freq == 2
 
 
 def test_amplification_lowers_lambda_below_zero_and_mass_rises(model, tokenizer, corpora, make_args):

@@ -72,13 +72,17 @@ class ETUTrainingArguments(SecretFreeArguments, TrainingArguments):
         forbidden_words (`str` or `None`, *optional*, defaults to `None`):
             Words method: a UTF-8 file of words to forbid, one per line, merged with the scored words.
         forbid_continuations (`bool` or `None`, *optional*, defaults to `None`),
-        continuation_skip_top_k (`int`, *optional*, defaults to `100`):
+        continuation_skip_top_k (`int` or `None`, *optional*, defaults to `None`):
             Also forbid, at each forget position, the text's own next token when it is informative: it holds
             a letter, is not a special token and is not among the `continuation_skip_top_k` most frequent
             retain tokens, or without retain data among the first `word_common_rank * |V|` ids (for knowledge
-            not carried by distinctive words). Its certificate is on held-out
-            forget text. `None`: on when etu-hf builds V_S with `vs_method="words"` (the default), off for a
-            V_S you give (`forbidden_set=`, `--forbidden_ids_path`) or a piece-level method.
+            not carried by distinctive words). Its certificate is on held-out forget text.
+            `forbid_continuations=None`: on when etu-hf builds V_S with `vs_method="words"` (the default), off
+            for a V_S you give (`forbidden_set=`, `--forbidden_ids_path`) or a piece-level method.
+            `continuation_skip_top_k=None`: `min(1000, |V| // 10)`. 1000 on a real tokenizer leaves everyday
+            words such as `written`, `series`, `British` to the language (on SmolLM2 it kept the topic probes
+            and lowered the held-out mass the certificate measures, BENCHMARKS.md); on a small vocabulary 1000
+            pieces would be nearly all of it, hence the tenth.
         continuation_per_word (`bool`, *optional*, defaults to `True`):
             Forbidden continuations: only the first informative piece of each word of the text is forbidden
             (a piece continues a word when it starts with a letter or digit with no space marker and the piece
@@ -125,8 +129,10 @@ class ETUTrainingArguments(SecretFreeArguments, TrainingArguments):
             `lambda_update_freq` steps and moves lambda (global mode) or a lambda offset (per-position
             mode, the same as a per-context target `eps' = sigmoid(logit(epsilon) - offset)`) until
             the sequence-level upper bound of the held-out mass on V_S is at most `epsilon`.
-        lambda_update_freq (`int`, *optional*, defaults to `25`):
-            Optimiser steps between controller updates.
+        lambda_update_freq (`int` or `None`, *optional*, defaults to `None`):
+            Optimiser steps between controller updates. `None` picks
+            `min(25, ceil(max_steps / 8))` from the run's step budget (`TrainerState.max_steps`), so a short
+            run still gets about eight updates (40 steps: every 5) and a long one measures every 25 steps.
         lambda_eta (`float`, *optional*, defaults to `1.0`):
             Gain of the controller's step in logit space: `step = lambda_eta * (logit(U) - logit(epsilon)
             + lambda_band / 2)`. 1 closes the gap in one update for a model that follows its target.
@@ -253,9 +259,12 @@ class ETUTrainingArguments(SecretFreeArguments, TrainingArguments):
             "vs_method 'words', off for a given V_S or a piece-level method."
         },
     )
-    continuation_skip_top_k: int = field(
-        default=100,
-        metadata={"help": "Forbidden continuations: never forbid the K most frequent tokens of the retain text."},
+    continuation_skip_top_k: int | None = field(
+        default=None,
+        metadata={
+            "help": "Forbidden continuations: never forbid the K most frequent tokens of the retain text "
+            "(default: min(1000, vocabulary size // 10))."
+        },
     )
     continuation_per_word: bool = field(
         default=True,
@@ -300,7 +309,10 @@ class ETUTrainingArguments(SecretFreeArguments, TrainingArguments):
     adaptive_lambda: bool = field(
         default=True, metadata={"help": "Adapt lambda during training from held-out forget data (controller)."}
     )
-    lambda_update_freq: int = field(default=25, metadata={"help": "Optimiser steps between lambda updates."})
+    lambda_update_freq: int | None = field(
+        default=None,
+        metadata={"help": "Optimiser steps between lambda updates (default: min(25, ceil(max_steps / 8)))."},
+    )
     lambda_eta: float = field(
         default=1.0, metadata={"help": "Gain of the offset step in logit space (1: one update for a model on target)."}
     )

@@ -29,7 +29,13 @@ from etu_hf.artifacts.files import write_json
 from etu_hf.evaluation.measures import TiltStatistics
 from etu_hf.evaluation.plots import load_pyplot
 from etu_hf.training.config import ETUTrainingArguments
-from etu_hf.training.controller_rule import ControllerSettings, ControllerState, HeldoutMeasurement, controller_step
+from etu_hf.training.controller_rule import (
+    ControllerSettings,
+    ControllerState,
+    HeldoutMeasurement,
+    auto_update_freq,
+    controller_step,
+)
 from etu_hf.training.tilt_state import TiltState
 
 __all__ = [
@@ -157,6 +163,13 @@ class AdaptiveLambdaCallback(TrainerCallback):
     # ------------------------------------------------------------------ events
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._require_bound()
+        if self.settings.update_freq is None:  # lambda_update_freq=None: from the step budget
+            self.settings.update_freq = auto_update_freq(state.max_steps)
+            logger.info(
+                "[lambda-update] the controller measures every %d steps (lambda_update_freq: min(25, ceil(%d / 8)))",
+                self.settings.update_freq,
+                state.max_steps,
+            )
         if self.probe is None:
             raise ValueError(
                 "AdaptiveLambdaCallback has no held-out forget data: pass it in callbacks= or set adaptive_lambda=True "

@@ -59,6 +59,20 @@ def _logit(p: float) -> float:
     return math.log(p) - math.log1p(-p)
 
 
+#: The automatic controller period: at most this many steps, and about ``AUTO_UPDATES`` updates per run.
+AUTO_MAX_PERIOD = 25
+AUTO_UPDATES = 8
+
+
+def auto_update_freq(max_steps: int) -> int:
+    """The controller period when ``lambda_update_freq`` is ``None``: ``min(25, ceil(max_steps / 8))``, at least 1.
+
+    A 40-step run measures every 5 steps (8 updates), the 150-step demo every 19, runs of 200 steps or more
+    every 25. With a fixed period of 25 a 40-step run got one update, 15 steps before the end (BENCHMARKS.md).
+    """
+    return max(1, min(AUTO_MAX_PERIOD, math.ceil(max(int(max_steps), 1) / AUTO_UPDATES)))
+
+
 def _arg(name: str) -> Any:
     """A settings field whose default and meaning are those of ``ETUTrainingArguments.<name>``."""
     default = ETUTrainingArguments.__dataclass_fields__[name].default
@@ -73,7 +87,8 @@ class ControllerSettings:
     run's resolved epsilon before every update (:meth:`AdaptiveLambdaCallback.update`)."""
 
     epsilon: float | None = field(default=DEFAULT_EPSILON, metadata={"arg": "epsilon"})
-    update_freq: int = _arg("lambda_update_freq")
+    #: ``None`` until :func:`auto_update_freq` resolves it from the run's step budget.
+    update_freq: int | None = _arg("lambda_update_freq")
     eta: float = _arg("lambda_eta")
     band: float = _arg("lambda_band")
     step_max: float = _arg("lambda_step_max")
@@ -89,7 +104,7 @@ class ControllerSettings:
 
     def __post_init__(self) -> None:
         checks = {
-            "update_freq": self.update_freq >= 1,
+            "update_freq": self.update_freq is None or self.update_freq >= 1,
             "eta": math.isfinite(self.eta) and self.eta > 0,
             "band": math.isfinite(self.band) and self.band > 0,
             "step_max": math.isfinite(self.step_max) and self.step_max > 0,
