@@ -9,6 +9,7 @@ things (they should stay).
     python examples/real_model_unlearn.py                          # Harry Potter, 40 steps
     python examples/real_model_unlearn.py --target "The Beatles" --max_steps 20
     python examples/real_model_unlearn.py --model_name_or_path HuggingFaceTB/SmolLM2-135M-Instruct   # online
+    python examples/real_model_unlearn.py --etu_args continuation_skip_top_k=100,lambda_update_freq=25
 
 This is an ordinary `ETUTrainer` run: LoRA r=16 on every linear layer and the output head, the package's ETU
 defaults otherwise (epsilon 0.05, per-position lambda, adaptive controller, forbidden words chosen from the forget
@@ -39,7 +40,18 @@ def main() -> None:
     parser.add_argument("--max_steps", type=int, default=40)
     parser.add_argument("--epsilon", type=float, default=0.05)
     parser.add_argument("--probes", type=int, default=4, help="probes shown per group")
+    parser.add_argument(
+        "--etu_args",
+        default="",
+        help="other ETUTrainingArguments as name=value,... (as for `etu-hf compare --etu_args`)",
+    )
     args = parser.parse_args()
+    from etu_hf.compare.settings import parse_etu_args
+
+    try:
+        extra = parse_etu_args(args.etu_args, owner=parser.prog)
+    except ValueError as e:
+        parser.error(str(e))
     if os.path.exists(os.path.join(args.output_dir, "adapter_config.json")):
         parser.error(f"--output_dir {args.output_dir!r} holds a previous run; choose another folder")
 
@@ -80,6 +92,7 @@ def main() -> None:
             logging_steps=10,
             save_strategy="no",
             report_to="none",
+            **extra,
         ),
         train_dataset=forget,
         retain_dataset=retain,

@@ -62,10 +62,11 @@ def _convert(name: str, text: str, hint: Any) -> object:
     raise ValueError(f"--etu_args: {name} cannot be set from the command line of compare (type {hint})")
 
 
-def parse_etu_args(value: str) -> dict[str, object]:
+def parse_etu_args(value: str, owner: str = "compare") -> dict[str, object]:
     """``"a=1,b=true"`` -> ``{"a": 1, "b": True}``, each name an ``ETUTrainingArguments`` field and each value
     converted to that field's type; ``ValueError`` naming ``--etu_args`` and the fix otherwise. The comparison's
-    own budget (steps, batch, learning rate, epsilon, seed, LoRA, retain term) has its own flags and is refused."""
+    own budget (steps, batch, learning rate, epsilon, seed, LoRA, retain term) has its own flags and is refused;
+    ``owner`` names the program whose flags those are in that message."""
     if not value.strip():
         return {}
     from etu_hf.training.config import ETUTrainingArguments
@@ -80,7 +81,7 @@ def parse_etu_args(value: str) -> dict[str, object]:
         if name not in hints:
             raise ValueError(f"--etu_args: {name!r} is not an ETUTrainingArguments field (see etu-hf unlearn --help)")
         if name in _RESERVED_ETU_ARGS:
-            raise ValueError(f"--etu_args: {name} is set by compare for every run; use compare's own flag instead")
+            raise ValueError(f"--etu_args: {name} is set by {owner} for every run; use {owner}'s own flag instead")
         out[name] = _convert(name, text, hints[name])
     return out
 
