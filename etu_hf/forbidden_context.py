@@ -187,20 +187,6 @@ def common_word_test(tokenizer: Any, vocab_size: int, common_rank: float) -> Any
     return common
 
 
-#: ``continuation_skip_top_k=None``: the 1000 most frequent retain tokens, at most a tenth of the vocabulary.
-DEFAULT_SKIP_TOP_K = 1000
-DEFAULT_SKIP_VOCAB_SHARE = 0.1
-
-
-def default_skip_top_k(vocab_size: int) -> int:
-    """The default number of common retain tokens never forbidden as a continuation: ``min(1000, |V| // 10)``.
-
-    1000 on a real tokenizer (SmolLM2's 49,152 pieces: everyday words such as ``written``, ``series``, ``British``
-    are left to the language; measured in BENCHMARKS.md); a tenth of a small vocabulary, where 1000 pieces would
-    be nearly all of them and no continuation would stay informative (the built-in benchmark's 1,024)."""
-    return min(DEFAULT_SKIP_TOP_K, int(vocab_size * DEFAULT_SKIP_VOCAB_SHARE))
-
-
 def continuation_skip_ids(
     retain: Iterable[Any] | None, tokenizer: Any, vocab_size: int, top_k: int, common_rank: float = DEFAULT_COMMON_RANK
 ) -> list[int]:

@@ -298,16 +298,9 @@ def test_defaults_without_retain_data_or_processing_class(model, tokenizer, corp
         )
     fs = trainer.forbidden_set
     assert fs.ids == [] and fs.continuations is not None and fs.parameters["coverage"] > 0.2
-    assert fs.continuations["skip_top_k"] == fs.vocab_size // 10  # the default on a small vocabulary, recorded
+    assert fs.continuations["skip_top_k"] == 100  # the default, recorded
     # a given V_S gets no continuations unless asked for
     given = ETUTrainer(
         model=model, args=args, train_dataset=corpora["forget"], processing_class=tokenizer, forbidden_set=[5, 6]
     )
     assert given.forbidden_set.ids == [5, 6] and given.forbidden_set.continuations is None
-
-
-def test_default_skip_list_size_scales_down_with_small_vocabularies():
-    from etu_hf.forbidden_context import default_skip_top_k
-
-    # min(1000, |V| // 10): 1000 on real tokenizers, a tenth of a small vocabulary (1000 of 1,024 would be all)
-    assert [default_skip_top_k(v) for v in (49_152, 128_256, 10_000, 2048, 1024, 5)] == [1000, 1000, 1000, 204, 102, 0]

@@ -72,17 +72,16 @@ class ETUTrainingArguments(SecretFreeArguments, TrainingArguments):
         forbidden_words (`str` or `None`, *optional*, defaults to `None`):
             Words method: a UTF-8 file of words to forbid, one per line, merged with the scored words.
         forbid_continuations (`bool` or `None`, *optional*, defaults to `None`),
-        continuation_skip_top_k (`int` or `None`, *optional*, defaults to `None`):
+        continuation_skip_top_k (`int`, *optional*, defaults to `100`):
             Also forbid, at each forget position, the text's own next token when it is informative: it holds
             a letter, is not a special token and is not among the `continuation_skip_top_k` most frequent
             retain tokens, or without retain data among the first `word_common_rank * |V|` ids (for knowledge
             not carried by distinctive words). Its certificate is on held-out forget text.
             `forbid_continuations=None`: on when etu-hf builds V_S with `vs_method="words"` (the default), off
             for a V_S you give (`forbidden_set=`, `--forbidden_ids_path`) or a piece-level method.
-            `continuation_skip_top_k=None`: `min(1000, |V| // 10)`. 1000 on a real tokenizer leaves everyday
-            words such as `written`, `series`, `British` to the language (on SmolLM2 it kept the topic probes
-            and lowered the held-out mass the certificate measures, BENCHMARKS.md); on a small vocabulary 1000
-            pieces would be nearly all of it, hence the tenth.
+            A larger list (1000 on SmolLM2) certified better but moved the forbidden piece of a word whose
+            first piece is common into its spelling (` St` + `arr`: Ringo Starr stayed known); see
+            BENCHMARKS.md.
         continuation_per_word (`bool`, *optional*, defaults to `True`):
             Forbidden continuations: only the first informative piece of each word of the text is forbidden
             (a piece continues a word when it starts with a letter or digit with no space marker and the piece
@@ -259,12 +258,9 @@ class ETUTrainingArguments(SecretFreeArguments, TrainingArguments):
             "vs_method 'words', off for a given V_S or a piece-level method."
         },
     )
-    continuation_skip_top_k: int | None = field(
-        default=None,
-        metadata={
-            "help": "Forbidden continuations: never forbid the K most frequent tokens of the retain text "
-            "(default: min(1000, vocabulary size // 10))."
-        },
+    continuation_skip_top_k: int = field(
+        default=100,
+        metadata={"help": "Forbidden continuations: never forbid the K most frequent tokens of the retain text."},
     )
     continuation_per_word: bool = field(
         default=True,

@@ -55,7 +55,7 @@ def check_etu_arguments(args: Any) -> None:
             fail("forbidden_words", "needs --vs_method words (the words are merged with the scored words)")
         if not os.path.isfile(args.forbidden_words):
             fail("forbidden_words", "no such file; give a text file with one word per line")
-    if args.continuation_skip_top_k is not None and args.continuation_skip_top_k < 0:
+    if args.continuation_skip_top_k < 0:
         fail("continuation_skip_top_k", "must be >= 0")
     if not 0.0 < args.vs_freq_rate <= 1.0:
         fail("vs_freq_rate", "must be in (0, 1]")

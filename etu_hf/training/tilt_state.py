@@ -30,7 +30,6 @@ from etu_hf.data.words import read_forbidden_words
 from etu_hf.forbidden_context import (
     build_word_forbidden_set,
     continuation_skip_ids,
-    default_skip_top_k,
     forbidden_coverage,
     warn_low_coverage,
     word_boundary_ids,
@@ -297,7 +296,7 @@ def forbidden_set_for_run(
                 "forbid_continuations (on by default with vs_method='words') needs the tokenizer to tell informative "
                 "tokens: pass processing_class=tokenizer, or set forbid_continuations=False"
             )
-        top_k = default_skip_top_k(vocab_size) if args.continuation_skip_top_k is None else args.continuation_skip_top_k
+        top_k = args.continuation_skip_top_k
         skip = continuation_skip_ids(batches(retain), tok, vocab_size, top_k, args.word_common_rank)
         boundaries = word_boundary_ids(tok, vocab_size) if args.continuation_per_word else None
         fs.with_continuations(skip, top_k, boundaries)
