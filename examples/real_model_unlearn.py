@@ -9,7 +9,7 @@ things (they should stay).
     python examples/real_model_unlearn.py                          # Harry Potter, 40 steps
     python examples/real_model_unlearn.py --target "The Beatles" --max_steps 20
     python examples/real_model_unlearn.py --model_name_or_path HuggingFaceTB/SmolLM2-135M-Instruct   # online
-    python examples/real_model_unlearn.py --etu_args continuation_skip_top_k=100,lambda_update_freq=25
+    python examples/real_model_unlearn.py --etu_args lambda_update_freq=25   # other ETU settings
 
 This is an ordinary `ETUTrainer` run: LoRA r=16 on every linear layer and the output head, the package's ETU
 defaults otherwise (epsilon 0.05, per-position lambda, adaptive controller, forbidden words chosen from the forget

@@ -30,6 +30,8 @@ from etu_hf.evaluation.measures import TiltStatistics
 from etu_hf.evaluation.plots import load_pyplot
 from etu_hf.training.config import ETUTrainingArguments
 from etu_hf.training.controller_rule import (
+    AUTO_MAX_PERIOD,
+    AUTO_UPDATES,
     ControllerSettings,
     ControllerState,
     HeldoutMeasurement,
@@ -166,9 +168,11 @@ class AdaptiveLambdaCallback(TrainerCallback):
         if self.settings.update_freq is None:  # lambda_update_freq=None: from the step budget
             self.settings.update_freq = auto_update_freq(state.max_steps)
             logger.info(
-                "[lambda-update] the controller measures every %d steps (lambda_update_freq: min(25, ceil(%d / 8)))",
+                "[lambda-update] the controller measures every %d steps (lambda_update_freq: min(%d, ceil(%d / %d)))",
                 self.settings.update_freq,
+                AUTO_MAX_PERIOD,
                 state.max_steps,
+                AUTO_UPDATES,
             )
         if self.probe is None:
             raise ValueError(

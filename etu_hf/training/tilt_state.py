@@ -296,10 +296,11 @@ def forbidden_set_for_run(
                 "forbid_continuations (on by default with vs_method='words') needs the tokenizer to tell informative "
                 "tokens: pass processing_class=tokenizer, or set forbid_continuations=False"
             )
-        top_k = args.continuation_skip_top_k
-        skip = continuation_skip_ids(batches(retain), tok, vocab_size, top_k, args.word_common_rank)
+        skip = continuation_skip_ids(
+            batches(retain), tok, vocab_size, args.continuation_skip_top_k, args.word_common_rank
+        )
         boundaries = word_boundary_ids(tok, vocab_size) if args.continuation_per_word else None
-        fs.with_continuations(skip, top_k, boundaries)
+        fs.with_continuations(skip, args.continuation_skip_top_k, boundaries)
     if forget is not None:
         coverage = forbidden_coverage(fs, batches(forget))
         fs.parameters["coverage"] = coverage
