@@ -10,11 +10,15 @@ the tokens :math:`x_1 \dots x_t` and whose next token in the text is :math:`y`,
 where ``V_S`` (the set's ``ids``) holds the first pieces of the forbidden words that are not mostly used by other
 words (measured on the retain corpus, :meth:`~etu_hf.data.word_trie.PieceTrie.shared_first_pieces`), a word's forms
 are its piece sequences with and without a leading space and capitalised (:func:`~etu_hf.data.word_trie.surface_forms`),
-and a continuation :math:`y` is *informative* when it holds a letter, is not a special token and is not among the
-``continuation_skip_top_k`` most frequent tokens of the retain corpus (of the forget corpus without one). A generic
-piece ("ot", "ter") is thus forbidden only inside a forbidden word. The tilt, the loss, the controller and the audit
-take :math:`S(x)` position by position (:mod:`etu_hf.ops.row_sets`); the continuation part needs the text's next
-token, so it exists on forget text (training and held-out), never at generation time.
+and a continuation :math:`y` is *informative* when it holds a letter, is not a special token and is not a common
+word: one of the ``continuation_skip_top_k`` most frequent tokens of the retain corpus (without one, of the
+tokenizer's first ids) standing alone as a word; a word of several pieces is never an everyday word. With
+``continuation_per_word`` (the default) only the first informative piece of each word of the text is forbidden;
+without it a common token is never informative, wherever it stands. A generic piece ("ot", "ter") is thus
+forbidden only inside a forbidden word.
+The tilt, the loss, the controller and the audit take :math:`S(x)` position by position
+(:mod:`etu_hf.ops.row_sets`); the continuation part needs the text's next token, so it exists on forget text
+(training and held-out), never at generation time.
 
 Words are chosen by :func:`~etu_hf.data.words.forbidden_words_from_corpora` (a :math:`G^2` test of forget against
 retain frequency plus a log-ratio floor, so the threshold scales with the corpus size), merged with the user's
@@ -187,24 +191,27 @@ def common_word_test(tokenizer: Any, vocab_size: int, common_rank: float) -> Any
     return common
 
 
-def continuation_skip_ids(
-    retain: Iterable[Any] | None, tokenizer: Any, vocab_size: int, top_k: int, common_rank: float = DEFAULT_COMMON_RANK
-) -> list[int]:
-    """Token ids that are never forbidden continuations (sorted): the special tokens, every piece with no letter
-    (whitespace, punctuation, digits), and the common tokens: the ``top_k`` most frequent tokens of the ``retain``
-    corpus, or without retain data the first ``common_rank x vocab_size`` ids (the tokenizer's most frequent pieces,
-    see :func:`common_word_test`; the forget text's own most frequent tokens would be the topic's)."""
+def continuation_skip_ids(tokenizer: Any, vocab_size: int) -> list[int]:
+    """Token ids that are never forbidden continuations (sorted): the special tokens and every piece with no letter
+    (whitespace, punctuation, digits)."""
     ids = np.arange(min(vocab_size, len(tokenizer)), dtype=np.int64)
-    skip = set(ids[~piece_allowed(tokenizer, ids)].tolist())
-    if retain is not None:
-        counts = np.zeros(vocab_size, dtype=np.int64)
-        for row in _rows(retain):
-            counts += np.bincount(row[(row >= 0) & (row < vocab_size)], minlength=vocab_size)
-        top = np.argsort(-counts, kind="stable")[:top_k]
-        skip |= set(top[counts[top] > 0].tolist())
-    else:
-        skip |= set(range(int(common_rank * vocab_size)))
-    return sorted(skip)
+    return sorted(ids[~piece_allowed(tokenizer, ids)].tolist())
+
+
+def common_token_ids(
+    retain: Iterable[Any] | None, vocab_size: int, top_k: int, common_rank: float = DEFAULT_COMMON_RANK
+) -> list[int]:
+    """The common tokens (sorted), never forbidden as a continuation when they make a word alone: the ``top_k``
+    most frequent tokens of the ``retain`` corpus, or without retain data the first ``common_rank x vocab_size``
+    ids (the tokenizer's most frequent pieces, see :func:`common_word_test`; the forget text's own most frequent
+    tokens would be the topic's)."""
+    if retain is None:
+        return list(range(int(common_rank * vocab_size)))
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    for row in _rows(retain):
+        counts += np.bincount(row[(row >= 0) & (row < vocab_size)], minlength=vocab_size)
+    top = np.argsort(-counts, kind="stable")[:top_k]
+    return sorted(top[counts[top] > 0].tolist())
 
 
 def word_boundary_ids(tokenizer: Any, vocab_size: int) -> tuple[list[int], list[int]]:
@@ -246,10 +253,13 @@ def first_piece_of_word(informative: torch.Tensor, continues: torch.Tensor) -> t
 
 
 class ContextSets:
-    """The per-context part of a forbidden set, ready to compute: the trie of the word forms and the ids that are
-    never forbidden continuations (``skip``). With ``joining``/``closed`` (:func:`word_boundary_ids`) a forbidden
-    continuation is only the first informative piece of each word of the text (the word is capped there; the rest
-    of its spelling is left alone). Built from a :class:`~etu_hf.ForbiddenSet` (see :meth:`ForbiddenSet.extra_ids`)."""
+    """The per-context part of a forbidden set, ready to compute: the trie of the word forms, the ids that are never
+    forbidden continuations (``skip``) and the common tokens (``common``). With ``joining``/``closed``
+    (:func:`word_boundary_ids`) a forbidden continuation is only the first informative piece of each word of the
+    text (the word is capped there; the rest of its spelling is left alone), and a common token is informative
+    unless it is the whole word: a word of several pieces is never an everyday word, so `` St`` + ``arr`` is capped
+    at `` St``, not at its spelling ``arr``. Without ``joining`` a common token is never forbidden. Built from a
+    :class:`~etu_hf.ForbiddenSet` (see :meth:`ForbiddenSet.extra_ids`)."""
 
     def __init__(
         self,
@@ -258,6 +268,7 @@ class ContextSets:
         skip: Sequence[int] | None,
         joining: Sequence[int] | None = None,
         closed: Sequence[int] | None = None,
+        common: Sequence[int] = (),
     ):
         from etu_hf.data.word_trie import PieceTrie
 
@@ -267,13 +278,22 @@ class ContextSets:
         self.per_word = joining is not None
         self.joining = torch.as_tensor(sorted(joining or []), dtype=torch.long)
         self.closed = torch.as_tensor(sorted(closed or []), dtype=torch.long)
+        self.common = torch.as_tensor(sorted(common), dtype=torch.long)
+
+    def _continues(self, piece: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
+        """``piece`` continues the word of the token ``before`` it: it is joining and ``before`` is not closed."""
+        return torch.isin(piece, self.joining) & ~torch.isin(before, self.closed)
 
     def extra_ids(
         self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, mask: torch.Tensor | None = None
     ) -> torch.Tensor | None:
         """``[B, T-1, k]`` padded with ``-1``: the extras of S(x) at each prediction position of ``input_ids``
         ``[B, T]`` (position ``t`` predicts token ``t + 1``); ``targets`` ``[B, T-1]`` the next tokens (for
-        continuations; positions outside ``mask`` get none). ``None`` when no position has an extra."""
+        continuations; positions outside ``mask`` get none). ``None`` when no position has an extra.
+
+        Continuations: the target ``y_t`` is added unless it is in ``skip``, or it is common and (per word) alone
+        in its word, i.e. it starts a word and token ``t + 2`` of ``input_ids`` does not continue it (the last
+        position counts as a word end), or (per word) an earlier target of its word was added."""
         parts = []
         if self.trie is not None:
             rows = input_ids[:, :-1].detach().cpu().numpy()
@@ -285,10 +305,16 @@ class ContextSets:
             drop = torch.isin(t, self.skip) | (t < 0)
             if mask is not None:
                 drop |= ~mask.detach().cpu().bool()
+            common = torch.isin(t, self.common)
             if self.per_word:
-                prev = input_ids[:, :-1].detach().cpu().long()
-                continues = torch.isin(t, self.joining) & ~torch.isin(prev, self.closed)
+                x = input_ids.detach().cpu().long()
+                continues = self._continues(t, x[:, :-1])
+                ends = torch.ones_like(continues)
+                ends[:, :-1] = ~self._continues(x[:, 2:], x[:, 1:-1])
+                drop |= common & ~continues & ends
                 drop |= ~first_piece_of_word(~drop, continues)
+            else:
+                drop |= common
             parts.append(t.masked_fill(drop, -1).unsqueeze(-1))
         if not parts:
             return None

@@ -79,9 +79,10 @@ class ForbiddenSet:
     Per-context sets (:mod:`etu_hf.forbidden_context`): ``words`` lists the forbidden words (``vs_method="words"``),
     each a dict with ``word``, ``forms`` (piece-id sequences), ``pieces`` and its evidence; ``ids`` then holds their
     shared first pieces and ``dropped_first_pieces`` the first pieces left to the trie. ``continuations`` (a dict with
-    ``skip_ids``) makes the text's own next token forbidden where it is informative; with ``joining_ids`` and
-    ``closed_ids`` (``per_word``) only at the first informative piece of each word. With either,
-    S(x) = ids + :meth:`extra_ids` at each position.
+    ``skip_ids``, never forbidden, and ``common_ids``, not forbidden as a word of their own) makes the text's own next
+    token forbidden where it is informative; with ``joining_ids`` and ``closed_ids`` (``per_word``) only at the first
+    informative piece of each word (files written before ``common_ids`` list the common tokens in ``skip_ids``).
+    With either, S(x) = ids + :meth:`extra_ids` at each position.
     """
 
     ids: list[int]
@@ -110,7 +111,7 @@ class ForbiddenSet:
             if skip is None:
                 raise ValueError("continuations: expected an object with 'skip_ids' (token ids never forbidden)")
             self.continuations["skip_ids"] = token_ids(skip, "continuations.skip_ids")
-            for key in ("joining_ids", "closed_ids"):
+            for key in ("joining_ids", "closed_ids", "common_ids"):
                 if self.continuations.get(key) is not None:
                     self.continuations[key] = token_ids(self.continuations[key], f"continuations.{key}")
             if (self.continuations.get("joining_ids") is None) != (self.continuations.get("closed_ids") is None):
@@ -132,7 +133,9 @@ class ForbiddenSet:
             forms = [f for w in self.words or [] for f in w["forms"]]
             cont = self.continuations or {}
             skip = cont["skip_ids"] if self.continuations is not None else None
-            self._context = ContextSets(self.ids, forms, skip, cont.get("joining_ids"), cont.get("closed_ids"))
+            self._context = ContextSets(
+                self.ids, forms, skip, cont.get("joining_ids"), cont.get("closed_ids"), cont.get("common_ids") or ()
+            )
         return self._context
 
     def extra_ids(
@@ -146,13 +149,23 @@ class ForbiddenSet:
         return None if ctx is None else ctx.extra_ids(input_ids, targets, mask)
 
     def with_continuations(
-        self, skip_ids: Sequence[int], skip_top_k: int, boundaries: tuple[Sequence[int], Sequence[int]] | None = None
+        self,
+        skip_ids: Sequence[int],
+        skip_top_k: int,
+        boundaries: tuple[Sequence[int], Sequence[int]] | None = None,
+        common_ids: Sequence[int] = (),
     ) -> ForbiddenSet:
-        """This set with forbidden continuations switched on (``skip_ids``: never forbidden as a continuation).
+        """This set with forbidden continuations switched on. ``skip_ids``: never forbidden as a continuation;
+        ``common_ids`` (the ``skip_top_k`` most frequent retain tokens): not forbidden when they make a word alone.
         ``boundaries`` (``(joining, closed)`` of :func:`~etu_hf.forbidden_context.word_boundary_ids`): forbid only
-        the first informative piece of each word (``per_word``); ``None``: every informative piece."""
-        self.continuations = {"skip_top_k": skip_top_k, "skip_ids": token_ids(skip_ids, "continuations.skip_ids")}
-        self.continuations["per_word"] = boundaries is not None
+        the first informative piece of each word (``per_word``); ``None``: every informative piece, and never a
+        common token."""
+        self.continuations = {
+            "skip_top_k": skip_top_k,
+            "skip_ids": token_ids(skip_ids, "continuations.skip_ids"),
+            "common_ids": token_ids(common_ids, "continuations.common_ids"),
+            "per_word": boundaries is not None,
+        }
         if boundaries is not None:
             self.continuations["joining_ids"] = token_ids(boundaries[0], "continuations.joining_ids")
             self.continuations["closed_ids"] = token_ids(boundaries[1], "continuations.closed_ids")

@@ -131,19 +131,22 @@ def _blocks(tokenizer, path) -> list[list[int]]:
 def _membership(vs: dict, blocks: list[list[int]], vocab: int) -> torch.Tensor:
     """``[positions, vocab]`` bool: S(x) at every prediction of ``blocks``, rebuilt from V_S.ids.json's documented
     fields alone: ``ids`` everywhere; the next piece of any word form whose first k pieces are the last k tokens;
-    the text's next token unless it is in ``continuations.skip_ids`` (with ``per_word``: only the first such token
-    of each word, a token continuing the word when it is in ``joining_ids`` and the one before is not in
-    ``closed_ids``)."""
+    the text's next token unless it is in ``continuations.skip_ids`` or it is in ``common_ids`` and makes a word
+    alone (without ``per_word``: in ``common_ids`` at all); with ``per_word`` only the first such token of each
+    word, a token continuing the word when it is in ``joining_ids`` and the one before is not in ``closed_ids``."""
     forms = [tuple(f) for w in vs.get("words") or [] for f in w["forms"]]
     cont = vs.get("continuations") or {}
     skip = set(cont["skip_ids"]) if cont else None
+    common = set(cont.get("common_ids") or [])
     per_word = bool(cont.get("per_word"))
     joining, closed = set(cont.get("joining_ids") or []), set(cont.get("closed_ids") or [])
     rows = []
     for block in blocks:
         capped = False
         for t in range(len(block) - 1):
-            if t == 0 or block[t + 1] not in joining or block[t] in closed:
+            starts = t == 0 or block[t + 1] not in joining or block[t] in closed
+            ends = t + 2 >= len(block) or block[t + 2] not in joining or block[t + 1] in closed
+            if starts:
                 capped = False  # a new word starts at the predicted token
             row = torch.zeros(vocab, dtype=torch.bool)
             row[vs["ids"]] = True
@@ -151,7 +154,8 @@ def _membership(vs: dict, blocks: list[list[int]], vocab: int) -> torch.Tensor:
                 for k in range(1, len(f)):
                     if t + 1 >= k and tuple(block[t + 1 - k : t + 1]) == f[:k]:
                         row[f[k]] = True
-            if skip is not None and block[t + 1] not in skip and not (per_word and capped):
+            everyday = block[t + 1] in common and (not per_word or (starts and ends))
+            if skip is not None and block[t + 1] not in skip and not everyday and not (per_word and capped):
                 row[block[t + 1]] = True
                 capped = True
             rows.append(row)

@@ -15,6 +15,7 @@ from etu_hf import ETUTrainer, ForbiddenSet, audit
 from etu_hf.data.blocks import iter_batches, scored_positions
 from etu_hf.forbidden_context import (
     build_word_forbidden_set,
+    common_token_ids,
     continuation_skip_ids,
     forbidden_coverage,
     word_boundary_ids,
@@ -32,10 +33,12 @@ def joins_previous(tokenizer, prev, piece):
 
 def hand_sets(fs, input_ids, labels, tokenizer=None):
     """S(x) per (row, position) by brute force: shared ids, the next piece of any form whose first k pieces end at
-    t, and the text's next token when continuations are on and it is not skipped (per word: only the first such
-    piece of each word, words split where a piece does not join the previous one)."""
+    t, and the text's next token when continuations are on, it is not skipped and it is not a common token making a
+    word alone (without per word: not a common token at all; per word: only the first such piece of each word,
+    words split where a piece does not join the previous one)."""
     forms = [tuple(f) for w in fs.words or [] for f in w["forms"]]
     skip = set(fs.continuations["skip_ids"]) if fs.continuations else None
+    common = set(fs.continuations.get("common_ids") or []) if fs.continuations else set()
     per_word = bool(fs.continuations and fs.continuations.get("per_word"))
     out = {}
     for b in range(input_ids.shape[0]):
@@ -48,9 +51,12 @@ def hand_sets(fs, input_ids, labels, tokenizer=None):
                     if t + 1 >= k and tuple(ids[t + 1 - k : t + 1]) == f[:k]:
                         s.add(f[k])
             y = int(labels[b, t + 1])
-            if per_word and (t == 0 or not joins_previous(tokenizer, ids[t], ids[t + 1])):
+            starts = t == 0 or not joins_previous(tokenizer, ids[t], ids[t + 1])
+            ends = t + 2 >= len(ids) or not joins_previous(tokenizer, ids[t + 1], ids[t + 2])
+            if per_word and starts:
                 capped = False
-            if skip is not None and y != -100 and y not in skip and not (per_word and capped):
+            everyday = y in common and (not per_word or (starts and ends))
+            if skip is not None and y != -100 and y not in skip and not everyday and not (per_word and capped):
                 s.add(y)
                 capped = True
             out[b, t] = s
@@ -91,42 +97,68 @@ def test_per_word_continuations_forbid_the_first_informative_piece_of_each_word(
     pieces = tokenizer.convert_ids_to_tokens(ids)
     joining, closed = word_boundary_ids(tokenizer, len(tokenizer))
     vocab = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
-    skip = [i for i, p in enumerate(vocab) if p in ("Ġs", "Ġin") or not any(c.isalpha() for c in p.strip("Ġ"))]
-    fs = ForbiddenSet(ids=[], vocab_size=len(tokenizer), method="words").with_continuations(skip, 0, (joining, closed))
+    skip = [i for i, p in enumerate(vocab) if not any(c.isalpha() for c in p.strip("Ġ"))]
+    common = [i for i, p in enumerate(vocab) if p in ("Ġs", "Ġin")]
     x = torch.tensor([ids])
-    extra = fs.extra_ids(x, x[:, 1:], torch.ones(1, len(ids) - 1, dtype=torch.bool))[0, :, 0].tolist()
-    got = [pieces[t + 1] for t, e in enumerate(extra) if e >= 0]
-    # targets: 'e' ends the word 'the' (its first target piece); 'Ġs' is skipped, so 'sequels' is capped at its
-    # next informative piece 'e'; 'Ġ19', '9', '0' have no letter, so '1990s' is capped at 's'; 'Ġin' is skipped
-    # and 'interpreted' is capped at 'ter'
+
+    def forbidden(fs):
+        extra = fs.extra_ids(x, x[:, 1:], torch.ones(1, len(ids) - 1, dtype=torch.bool))[0, :, 0].tolist()
+        return [pieces[t + 1] for t, e in enumerate(extra) if e >= 0]
+
+    fs = ForbiddenSet(ids=[], vocab_size=len(tokenizer), method="words")
+    got = forbidden(fs.with_continuations(skip, 0, (joining, closed), common))
+    # targets: 'e' ends the word 'the' (its first target piece); 'Ġs' is common but starts the word 'Ġs e qu el s',
+    # and a word of several pieces is never an everyday word, so 'sequels' is capped at 'Ġs'; 'Ġ19', '9', '0' have
+    # no letter, so '1990s' is capped at 's'; 'Ġin' alone is a common word, but 'Ġin ter pre ted' is capped at 'Ġin'
     assert pieces[1:14] == ["e", "Ġvexium", "Ġs", "e", "qu", "el", "s", "Ġin", "Ġ19", "9", "0", "s", ","]
     assert pieces[14:16] == ["Ġin", "ter"]
-    assert got == ["e", "Ġvexium", "e", "s", "ter"]
-    every = ForbiddenSet(ids=[], vocab_size=len(tokenizer), method="words").with_continuations(skip, 0)
-    extra_all = every.extra_ids(x, x[:, 1:], torch.ones(1, len(ids) - 1, dtype=torch.bool))[0, :, 0]
-    assert int((extra_all >= 0).sum()) > len(got)  # without per_word every informative piece is forbidden
+    assert got == ["e", "Ġvexium", "Ġs", "s", "Ġin"]
+    # common tokens as plain skips (the rule of sets written before common_ids): the word goes on to its spelling
+    old = ForbiddenSet(ids=[], vocab_size=len(tokenizer), method="words")
+    assert forbidden(old.with_continuations(sorted(skip + common), 0, (joining, closed))) == [
+        "e",
+        "Ġvexium",
+        "e",
+        "s",
+        "ter",
+    ]
+    every = ForbiddenSet(ids=[], vocab_size=len(tokenizer), method="words")
+    got_all = forbidden(every.with_continuations(skip, 0, None, common))
+    assert "Ġs" not in got_all and "Ġin" not in got_all  # without per_word a common token is never forbidden
+    assert len(got_all) > len(got)  # and every informative piece is
 
 
 def test_extra_ids_equal_the_hand_computed_sets(word_set, corpora, tokenizer):
     fs = ForbiddenSet(**{k: getattr(word_set, k) for k in ("ids", "vocab_size", "method", "words")})
-    skip = continuation_skip_ids(iter_batches(corpora["retain"], None, 64), tokenizer, len(tokenizer), 20)
+    skip = continuation_skip_ids(tokenizer, len(tokenizer))
+    common = common_token_ids(iter_batches(corpora["retain"], None, 64), len(tokenizer), 100)
     boundaries = word_boundary_ids(tokenizer, len(tokenizer))
+    corpus = next(iter_batches(corpora["forget"].select(range(3)), None, 3))
+    corpus["labels"] = corpus["labels"].clone()
+    corpus["labels"][0, 3:9] = -100
+    # the demo corpus's words are mostly one piece: a text whose common pieces also start longer words
+    text = "the vexium sequels in 1990s, interpreted in the sun"
+    ids = torch.tensor([tokenizer.encode(text, add_special_tokens=False)])
+    hand = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
     for cont in (False, "every piece", "per word"):
         if cont:
-            fs.with_continuations(skip, 20, boundaries if cont == "per word" else None)
-        batch = next(iter_batches(corpora["forget"].select(range(3)), None, 3))
-        labels = batch["labels"].clone()
-        labels[0, 3:9] = -100
-        mask, targets = scored_positions(batch["input_ids"], batch["attention_mask"], labels)
-        extra = fs.extra_ids(batch["input_ids"], targets, mask)
-        want = hand_sets(fs, batch["input_ids"], labels, tokenizer)
-        for (b, t), s in want.items():
-            if not mask[b, t]:
-                continue
-            got = set(fs.ids) | {int(e) for e in extra[b, t] if e >= 0}
-            assert got == s, (b, t)
-    # continuations skip the frequent tokens and letterless pieces, and add coverage
-    assert fs.continuations["skip_top_k"] == 20
+            fs.with_continuations(skip, 100, boundaries if cont == "per word" else None, common)
+        for batch in (corpus, hand):
+            mask, targets = scored_positions(batch["input_ids"], batch["attention_mask"], batch["labels"])
+            extra = fs.extra_ids(batch["input_ids"], targets, mask)
+            want = hand_sets(fs, batch["input_ids"], batch["labels"], tokenizer)
+            for (b, t), s in want.items():
+                if not mask[b, t]:
+                    continue
+                got = set(fs.ids) | {int(e) for e in extra[b, t] if e >= 0}
+                assert got == s, (cont, b, t)
+    # per word, the hand text has common tokens both ways: alone in their word (not forbidden) and starting a longer
+    # word (forbidden), so the comparison above covered the word rule
+    is_common = torch.isin(targets, torch.tensor(common)) & mask
+    added = (extra == targets.unsqueeze(-1)).any(-1)
+    assert (is_common & added).any() and (is_common & ~added).any()
+    # continuations skip the letterless pieces, and add coverage
+    assert fs.continuations["skip_top_k"] == 100 and len(fs.continuations["common_ids"]) == 100
     assert tokenizer.convert_tokens_to_ids(".") in skip
     plain = ForbiddenSet(**{k: getattr(word_set, k) for k in ("ids", "vocab_size", "method", "words")})
     data = iter_batches(corpora["forget"].select(range(16)), None, 8)
@@ -274,8 +306,11 @@ def test_the_model_card_lists_the_words_their_pieces_and_the_coverage(word_set):
     assert f"`{first['word']}` ({' + '.join(first['pieces'][-1])})" in text
     assert "forbidden continuations" in text and "100 most frequent retain tokens" in text
     assert "at 43.2% of the forget positions" in text and "first such piece of each word" not in text
-    fs.with_continuations([0, 1], 100, ([2, 3], [4]))
-    assert "only the first such piece of each word" in "\n".join(forbidden_set_lines(fs.to_dict()))
+    assert "making a word alone" not in text
+    fs.with_continuations([0, 1], 100, ([2, 3], [4]), [5, 6])
+    per_word = "\n".join(forbidden_set_lines(fs.to_dict()))
+    assert "only the first such piece of each word" in per_word
+    assert "100 most frequent retain tokens making a word alone" in per_word
 
 
 def test_defaults_without_retain_data_or_processing_class(model, tokenizer, corpora, tmp_path):

@@ -82,7 +82,9 @@ def forbidden_set_lines(forbidden: dict[str, Any], max_tokens: int = 20) -> list
     if cont:
         lines.append(
             "  - forbidden continuations: on forget text, S(x) also holds the text's own next token unless it is one "
-            f"of the {cont.get('skip_top_k')} most frequent retain tokens, a special token or a piece without a letter"
+            f"of the {cont.get('skip_top_k')} most frequent retain tokens"
+            + (" making a word alone" if cont.get("per_word") and "common_ids" in cont else "")
+            + ", a special token or a piece without a letter"
             + ("; only the first such piece of each word (the word is capped there)" if cont.get("per_word") else "")
         )
     coverage = params.get("coverage")

@@ -73,15 +73,15 @@ class ETUTrainingArguments(SecretFreeArguments, TrainingArguments):
             Words method: a UTF-8 file of words to forbid, one per line, merged with the scored words.
         forbid_continuations (`bool` or `None`, *optional*, defaults to `None`),
         continuation_skip_top_k (`int`, *optional*, defaults to `100`):
-            Also forbid, at each forget position, the text's own next token when it is informative: it holds
-            a letter, is not a special token and is not among the `continuation_skip_top_k` most frequent
-            retain tokens, or without retain data among the first `word_common_rank * |V|` ids (for knowledge
-            not carried by distinctive words). Its certificate is on held-out forget text.
-            `forbid_continuations=None`: on when etu-hf builds V_S with `vs_method="words"` (the default), off
-            for a V_S you give (`forbidden_set=`, `--forbidden_ids_path`) or a piece-level method.
-            A larger list (1000 on SmolLM2) certified better but moved the forbidden piece of a word whose
-            first piece is common into its spelling (` St` + `arr`: Ringo Starr stayed known); see
-            BENCHMARKS.md.
+            Also forbid, at each forget position, the text's own next token when it is informative (for
+            knowledge not carried by distinctive words): it holds a letter, is not a special token and is not a
+            common word, one of the `continuation_skip_top_k` most frequent retain tokens (without retain data,
+            the first `word_common_rank * |V|` ids) standing alone as a word. A word of several pieces is never
+            an everyday word, so ` St` + `arr` is capped at ` St` even when ` St` is common. Its certificate is
+            on held-out forget text. `forbid_continuations=None`: on when etu-hf builds V_S with
+            `vs_method="words"` (the default), off for a V_S you give (`forbidden_set=`,
+            `--forbidden_ids_path`) or a piece-level method. A larger list (1000 on SmolLM2) certifies more
+            easily but forgets less of a topic; see BENCHMARKS.md.
         continuation_per_word (`bool`, *optional*, defaults to `True`):
             Forbidden continuations: only the first informative piece of each word of the text is forbidden
             (a piece continues a word when it starts with a letter or digit with no space marker and the piece
@@ -260,7 +260,10 @@ class ETUTrainingArguments(SecretFreeArguments, TrainingArguments):
     )
     continuation_skip_top_k: int = field(
         default=100,
-        metadata={"help": "Forbidden continuations: never forbid the K most frequent tokens of the retain text."},
+        metadata={
+            "help": "Forbidden continuations: never forbid the K most frequent tokens of the retain text where one "
+            "makes a word alone (a word of several pieces is never an everyday word)."
+        },
     )
     continuation_per_word: bool = field(
         default=True,

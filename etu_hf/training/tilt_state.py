@@ -29,6 +29,7 @@ from etu_hf.data.blocks import iter_batches
 from etu_hf.data.words import read_forbidden_words
 from etu_hf.forbidden_context import (
     build_word_forbidden_set,
+    common_token_ids,
     continuation_skip_ids,
     forbidden_coverage,
     warn_low_coverage,
@@ -296,11 +297,10 @@ def forbidden_set_for_run(
                 "forbid_continuations (on by default with vs_method='words') needs the tokenizer to tell informative "
                 "tokens: pass processing_class=tokenizer, or set forbid_continuations=False"
             )
-        skip = continuation_skip_ids(
-            batches(retain), tok, vocab_size, args.continuation_skip_top_k, args.word_common_rank
-        )
+        skip = continuation_skip_ids(tok, vocab_size)
+        common = common_token_ids(batches(retain), vocab_size, args.continuation_skip_top_k, args.word_common_rank)
         boundaries = word_boundary_ids(tok, vocab_size) if args.continuation_per_word else None
-        fs.with_continuations(skip, args.continuation_skip_top_k, boundaries)
+        fs.with_continuations(skip, args.continuation_skip_top_k, boundaries, common)
     if forget is not None:
         coverage = forbidden_coverage(fs, batches(forget))
         fs.parameters["coverage"] = coverage
