@@ -292,8 +292,11 @@ class ContextSets:
         continuations; positions outside ``mask`` get none). ``None`` when no position has an extra.
 
         Continuations: the target ``y_t`` is added unless it is in ``skip``, or it is common and (per word) alone
-        in its word, i.e. it starts a word and token ``t + 2`` of ``input_ids`` does not continue it (the last
-        position counts as a word end), or (per word) an earlier target of its word was added."""
+        in its word, or (per word) an earlier target of its word was added. Words are read from ``input_ids``
+        (masked labels do not split them): token ``t + 1`` continues the word of token ``t`` when it is in
+        ``joining`` and token ``t`` is not in ``closed``; a common token is alone when it does not continue the
+        token before it (known at ``t = 0`` too) and token ``t + 2`` does not continue it (the last position counts
+        as a word end)."""
         parts = []
         if self.trie is not None:
             rows = input_ids[:, :-1].detach().cpu().numpy()
@@ -308,7 +311,7 @@ class ContextSets:
             common = torch.isin(t, self.common)
             if self.per_word:
                 x = input_ids.detach().cpu().long()
-                continues = self._continues(t, x[:, :-1])
+                continues = self._continues(x[:, 1:], x[:, :-1])
                 ends = torch.ones_like(continues)
                 ends[:, :-1] = ~self._continues(x[:, 2:], x[:, 1:-1])
                 drop |= common & ~continues & ends

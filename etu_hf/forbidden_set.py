@@ -154,9 +154,11 @@ class ForbiddenSet:
         skip_top_k: int,
         boundaries: tuple[Sequence[int], Sequence[int]] | None = None,
         common_ids: Sequence[int] = (),
+        common_source: str = "retain",
     ) -> ForbiddenSet:
         """This set with forbidden continuations switched on. ``skip_ids``: never forbidden as a continuation;
-        ``common_ids`` (the ``skip_top_k`` most frequent retain tokens): not forbidden when they make a word alone.
+        ``common_ids`` (the ``skip_top_k`` most frequent retain tokens, or without retain data the tokenizer's first
+        ids; ``common_source`` says which): not forbidden when they make a word alone.
         ``boundaries`` (``(joining, closed)`` of :func:`~etu_hf.forbidden_context.word_boundary_ids`): forbid only
         the first informative piece of each word (``per_word``); ``None``: every informative piece, and never a
         common token."""
@@ -164,6 +166,7 @@ class ForbiddenSet:
             "skip_top_k": skip_top_k,
             "skip_ids": token_ids(skip_ids, "continuations.skip_ids"),
             "common_ids": token_ids(common_ids, "continuations.common_ids"),
+            "common_source": common_source,
             "per_word": boundaries is not None,
         }
         if boundaries is not None:

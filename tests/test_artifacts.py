@@ -144,10 +144,10 @@ def _membership(vs: dict, blocks: list[list[int]], vocab: int) -> torch.Tensor:
     for block in blocks:
         capped = False
         for t in range(len(block) - 1):
-            starts = t == 0 or block[t + 1] not in joining or block[t] in closed
+            starts = block[t + 1] not in joining or block[t] in closed
             ends = t + 2 >= len(block) or block[t + 2] not in joining or block[t + 1] in closed
-            if starts:
-                capped = False  # a new word starts at the predicted token
+            if t == 0 or starts:
+                capped = False  # a new word starts at the predicted token (or none of it was predicted before)
             row = torch.zeros(vocab, dtype=torch.bool)
             row[vs["ids"]] = True
             for f in forms:

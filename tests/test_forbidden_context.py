@@ -51,10 +51,10 @@ def hand_sets(fs, input_ids, labels, tokenizer=None):
                     if t + 1 >= k and tuple(ids[t + 1 - k : t + 1]) == f[:k]:
                         s.add(f[k])
             y = int(labels[b, t + 1])
-            starts = t == 0 or not joins_previous(tokenizer, ids[t], ids[t + 1])
+            starts = not joins_previous(tokenizer, ids[t], ids[t + 1])  # the context's last token is known at t = 0
             ends = t + 2 >= len(ids) or not joins_previous(tokenizer, ids[t + 1], ids[t + 2])
-            if per_word and starts:
-                capped = False
+            if per_word and (t == 0 or starts):
+                capped = False  # nothing of the word was a target before t = 0
             everyday = y in common and (not per_word or (starts and ends))
             if skip is not None and y != -100 and y not in skip and not everyday and not (per_word and capped):
                 s.add(y)
@@ -113,6 +113,9 @@ def test_per_word_continuations_forbid_the_first_informative_piece_of_each_word(
     assert pieces[1:14] == ["e", "Ġvexium", "Ġs", "e", "qu", "el", "s", "Ġin", "Ġ19", "9", "0", "s", ","]
     assert pieces[14:16] == ["Ġin", "ter"]
     assert got == ["e", "Ġvexium", "Ġs", "s", "Ġin"]
+    # a common 'e' is still forbidden at the first target: it continues 'th', the context's last token
+    with_e = ForbiddenSet(ids=[], vocab_size=len(tokenizer), method="words")
+    assert forbidden(with_e.with_continuations(skip, 0, (joining, closed), [*common, ids[1]])) == got
     # common tokens as plain skips (the rule of sets written before common_ids): the word goes on to its spelling
     old = ForbiddenSet(ids=[], vocab_size=len(tokenizer), method="words")
     assert forbidden(old.with_continuations(sorted(skip + common), 0, (joining, closed))) == [
@@ -136,10 +139,15 @@ def test_extra_ids_equal_the_hand_computed_sets(word_set, corpora, tokenizer):
     corpus = next(iter_batches(corpora["forget"].select(range(3)), None, 3))
     corpus["labels"] = corpus["labels"].clone()
     corpus["labels"][0, 3:9] = -100
-    # the demo corpus's words are mostly one piece: a text whose common pieces also start longer words
+    # the demo corpus's words are mostly one piece: a text whose common pieces also start longer words ('Ġs e qu el
+    # s', 'Ġin ter pre ted'), with common pieces inside words ('e' of 'th e', the first target; 'el'), and labels
+    # masked inside a word (row 1: 'qu', which must not split 'sequels'; row 2: 'Ġs')
     text = "the vexium sequels in 1990s, interpreted in the sun"
-    ids = torch.tensor([tokenizer.encode(text, add_special_tokens=False)])
+    ids = torch.tensor([tokenizer.encode(text, add_special_tokens=False)] * 3)
+    assert tokenizer.convert_ids_to_tokens(ids[0, :7].tolist()) == ["th", "e", "Ġvexium", "Ġs", "e", "qu", "el"]
     hand = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    hand["labels"][1, 5] = hand["labels"][2, 3] = -100
+    common = sorted(set(common) | set(tokenizer.convert_tokens_to_ids(["e", "el"])))
     for cont in (False, "every piece", "per word"):
         if cont:
             fs.with_continuations(skip, 100, boundaries if cont == "per word" else None, common)
@@ -158,7 +166,7 @@ def test_extra_ids_equal_the_hand_computed_sets(word_set, corpora, tokenizer):
     added = (extra == targets.unsqueeze(-1)).any(-1)
     assert (is_common & added).any() and (is_common & ~added).any()
     # continuations skip the letterless pieces, and add coverage
-    assert fs.continuations["skip_top_k"] == 100 and len(fs.continuations["common_ids"]) == 100
+    assert fs.continuations["skip_top_k"] == 100 and fs.continuations["common_ids"] == common
     assert tokenizer.convert_tokens_to_ids(".") in skip
     plain = ForbiddenSet(**{k: getattr(word_set, k) for k in ("ids", "vocab_size", "method", "words")})
     data = iter_batches(corpora["forget"].select(range(16)), None, 8)
@@ -311,6 +319,10 @@ def test_the_model_card_lists_the_words_their_pieces_and_the_coverage(word_set):
     per_word = "\n".join(forbidden_set_lines(fs.to_dict()))
     assert "only the first such piece of each word" in per_word
     assert "100 most frequent retain tokens making a word alone" in per_word
+    fs.with_continuations([0, 1], 100, ([2, 3], [4]), [5, 6, 7], "tokenizer")  # no retain data
+    assert "of the tokenizer's first 3 ids (no retain data) making a word alone" in "\n".join(
+        forbidden_set_lines(fs.to_dict())
+    )
 
 
 def test_defaults_without_retain_data_or_processing_class(model, tokenizer, corpora, tmp_path):
@@ -334,6 +346,9 @@ def test_defaults_without_retain_data_or_processing_class(model, tokenizer, corp
     fs = trainer.forbidden_set
     assert fs.ids == [] and fs.continuations is not None and fs.parameters["coverage"] > 0.2
     assert fs.continuations["skip_top_k"] == 100  # the default, recorded
+    # without retain data the common words are the tokenizer's first ids, and the set says so
+    assert fs.continuations["common_source"] == "tokenizer"
+    assert fs.continuations["common_ids"] == list(range(int(0.125 * len(tokenizer))))
     # a given V_S gets no continuations unless asked for
     given = ETUTrainer(
         model=model, args=args, train_dataset=corpora["forget"], processing_class=tokenizer, forbidden_set=[5, 6]

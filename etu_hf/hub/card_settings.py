@@ -82,7 +82,11 @@ def forbidden_set_lines(forbidden: dict[str, Any], max_tokens: int = 20) -> list
     if cont:
         lines.append(
             "  - forbidden continuations: on forget text, S(x) also holds the text's own next token unless it is one "
-            f"of the {cont.get('skip_top_k')} most frequent retain tokens"
+            + (
+                f"of the tokenizer's first {len(cont.get('common_ids') or [])} ids (no retain data)"
+                if cont.get("common_source") == "tokenizer"
+                else f"of the {cont.get('skip_top_k')} most frequent retain tokens"
+            )
             + (" making a word alone" if cont.get("per_word") and "common_ids" in cont else "")
             + ", a special token or a piece without a letter"
             + ("; only the first such piece of each word (the word is capped there)" if cont.get("per_word") else "")

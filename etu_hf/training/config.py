@@ -77,7 +77,8 @@ class ETUTrainingArguments(SecretFreeArguments, TrainingArguments):
             knowledge not carried by distinctive words): it holds a letter, is not a special token and is not a
             common word, one of the `continuation_skip_top_k` most frequent retain tokens (without retain data,
             the first `word_common_rank * |V|` ids) standing alone as a word. A word of several pieces is never
-            an everyday word, so ` St` + `arr` is capped at ` St` even when ` St` is common. Its certificate is
+            an everyday word, so ` St` + `arr` is capped at ` St` even when ` St` is common (with
+            `continuation_per_word=False` a common token is never forbidden). Its certificate is
             on held-out forget text. `forbid_continuations=None`: on when etu-hf builds V_S with
             `vs_method="words"` (the default), off for a V_S you give (`forbidden_set=`,
             `--forbidden_ids_path`) or a piece-level method. A larger list (1000 on SmolLM2) certifies more
@@ -253,8 +254,8 @@ class ETUTrainingArguments(SecretFreeArguments, TrainingArguments):
     forbid_continuations: bool | None = field(
         default=None,
         metadata={
-            "help": "Also forbid the forget text's own next token where it is informative (a letter, not among the "
-            "continuation_skip_top_k most frequent retain tokens). Default: on when V_S is built with "
+            "help": "Also forbid the forget text's own next token where it is informative (a letter, not a common "
+            "word: see continuation_skip_top_k). Default: on when V_S is built with "
             "vs_method 'words', off for a given V_S or a piece-level method."
         },
     )
@@ -262,7 +263,8 @@ class ETUTrainingArguments(SecretFreeArguments, TrainingArguments):
         default=100,
         metadata={
             "help": "Forbidden continuations: never forbid the K most frequent tokens of the retain text where one "
-            "makes a word alone (a word of several pieces is never an everyday word)."
+            "makes a word alone (a word of several pieces is never an everyday word); with "
+            "continuation_per_word false, never forbid them at all."
         },
     )
     continuation_per_word: bool = field(

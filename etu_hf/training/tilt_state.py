@@ -256,7 +256,8 @@ def forbidden_set_for_run(
     elif args.vs_method == "words" and retain is None and not args.forbidden_words and continuations:
         msg = (
             "no retain data: the forget text's words cannot be scored against a background, so S(x) holds only the "
-            "forget text's own informative continuations (skipping its most frequent tokens). Pass retain data "
+            "forget text's own informative continuations (skipping the tokenizer's first word_common_rank x |V| ids "
+            "where one makes a word alone). Pass retain data "
             "(retain_dataset= / --retain_corpora) or --forbidden_words FILE to forbid the topic's words as well."
         )
         warnings.warn(msg, stacklevel=2)
@@ -300,7 +301,8 @@ def forbidden_set_for_run(
         skip = continuation_skip_ids(tok, vocab_size)
         common = common_token_ids(batches(retain), vocab_size, args.continuation_skip_top_k, args.word_common_rank)
         boundaries = word_boundary_ids(tok, vocab_size) if args.continuation_per_word else None
-        fs.with_continuations(skip, args.continuation_skip_top_k, boundaries, common)
+        common_source = "retain" if retain is not None else "tokenizer"
+        fs.with_continuations(skip, args.continuation_skip_top_k, boundaries, common, common_source)
     if forget is not None:
         coverage = forbidden_coverage(fs, batches(forget))
         fs.parameters["coverage"] = coverage
