@@ -280,10 +280,6 @@ class ContextSets:
         self.closed = torch.as_tensor(sorted(closed or []), dtype=torch.long)
         self.common = torch.as_tensor(sorted(common), dtype=torch.long)
 
-    def _continues(self, piece: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
-        """``piece`` continues the word of the token ``before`` it: it is joining and ``before`` is not closed."""
-        return torch.isin(piece, self.joining) & ~torch.isin(before, self.closed)
-
     def extra_ids(
         self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, mask: torch.Tensor | None = None
     ) -> torch.Tensor | None:
@@ -311,9 +307,9 @@ class ContextSets:
             common = torch.isin(t, self.common)
             if self.per_word:
                 x = input_ids.detach().cpu().long()
-                continues = self._continues(x[:, 1:], x[:, :-1])
-                ends = torch.ones_like(continues)
-                ends[:, :-1] = ~self._continues(x[:, 2:], x[:, 1:-1])
+                continues = torch.isin(x[:, 1:], self.joining) & ~torch.isin(x[:, :-1], self.closed)
+                ends = torch.ones_like(continues)  # the next piece does not continue the word
+                ends[:, :-1] = ~continues[:, 1:]
                 drop |= common & ~continues & ends
                 drop |= ~first_piece_of_word(~drop, continues)
             else:
