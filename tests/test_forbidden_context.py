@@ -186,8 +186,9 @@ def naive_mass(model, fs, batch, tokenizer):
 
 def naive_tilt_loss(trainer, fs, batch):
     """Mean over scored positions of KL(q_lam(x) || pi_theta) with the per-row closed form
-    lam(x) = max(0, logit p_b(S(x)|x) - logit eps) on the hand sets, from full float64 logits."""
-    eps = trainer.args.epsilon
+    lam(x) = max(m, logit p_b(S(x)|x) - logit eps) (m = --lambda_floor, 0 by default) on the hand sets, from full
+    float64 logits."""
+    eps, floor = trainer.args.epsilon, trainer.args.lambda_floor
     sets = hand_sets(fs, batch["input_ids"], batch["labels"], trainer.processing_class)
     mask, _ = scored_positions(batch["input_ids"], batch["attention_mask"], batch["labels"])
     with torch.no_grad():
@@ -201,10 +202,11 @@ def naive_tilt_loss(trainer, fs, batch):
         ind = torch.zeros_like(pb, dtype=torch.bool)
         ind[sorted(s)] = True
         p = pb[ind].sum()
-        lam = max(0.0, float(torch.logit(p) - torch.logit(torch.tensor(eps, dtype=torch.float64))))
+        lam = max(floor, float(torch.logit(p) - torch.logit(torch.tensor(eps, dtype=torch.float64))))
         q = pb * torch.where(ind, torch.exp(torch.tensor(-lam, dtype=torch.float64)), 1.0)
         q = q / q.sum()
-        assert float(q[ind].sum()) == pytest.approx(min(float(p), eps), rel=1e-9)  # the I-projection's mass
+        cap = min(eps, float(torch.sigmoid(torch.logit(p) - floor)))  # the odds fall by e^m at least
+        assert float(q[ind].sum()) == pytest.approx(cap, rel=1e-9)  # the I-projection's mass
         total = total + (q * (torch.log(q) - torch.log_softmax(zs[b, t], -1))).sum()
         count += 1
     return total / count

@@ -166,6 +166,32 @@ def test_closed_form_per_row_equals_the_constrained_optimiser(seed):
     assert len({frozenset(s) for s in sets_of(SHARED, EXTRAS)}) >= 7  # the rows really differ
 
 
+@pytest.mark.parametrize("floor", [0.5, 1.2])
+def test_lambda_floor_is_the_projection_onto_the_tighter_constraint(floor):
+    """lambda(x) = max(m, logit p(x) - logit eps) is the I-projection onto q(S|x) <= min(eps, sigma(logit p(x) - m)):
+    checked row by row against SLSQP given only that cap, and the floor leaves rows above epsilon as they were."""
+    rng = np.random.default_rng(11)
+    v, eps = 20, 0.06
+    zb = torch.tensor(rng.normal(size=(9, v)) * 1.5)
+    mask = dense_mask(SHARED, EXTRAS, v)
+    spec = TiltSpec(epsilon=eps, lambda_floor=floor)
+    lam = spec.lambdas(zb, SHARED, extra_ids=EXTRAS)
+    q = tilted_log_probs(zb, SHARED, lam, EXTRAS).exp().numpy()
+    p = torch.softmax(zb, -1).numpy()
+    plain = per_position_lambda(zb, SHARED, eps, extra_ids=EXTRAS)
+    for i in range(9):
+        in_s = mask[i].numpy()
+        p_s = p[i][in_s].sum()
+        cap = min(eps, 1.0 / (1.0 + math.exp(floor - math.log(p_s / (1 - p_s)))))
+        q_num = _slsqp(p[i], in_s, cap)
+        assert q[i][in_s].sum() <= cap + 1e-9
+        np.testing.assert_allclose(q[i], q_num, atol=2e-3)
+        np.testing.assert_allclose(float(lam[i]), max(floor, float(plain[i])), rtol=1e-6)
+    assert (plain < floor).any() and (plain > floor).any()  # both sides of the floor occur
+    _, clamped = spec.lambdas(zb, SHARED, return_clamped=True, extra_ids=EXTRAS)
+    assert not clamped.any()  # a binding floor is the target, not a clamp
+
+
 def test_tilted_mass_is_min_of_base_mass_and_epsilon_per_row():
     g = torch.Generator().manual_seed(7)
     zb = 2.5 * torch.randn(9, 20, generator=g)

@@ -33,10 +33,11 @@ def padded(blocks, lengths, left=False, pad_id=1):
 
 
 def naive_loss(trainer, batch):
-    """Mean over scored positions of KL(q_lam || pi_theta) from FULL logits, float64, explicit shift."""
+    """Mean over scored positions of KL(q_lam || pi_theta) from FULL logits, float64, explicit shift;
+    lam = max(m, logit p - logit eps) with m = --lambda_floor."""
     model = trainer.model
     S = torch.tensor(trainer.forbidden_set.ids)
-    eps = trainer.args.epsilon
+    eps, floor = trainer.args.epsilon, trainer.args.lambda_floor
     with torch.no_grad():
         zb = trainer.base.logits(batch).double()
     zs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
@@ -51,7 +52,7 @@ def naive_loss(trainer, batch):
                 continue
             pb = torch.softmax(zb[b, t], -1)
             p = pb[S].sum().clamp(1e-6, 1 - 1e-6)
-            lam = max(0.0, float(torch.log(p / (1 - p))) - float(torch.log(torch.tensor(eps / (1 - eps)))))
+            lam = max(floor, float(torch.log(p / (1 - p))) - float(torch.log(torch.tensor(eps / (1 - eps)))))
             w = torch.ones_like(pb)
             w[S] = torch.exp(torch.tensor(-lam, dtype=torch.float64))
             q = pb * w / (pb * w).sum()

@@ -88,7 +88,7 @@ class RunRecord:
     def tilt(self) -> TiltSpec:
         r"""The tilt the run ended with (docs/method.md, "The target: an exponential tilt").
 
-        ``epsilon``, ``lambda_mode``, ``lambda_max`` and ``allow_negative_lambda`` from args.json; the
+        ``epsilon``, ``lambda_mode``, ``lambda_max``, ``allow_negative_lambda`` and ``lambda_floor`` from args.json; the
         closed-form global lambda (``lambda.closed_form_global``) and the controller's offset :math:`o`
         (``lambda.offset``) from metrics.json. Settings a file does not hold take ``TiltSpec``'s defaults
         (offset 0).
@@ -103,4 +103,5 @@ class RunRecord:
             allow_negative=bool(self.args.get("allow_negative_lambda", False)),
             global_lambda=lam.get("closed_form_global"),
             offset=float(lam.get("offset") or 0.0),
+            lambda_floor=float(self.args.get("lambda_floor") or 0.0),
         )

@@ -7,6 +7,7 @@ the models come from the command line's one loader (:mod:`etu_hf.commands.loader
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -51,6 +52,7 @@ class AuditArguments:
     )
     lambda_max: float | None = field(default=None, metadata={"help": f"Default: the run's, else {DEFAULT_LAMBDA_MAX}."})
     allow_negative_lambda: bool | None = field(default=None, metadata={"help": "Default: the run's, else false."})
+    lambda_floor: float | None = field(default=None, metadata={"help": "Floor of lambda. Default: the run's, else 0."})
     block_size: int = field(
         default=512, metadata={"help": "Tokens per block of held-out text.", "aliases": ["--max_length"]}
     )
@@ -86,6 +88,8 @@ class AuditArguments:
             raise ValueError(f"epsilon: must be strictly between 0 and 1 (got {self.epsilon})")
         if self.lambda_max is not None and self.lambda_max <= 0:
             raise ValueError(f"lambda_max: must be > 0 (got {self.lambda_max})")
+        if self.lambda_floor is not None and not (math.isfinite(self.lambda_floor) and self.lambda_floor >= 0):
+            raise ValueError(f"lambda_floor: must be a finite number >= 0 (got {self.lambda_floor})")
         if not self.forget_corpora:
             raise ValueError("--forget_corpora: the audit needs held-out forget text (files or hub specs)")
         if self.batch_size < 1 or self.block_size < 2:
@@ -112,6 +116,7 @@ def resolve_tilt(args: AuditArguments, run: RunRecord) -> TiltSpec:
         "mode": args.lambda_mode,
         "lambda_max": args.lambda_max,
         "allow_negative": args.allow_negative_lambda,
+        "lambda_floor": args.lambda_floor,
     }
     return dataclasses.replace(run.tilt, **{k: v for k, v in flags.items() if v is not None})
 

@@ -123,6 +123,8 @@ def etu_settings_rows(run: RunFiles) -> list[tuple[str, str]]:
         rows.append(
             ("per-context target eps' = sigmoid(logit(epsilon) - o)", format_value(lam.get("effective_epsilon")))
         )
+    if a.get("lambda_floor"):
+        rows.append(("lambda floor (`--lambda_floor`): odds of S(x) divided by at least", f"e^{a['lambda_floor']:g}"))
     if a.get("lambda_max") is not None:
         rows.append(("lambda clamp", format_value(a.get("lambda_max"), "g")))
     if a.get("retain_weight") is not None:

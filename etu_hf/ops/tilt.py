@@ -74,11 +74,11 @@ def closed_form_lambda(
     return min(max(_logit(float(p_s)) - _logit(epsilon), lower), upper)
 
 
-def lambda_bounds(lambda_max: float | None, allow_negative: bool) -> tuple[float, float]:
-    """The range of lambda: ``[-lambda_max, lambda_max]``, floored at 0 unless ``allow_negative``
-    (infinite where ``lambda_max`` is ``None``)."""
+def lambda_bounds(lambda_max: float | None, allow_negative: bool, lambda_floor: float = 0.0) -> tuple[float, float]:
+    """The range of lambda: ``[lambda_floor, lambda_max]`` (``lambda_floor`` defaults to 0), or
+    ``[-lambda_max, lambda_max]`` with ``allow_negative`` (infinite where ``lambda_max`` is ``None``)."""
     upper = math.inf if lambda_max is None else lambda_max
-    return (-upper if allow_negative else 0.0), upper
+    return (-upper if allow_negative else lambda_floor), upper
 
 
 def clamp(t: torch.Tensor, lower: float | None, upper: float | None) -> torch.Tensor:
@@ -176,14 +176,16 @@ def per_position_lambda(
     return_clamped: bool = False,
     logit_mass: torch.Tensor | None = None,
     extra_ids: ExtraIds = None,
+    lambda_floor: float = 0.0,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    r"""Exact per-context tilt: :math:`\lambda(x) = \max(0, \mathrm{logit}(p(x)) - \mathrm{logit}(\varepsilon) + o)`.
+    r"""Exact per-context tilt: :math:`\lambda(x) = \max(m, \mathrm{logit}(p(x)) - \mathrm{logit}(\varepsilon) + o)`.
 
-    With offset ``o = 0`` it gives :math:`q(S|x) = \min(p(x), \varepsilon)`: the I-projection for every
-    context. The offset (moved by the adaptive controller) is added *before* the floor, which is the
-    same as the per-context target :math:`\varepsilon' = \sigma(\mathrm{logit}(\varepsilon) - o)`:
-    :math:`q(S|x) = \min(p(x), \varepsilon')`. With ``allow_negative`` the floor at 0 is dropped
-    (``q(S|x) = epsilon'`` everywhere). The result is clamped to ``[-lambda_max, lambda_max]``;
+    With offset ``o = 0`` and ``m = lambda_floor = 0`` (this function's default) it gives
+    :math:`q(S|x) = \min(p(x), \varepsilon)`: the I-projection for every context. The offset (moved by the
+    adaptive controller) is added *before* the floor, which is the same as the per-context target
+    :math:`\varepsilon' = \sigma(\mathrm{logit}(\varepsilon) - o)`: :math:`q(S|x) = \min(p(x), \varepsilon')`.
+    With ``allow_negative`` the floor at 0 is dropped (``q(S|x) = epsilon'`` everywhere). The result is
+    clamped to ``[-lambda_max, lambda_max]``;
     ``logit(p(x))`` comes from :func:`base_logit_mass` (exact, no probability clip).
 
     With ``return_clamped`` also returns a bool tensor: where the ``lambda_max`` clamp binds (the
@@ -191,6 +193,12 @@ def per_position_lambda(
     caller has it already (the fused loss computes it in its own pass over the logits); ``base_logits``
     then only give the shape. ``extra_ids``: the per-row extras of a per-context set S(x) (see
     :mod:`etu_hf.ops.row_sets`; ``None``: S(x) = S), then :math:`p(x) = \pi_b(S(x)|x)`.
+
+    ``lambda_floor`` :math:`= m \ge 0` (not with ``allow_negative``) floors the tilt at every context:
+    :math:`q(S|x) = \min(\varepsilon', \sigma(\mathrm{logit}\,p(x) - m))`, the I-projection of
+    :math:`\pi_b(\cdot|x)` onto :math:`\{q: \mathrm{odds}\,q(S|x) \le \min(\mathrm{odds}\,\varepsilon',
+    e^{-m}\,\mathrm{odds}\,p(x))\}`: the odds of S(x) fall by at least :math:`e^m` everywhere, and the mass
+    stays capped at :math:`\varepsilon'`. A binding floor is not counted as clamped (it is the target).
     """
     if not 0.0 < epsilon < 1.0:
         raise ValueError(f"epsilon must be in (0, 1), got {epsilon}")
@@ -199,7 +207,7 @@ def per_position_lambda(
     raw = logit_mass - _logit(epsilon)
     if isinstance(offset, torch.Tensor) or offset != 0.0:
         raw = raw + offset
-    lower, upper = lambda_bounds(lambda_max, allow_negative)
+    lower, upper = lambda_bounds(lambda_max, allow_negative, lambda_floor)
     lam = clamp(raw, lower if lower > -math.inf else None, upper if upper < math.inf else None)
     if not return_clamped:
         return lam
@@ -234,6 +242,9 @@ class TiltSpec:
     - ``mode="global"``: one value, ``clamp(global_lambda + offset)`` to
       ``[-lambda_max or 0, lambda_max]`` (the floor is 0 unless ``allow_negative``), where
       ``global_lambda`` is the closed form at the mean base mass p_S.
+
+    ``lambda_floor`` (default 0) raises the floor of either mode: every context is tilted by at least that
+    much (:func:`per_position_lambda`).
     """
 
     epsilon: float
@@ -242,6 +253,7 @@ class TiltSpec:
     allow_negative: bool = False
     global_lambda: float | None = None
     offset: float = 0.0
+    lambda_floor: float = 0.0
 
     @property
     def effective_epsilon(self) -> float:
@@ -252,7 +264,7 @@ class TiltSpec:
         """The clamped global lambda (global mode)."""
         if self.global_lambda is None:
             raise ValueError("global mode needs global_lambda (the closed form from the base mass p_S)")
-        lower, upper = lambda_bounds(self.lambda_max, self.allow_negative)
+        lower, upper = lambda_bounds(self.lambda_max, self.allow_negative, self.lambda_floor)
         return min(max(self.global_lambda + self.offset, lower), upper)
 
     def global_clamped(self) -> bool:
@@ -271,6 +283,7 @@ class TiltSpec:
             "allow_negative": self.allow_negative,
             "global_lambda": self.global_lambda,
             "offset": self.offset,
+            "lambda_floor": self.lambda_floor,
             "effective_epsilon": self.effective_epsilon if self.mode == "per_position" else None,
         }
 
@@ -303,6 +316,7 @@ class TiltSpec:
             return_clamped=return_clamped,
             logit_mass=logit_mass,
             extra_ids=extra_ids,
+            lambda_floor=self.lambda_floor,
         )
 
 

@@ -47,6 +47,13 @@ class ETUTrainingArguments(SecretFreeArguments, TrainingArguments):
             (`etu/clamped_share`) and warned about above 1% of positions.
         allow_negative_lambda (`bool`, *optional*, defaults to `False`):
             Allow `lam < 0` (amplification: raise the mass on V_S toward `epsilon`).
+        lambda_floor (`float`, *optional*, defaults to `0.0`):
+            Floor of the tilt in nats: `lam(x) = max(lambda_floor, logit(p(x)) - logit(epsilon))`, so at every
+            forget context the odds of S(x) fall by at least `e^lambda_floor`, also where the base mass is already
+            below epsilon, and the mass stays capped at epsilon: `q(S|x) = min(epsilon, sigmoid(logit(p(x)) -
+            lambda_floor))`, the I-projection onto that tighter constraint. 0 (default) is the plain I-projection
+            `q(S|x) = min(p(x), epsilon)`. On SmolLM2 a floor of 4 forgot more of The Beatles and nothing more of
+            Harry Potter (BENCHMARKS.md). In `[0, lambda_max)`; not with `allow_negative_lambda`.
         p_s_sample_size (`int`, *optional*, defaults to `512`):
             Number of forget sequences (a seeded random sample of the training data) over which the
             base mass `p_S` is estimated at the start of training.
@@ -212,6 +219,13 @@ class ETUTrainingArguments(SecretFreeArguments, TrainingArguments):
     )
     allow_negative_lambda: bool = field(
         default=False, metadata={"help": "Allow lambda < 0 (amplification of the mass on V_S)."}
+    )
+    lambda_floor: float = field(
+        default=0.0,
+        metadata={
+            "help": "Floor of lambda in nats: at every forget context the odds of S(x) fall by at least e^lambda_floor "
+            "(also where the base is below epsilon); 0 (default): the plain I-projection, q(S|x) = min(p(x), epsilon)."
+        },
     )
     p_s_sample_size: int = field(
         default=512, metadata={"help": "Forget sequences sampled to estimate the base mass p_S at the start."}

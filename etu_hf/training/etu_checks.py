@@ -34,6 +34,10 @@ def check_etu_arguments(args: Any) -> None:
         fail("epsilon", "must be strictly between 0 and 1, e.g. 0.05")
     if not (math.isfinite(args.lambda_max) and args.lambda_max > 0):
         fail("lambda_max", f"must be finite and > 0, e.g. {DEFAULT_LAMBDA_MAX}")
+    if not (math.isfinite(args.lambda_floor) and 0.0 <= args.lambda_floor < args.lambda_max):
+        fail("lambda_floor", f"must be in [0, lambda_max={args.lambda_max!r}), e.g. 2.0 (0: no floor)")
+    if args.lambda_floor > 0 and args.allow_negative_lambda:
+        fail("lambda_floor", "a floor above 0 contradicts --allow_negative_lambda; leave one of them out")
     if args.lambda_mode not in ("per_position", "global"):
         fail("lambda_mode", "must be 'per_position' or 'global'")
     if args.epsilon is not None:  # with epsilon_ratio, checked once epsilon is resolved (TiltState)

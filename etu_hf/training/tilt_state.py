@@ -166,6 +166,7 @@ class TiltState:
             allow_negative=a.allow_negative_lambda,
             global_lambda=self.global_lambda,
             offset=self._offset,
+            lambda_floor=a.lambda_floor,
         )
 
     @property
