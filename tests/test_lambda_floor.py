@@ -35,6 +35,17 @@ def test_bad_floors_are_refused(kwargs, message):
         ETUTrainingArguments(output_dir="unused", **kwargs)
 
 
+def test_the_library_refuses_a_floor_it_would_ignore():
+    from etu_hf.ops.tilt import TiltSpec, per_position_lambda
+
+    with pytest.raises(ValueError, match="contradicts allow_negative"):
+        TiltSpec(epsilon=0.05, allow_negative=True, lambda_floor=1.0)
+    with pytest.raises(ValueError, match="lambda_floor must be a finite number >= 0"):
+        TiltSpec(epsilon=0.05, lambda_floor=-1.0)
+    with pytest.raises(ValueError, match="contradicts allow_negative"):
+        per_position_lambda(torch.zeros(2, 5), torch.tensor([1]), 0.05, allow_negative=True, lambda_floor=2.0)
+
+
 def test_the_loss_is_the_floored_tilt_on_per_context_sets(tokenizer, corpora, tmp_path):
     """Words + continuations (S(x) per position), floor 1.5: the trainer's loss equals the hand computation, and
     it differs from the loss without a floor (the floor binds somewhere)."""

@@ -81,6 +81,15 @@ def lambda_bounds(lambda_max: float | None, allow_negative: bool, lambda_floor: 
     return (-upper if allow_negative else lambda_floor), upper
 
 
+def check_lambda_floor(lambda_floor: float, allow_negative: bool) -> None:
+    """``ValueError`` unless ``lambda_floor`` is a finite number >= 0, and 0 when ``allow_negative`` (a floor
+    above 0 and a negative lambda contradict each other)."""
+    if not (math.isfinite(lambda_floor) and lambda_floor >= 0):
+        raise ValueError(f"lambda_floor must be a finite number >= 0, got {lambda_floor}")
+    if allow_negative and lambda_floor > 0:
+        raise ValueError(f"lambda_floor={lambda_floor} > 0 contradicts allow_negative (a negative lambda)")
+
+
 def clamp(t: torch.Tensor, lower: float | None, upper: float | None) -> torch.Tensor:
     """``t.clamp(lower, upper)`` that accepts both bounds being ``None`` (then ``t`` is returned)."""
     if lower is None and upper is None:
@@ -202,6 +211,7 @@ def per_position_lambda(
     """
     if not 0.0 < epsilon < 1.0:
         raise ValueError(f"epsilon must be in (0, 1), got {epsilon}")
+    check_lambda_floor(lambda_floor, allow_negative)
     if logit_mass is None:
         logit_mass = base_logit_mass(base_logits, forbidden_ids, extra_ids)
     raw = logit_mass - _logit(epsilon)
@@ -254,6 +264,9 @@ class TiltSpec:
     global_lambda: float | None = None
     offset: float = 0.0
     lambda_floor: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_lambda_floor(self.lambda_floor, self.allow_negative)
 
     @property
     def effective_epsilon(self) -> float:
