@@ -7,7 +7,6 @@ the models come from the command line's one loader (:mod:`etu_hf.commands.loader
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -15,7 +14,7 @@ from typing import Any
 
 from etu_hf.artifacts.record import RunRecord
 from etu_hf.evaluation.audit import DEFAULT_AUDIT_MAX_SEQUENCES
-from etu_hf.ops.tilt import DEFAULT_LAMBDA_MAX, TiltSpec
+from etu_hf.ops.tilt import DEFAULT_LAMBDA_MAX, TiltSpec, check_lambda_floor
 
 
 @dataclass
@@ -88,8 +87,8 @@ class AuditArguments:
             raise ValueError(f"epsilon: must be strictly between 0 and 1 (got {self.epsilon})")
         if self.lambda_max is not None and self.lambda_max <= 0:
             raise ValueError(f"lambda_max: must be > 0 (got {self.lambda_max})")
-        if self.lambda_floor is not None and not (math.isfinite(self.lambda_floor) and self.lambda_floor >= 0):
-            raise ValueError(f"lambda_floor: must be a finite number >= 0 (got {self.lambda_floor})")
+        if self.lambda_floor is not None:
+            check_lambda_floor(self.lambda_floor, bool(self.allow_negative_lambda))
         if not self.forget_corpora:
             raise ValueError("--forget_corpora: the audit needs held-out forget text (files or hub specs)")
         if self.batch_size < 1 or self.block_size < 2:
