@@ -2,6 +2,7 @@
 
 import itertools
 import json
+import logging
 import math
 import os
 import shutil
@@ -316,6 +317,9 @@ def test_heldout_slice_is_never_trained_on(model, tokenizer, corpora, make_args)
         ("lambda_max", -3.0),
         ("lambda_max", float("inf")),
         ("heldout_batches", 0),
+        ("heldout_max_share", 0.0),
+        ("heldout_max_share", 1.5),
+        ("heldout_max_share", float("nan")),
         ("heldout_fraction", 1.5),
         ("wilson_max_n", 0),
     ],
@@ -327,12 +331,43 @@ def test_bad_controller_settings_name_the_field(tmp_path, field, value):
         ETUTrainingArguments(output_dir=str(tmp_path), **{field: value})
 
 
+def test_heldout_slice_of_a_small_forget_set_is_capped(model, tokenizer, corpora, make_args, caplog):
+    """heldout_batches asks for 2 x 8 = 16 of 10 examples: the slice is floor(0.25 x 10) = 2, logged, and the
+    other 8 are trained on; a larger share or no cap changes it as the docstring says."""
+    small = corpora["forget"].select(range(10))
+    expected = {None: 2, 0.5: 5, 0.05: 1}  # heldout_max_share -> slice (at least one example)
+    for share, k in expected.items():
+        extra = {} if share is None else {"heldout_max_share": share}
+        with caplog.at_level(logging.INFO, logger="etu_hf.training.probe"):
+            caplog.clear()
+            trainer = ETUTrainer(
+                model=model,
+                args=make_args(adaptive_lambda=True, heldout_batches=2, per_device_train_batch_size=8, **extra),
+                train_dataset=small,
+                processing_class=tokenizer,
+            )
+        assert (len(trainer.heldout_dataset), len(trainer.forget_dataset)) == (k, 10 - k)
+        assert f"{k} of the 10 forget examples" in caplog.text and "asks for 16" in caplog.text
+    # a slice below the cap is what heldout_batches asks for, and nothing is logged about a cap
+    with caplog.at_level(logging.INFO, logger="etu_hf.training.probe"):
+        caplog.clear()
+        trainer = ETUTrainer(
+            model=model,
+            args=make_args(adaptive_lambda=True, heldout_batches=1, per_device_train_batch_size=2),
+            train_dataset=small,
+            processing_class=tokenizer,
+        )
+    assert len(trainer.heldout_dataset) == 2 and "heldout_max_share" not in caplog.text
+
+
 def test_heldout_that_leaves_no_training_data(model, tokenizer, corpora, make_args):
     small = corpora["forget"].select(range(10))
     with pytest.raises(ValueError, match=r"heldout_batches.*leaves no training data"):
         ETUTrainer(
             model=model,
-            args=make_args(adaptive_lambda=True, heldout_batches=2, per_device_train_batch_size=8),
+            args=make_args(
+                adaptive_lambda=True, heldout_batches=2, per_device_train_batch_size=8, heldout_max_share=1.0
+            ),
             train_dataset=small,
             processing_class=tokenizer,
         )

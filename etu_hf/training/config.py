@@ -160,7 +160,11 @@ class ETUTrainingArguments(SecretFreeArguments, TrainingArguments):
         heldout_batches (`int`, *optional*, defaults to `4`):
             Size of the held-out forget slice the controller measures, in training batches of forget
             examples, taken out of the training data with a seeded draw (unless
-            `ETUTrainer(heldout_dataset=...)` is given).
+            `ETUTrainer(heldout_dataset=...)` is given), at most `heldout_max_share` of them.
+        heldout_max_share (`float`, *optional*, defaults to `0.25`):
+            Cap on the slice that `heldout_batches` asks for: at most `floor(heldout_max_share x n)`
+            (and at least one) of the `n` forget examples, so a small forget set keeps three quarters of
+            itself for training. 1.0: no cap. Not applied to `heldout_fraction`.
         heldout_fraction (`float` or `None`, *optional*, defaults to `None`):
             When set, the held-out slice is this share of the forget examples instead.
 
@@ -348,6 +352,10 @@ class ETUTrainingArguments(SecretFreeArguments, TrainingArguments):
     wilson_max_n: int = field(default=2048, metadata={"help": "Cap on n of the audit's token-level Wilson figure."})
     heldout_batches: int = field(
         default=4, metadata={"help": "Training batches of forget data held out for the controller."}
+    )
+    heldout_max_share: float = field(
+        default=0.25,
+        metadata={"help": "The slice heldout_batches asks for is at most this share of the forget data (1: no cap)."},
     )
     heldout_fraction: float | None = field(
         default=None, metadata={"help": "Share of forget data held out for the controller (overrides heldout_batches)."}

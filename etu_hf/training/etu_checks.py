@@ -107,6 +107,8 @@ def check_etu_arguments(args: Any) -> None:
         fail("stop_when_certified", "must be >= 0 (0: never stop early)")
     if args.heldout_batches < 1:
         fail("heldout_batches", "must be >= 1")
+    if not 0.0 < args.heldout_max_share <= 1.0:  # nan fails this comparison too
+        fail("heldout_max_share", "must be in (0, 1] (1: no cap), e.g. 0.25")
     if args.preference_weight < 0:
         fail("preference_weight", "must be >= 0 (0 turns preference refinement off)")
     if args.pref_beta <= 0:

@@ -9,6 +9,8 @@ r"""Measurements the trainer makes outside the loss: the held-out probe, the bas
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -20,6 +22,8 @@ from etu_hf.data.blocks import IGNORE_INDEX, MODEL_KEYS, iter_batches
 from etu_hf.evaluation.measures import TiltStatistics, evaluate_mass, tilt_statistic_sums, tilt_statistics
 from etu_hf.training.config import ETUTrainingArguments
 from etu_hf.training.tilt_state import TiltState
+
+logger = logging.getLogger(__name__)
 
 
 class HeldoutProbe:
@@ -136,8 +140,10 @@ def estimate_base_mass(
 def split_heldout(dataset: Any, args: ETUTrainingArguments) -> tuple[Any, Any]:
     """Take the controller's held-out slice out of the forget data (a seeded draw): ``(train, heldout)``.
 
-    Its size is ``heldout_fraction`` of the data when set, else ``heldout_batches`` batches of
-    ``per_device_train_batch_size`` examples. A ``datasets.Dataset`` is split with
+    Its size ``k`` is ``round(heldout_fraction x n)`` of the ``n`` examples when ``heldout_fraction`` is set,
+    else ``min(heldout_batches x per_device_train_batch_size, max(1, floor(heldout_max_share x n)))``: the
+    batches asked for, capped so that a small forget set keeps most of its data for training (logged when
+    the cap binds). A ``datasets.Dataset`` is split with
     ``Dataset.train_test_split(test_size=k, seed=args.seed)``; other map-style datasets with a seeded
     permutation into two ``torch.utils.data.Subset``. Raises ``ValueError`` naming the settings when that
     leaves no training data or no held-out data.
@@ -152,8 +158,22 @@ def split_heldout(dataset: Any, args: ETUTrainingArguments) -> tuple[Any, Any]:
         k = round(args.heldout_fraction * n)
         setting = f"heldout_fraction={args.heldout_fraction}"
     else:
-        k = args.heldout_batches * args.per_device_train_batch_size
+        asked = args.heldout_batches * args.per_device_train_batch_size
+        cap = max(1, math.floor(args.heldout_max_share * n))
+        k = min(asked, cap)
         setting = f"heldout_batches={args.heldout_batches} (x batch size {args.per_device_train_batch_size})"
+        if k < asked:
+            setting += f" capped by heldout_max_share={args.heldout_max_share}"
+            logger.info(
+                "the controller's held-out slice: %d of the %d forget examples (heldout_batches=%d x batch size %d "
+                "asks for %d; heldout_max_share=%g caps it so that training keeps the rest)",
+                k,
+                n,
+                args.heldout_batches,
+                args.per_device_train_batch_size,
+                asked,
+                args.heldout_max_share,
+            )
     if k < 1:
         raise ValueError(f"{setting} holds out no forget example (of {n}); raise it, or set adaptive_lambda=False")
     if k >= n:

@@ -85,8 +85,9 @@ class ETUTrainer(RunRecords, Trainer):
             V_S.ids.json (default: ``args.forbidden_ids_path``, else built from ``train_dataset``).
         peft_config: optional ``peft.PeftConfig``; the model is wrapped with ``get_peft_model``.
         heldout_dataset: forget data for the adaptive-lambda controller to measure, never trained on.
-            Default: ``heldout_batches`` batches (or ``heldout_fraction``) of ``train_dataset``, taken out
-            of training with a seeded draw (:func:`split_heldout`), whenever a controller is active.
+            Default: ``heldout_batches`` batches, at most ``heldout_max_share`` of the examples (or
+            ``heldout_fraction``), of ``train_dataset``, taken out of training with a seeded draw
+            (:func:`split_heldout`), whenever a controller is active.
         run_arguments: further settings of the run (e.g. the command line's model and data arguments),
             recorded in args.json beside the training arguments, secrets redacted.
         benchmark_evaluator: optional ``evaluator(model, accelerator) -> dict[str, float]`` run at every
