@@ -244,6 +244,34 @@ def test_without_use_upper_the_point_estimate_decides(model, tokenizer, corpora,
         assert (rec["heldout_mass"] > 0.05) == (rec["decision"] == "raise")
 
 
+def test_a_slice_too_small_for_the_bound_decides_on_the_point_estimate(model, tokenizer, corpora, make_args, caplog):
+    """3 held-out sequences (< MIN_SEQUENCES): the bound is 1.0, so every update decides on the point estimate, says so
+    once, and records it."""
+    from etu_hf.ops.bounds import MIN_SEQUENCES
+
+    small = controller_trainer(
+        model, tokenizer, corpora, make_args, max_steps=10, heldout_batches=1, per_device_train_batch_size=3
+    )
+    with caplog.at_level(logging.WARNING, logger="etu_hf.training.controller"):
+        small.train()
+    hist = small.lambda_controller.history
+    assert len(hist) == 2 and len(small.heldout_dataset) == 3 < MIN_SEQUENCES
+    for rec in hist:
+        assert rec["heldout_upper"] == 1.0 and rec["sequences"] == 3
+        assert rec["decided_on"] == "point" and rec["too_few_sequences"] is True
+        assert (rec["heldout_mass"] > 0.05) == (rec["decision"] == "raise")
+    assert caplog.text.count("fewer than the 8 its upper bound needs") == 1
+
+
+def test_a_slice_of_eight_sequences_decides_on_the_bound(model, tokenizer, corpora, make_args):
+    enough = controller_trainer(
+        model, tokenizer, corpora, make_args, max_steps=5, heldout_batches=1, per_device_train_batch_size=8
+    )
+    enough.train()
+    rec = enough.lambda_controller.history[0]
+    assert rec["sequences"] == 8 and rec["decided_on"] == "upper" and rec["too_few_sequences"] is False
+
+
 def test_history_files_logs_and_checkpoint_state(model, tokenizer, corpora, make_args, tmp_path):
     trainer = controller_trainer(
         model, tokenizer, corpora, make_args, max_steps=10, save_strategy="steps", save_steps=5, logging_steps=5

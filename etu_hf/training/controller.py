@@ -28,6 +28,7 @@ from etu_hf.artifacts.files import LAMBDA_PLOT_FILE as PLOT_FILE
 from etu_hf.artifacts.files import write_json
 from etu_hf.evaluation.measures import TiltStatistics
 from etu_hf.evaluation.plots import load_pyplot
+from etu_hf.ops.bounds import MIN_SEQUENCES
 from etu_hf.training.config import ETUTrainingArguments
 from etu_hf.training.controller_rule import (
     AUTO_MAX_PERIOD,
@@ -108,6 +109,7 @@ class AdaptiveLambdaCallback(TrainerCallback):
         self.last_error: float | None = None
         self.history: list[dict[str, Any]] = []
         self._logs: dict[str, float] = {}
+        self._warned_few = False  # the warning that the held-out slice is too small for the bound, once per run
 
     # ------------------------------------------------------------------ binding
     def bind(self, args: ETUTrainingArguments, probe: Probe | None, tilt: TiltState) -> None:
@@ -217,7 +219,11 @@ class AdaptiveLambdaCallback(TrainerCallback):
     # ------------------------------------------------------------------ the update
     def update(self, step: int, args: Any = None) -> dict[str, Any]:
         """Measure the held-out slice, apply one step of the rule, record and return it. With ``args``
-        (the TrainingArguments) the history is written to ``args.output_dir`` when ``args.should_save``."""
+        (the TrainingArguments) the history is written to ``args.output_dir`` when ``args.should_save``.
+
+        With fewer than :data:`~etu_hf.ops.bounds.MIN_SEQUENCES` held-out sequences the upper bound is 1.0
+        whatever the model does, so the update decides on the point estimate ``m_k`` instead of ``U_k`` (a
+        warning once per run; the record's ``decided_on`` is ``"point"`` and ``too_few_sequences`` true)."""
         tilt = self._require_bound()
         # the run's epsilon, resolved at the start of training when it is a share of p_S (epsilon_ratio)
         self.settings = replace(self.settings, epsilon=tilt.epsilon)
@@ -233,7 +239,23 @@ class AdaptiveLambdaCallback(TrainerCallback):
             clamped_share=stats.clamped_share,
         )
         tilt_before = tilt.tilt_spec()
-        new_state, record = controller_step(self.state, self.settings, measurement, tilt.offset_bounds())
+        settings = self.settings
+        few = settings.use_upper and bound.sequences < MIN_SEQUENCES
+        if few:
+            # Below MIN_SEQUENCES the bound is 1.0 whatever the model does: deciding on it would raise the offset at
+            # every update up to lambda_max. This update decides on the point estimate instead (logged, recorded).
+            settings = replace(settings, use_upper=False)
+            if not self._warned_few:
+                self._warned_few = True
+                logger.warning(
+                    "the controller's held-out slice has %d sequences, fewer than the %d its upper bound needs (the "
+                    "bound is 1.0 below that): it decides on the held-out point estimate instead. Give it more "
+                    "held-out forget data (heldout_dataset=, --heldout_batches, --heldout_max_share) for the bound.",
+                    bound.sequences,
+                    MIN_SEQUENCES,
+                )
+        new_state, record = controller_step(self.state, settings, measurement, tilt.offset_bounds())
+        record["too_few_sequences"] = few
         tilt.set_offset(new_state.offset)
         spec = tilt.tilt_spec()
         per_position = spec.mode == "per_position"
