@@ -171,6 +171,9 @@ def test_paired_ratio_upper_matches_a_naive_loop():
 
 def test_paired_ratio_upper_degenerate_inputs():
     assert math.isnan(paired_ratio_upper([], [], []))
-    assert math.isnan(paired_ratio_upper([0.1, 0.2], [0.0, 0.0], [5, 5]))  # base mass 0: no ratio
+    assert math.isnan(paired_ratio_upper([0.1] * 8, [0.0] * 8, [5] * 8))  # base mass 0: no ratio
+    # fewer than MIN_SEQUENCES (8) sequences: no bound (two sequences gave an "upper bound" at the point ratio)
+    assert math.isnan(paired_ratio_upper([1.0] * 7, [3.0] * 7, [10] * 7))
+    assert paired_ratio_upper([1.0] * 8, [3.0] * 8, [10] * 8) == pytest.approx(1 / 3)
     with pytest.raises(ValueError, match="paired"):
         paired_ratio_upper([0.1], [0.2, 0.3], [5, 5])

@@ -71,7 +71,7 @@ DEFINITIONS = {
     "suppression_ratio_upper": "one-sided 95% upper bound of suppression_ratio: paired percentile bootstrap over "
     "held-out sequences (bootstrap_samples resamples, seeded): each resample draws sequences with replacement, "
     "the same for both models, and takes sum(updated mass) / sum(base mass) over them; the bound is the empirical "
-    "95% quantile of those ratios",
+    "95% quantile of those ratios; none with fewer than 8 sequences",
     "delta": "mean over held-out forget positions of KL(pi_theta(.|x) || q_lambda(.|x)), per token, "
     "with the run's tilt",
     "mean_target_mass": "mean over the same positions of q_lambda(S|x), the target's mass on V_S",

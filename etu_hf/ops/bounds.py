@@ -252,8 +252,10 @@ def paired_ratio_upper(
     :math:`\rho^*_b = \sum_{j \in b} a_j / \sum_{j \in b} b_j` (:math:`+\infty` when the resampled base sum is
     0). The bound is the empirical ``level`` quantile of the :math:`\rho^*_b` (``numpy.quantile`` with
     ``method="inverted_cdf"``: the smallest :math:`\rho^*_b` with at least ``level`` of them at or below it).
-    Sequences with no scored position are dropped; ``nan`` without sequences or when
-    :math:`\sum_j b_j = 0` (no ratio). Deterministic for a given ``seed``.
+    Sequences with no scored position are dropped; ``nan`` (no bound) with fewer than :data:`MIN_SEQUENCES`
+    sequences, where resampling so few says nothing (two sequences give three distinct resamples, and the
+    "bound" would sit on the point ratio), or when :math:`\sum_j b_j = 0` (no ratio). Deterministic for a
+    given ``seed``.
     """
     a = np.asarray(numerator_sums, dtype=np.float64).reshape(-1)
     b = np.asarray(denominator_sums, dtype=np.float64).reshape(-1)
@@ -263,7 +265,7 @@ def paired_ratio_upper(
     keep = c > 0
     a, b = a[keep], b[keep]
     k = len(a)
-    if k == 0 or samples < 1 or not b.sum() > 0:
+    if k < MIN_SEQUENCES or samples < 1 or not b.sum() > 0:
         return math.nan
     rng = np.random.default_rng(seed)
     ratios = []

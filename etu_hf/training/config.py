@@ -150,7 +150,8 @@ class ETUTrainingArguments(SecretFreeArguments, TrainingArguments):
             Largest change of the offset in one update.
         use_upper_for_lambda (`bool`, *optional*, defaults to `True`):
             Decide on the sequence-level upper bound `U` of the held-out mass (the guarantee) instead of
-            its point estimate.
+            its point estimate. With fewer than 8 held-out sequences `U` is 1.0 and the point estimate
+            decides (a warning says so).
         stop_when_certified (`int`, *optional*, defaults to `0`):
             Stop training once this many consecutive controller updates found the held-out upper bound
             at most `epsilon` (0: train the whole budget). Fewer steps, less drift on retain text.

@@ -240,7 +240,7 @@ class AdaptiveLambdaCallback(TrainerCallback):
         )
         tilt_before = tilt.tilt_spec()
         settings = self.settings
-        few = settings.use_upper and bound.sequences < MIN_SEQUENCES
+        few = settings.use_upper and 0 < bound.sequences < MIN_SEQUENCES  # 0: nothing measured, the rule holds
         if few:
             # Below MIN_SEQUENCES the bound is 1.0 whatever the model does: deciding on it would raise the offset at
             # every update up to lambda_max. This update decides on the point estimate instead (logged, recorded).
@@ -312,8 +312,9 @@ class AdaptiveLambdaCallback(TrainerCallback):
             )
         if record["offset_at_bound"] and record["decision"] == "raise":
             logger.warning(
-                "the lambda offset is at its ceiling (lambda_max = %s) and the held-out bound is still above epsilon",
+                "the lambda offset is at its ceiling (lambda_max = %s) and the held-out %s is still above epsilon",
                 lambda_max,
+                "upper bound" if record["decided_on"] == "upper" else "point estimate",
             )
 
     # ------------------------------------------------------------------ outputs

@@ -11,7 +11,7 @@ target. The rule (``s`` is clipped to ``[1e-12, 1 - 1e-12]`` before the logit):
 
     m_k  = mean over held-out positions of pi_theta(S|x)                  (point estimate)
     U_k  = sequence-level upper confidence bound of m_k                    (etu_hf.ops.bounds.sequence_upper_bound)
-    s_k  = U_k if use_upper_for_lambda else m_k
+    s_k  = U_k if use_upper_for_lambda else m_k    (the callback passes m_k when U_k has < 8 sequences: 1.0)
     e_k  = logit(s_k) - logit(epsilon)                                     (> 0: the bound is not met)
     set  = -lambda_band / 2                                                (aim inside the certified band)
     decision: "raise"  if e_k > 0:

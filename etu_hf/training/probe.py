@@ -159,7 +159,7 @@ def split_heldout(dataset: Any, args: ETUTrainingArguments) -> tuple[Any, Any]:
         setting = f"heldout_fraction={args.heldout_fraction}"
     else:
         asked = args.heldout_batches * args.per_device_train_batch_size
-        cap = max(1, math.floor(args.heldout_max_share * n))
+        cap = max(1, math.floor(args.heldout_max_share * n + 1e-9))  # 0.29 * 100 is 28.999...
         k = min(asked, cap)
         setting = f"heldout_batches={args.heldout_batches} (x batch size {args.per_device_train_batch_size})"
         if k < asked:
