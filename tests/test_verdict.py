@@ -151,3 +151,16 @@ def test_the_card_says_nothing_to_suppress(tmp_path):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def test_fewer_than_eight_sequences_give_no_bound_and_say_so():
+    """Two held-out sequences (the README command on 40 documents): every sequence-level figure is n/a, not a
+    bootstrap over three distinct resamples, and the verdict line says how to get a bound."""
+    report, *_ = _report(np.array([0.2, 0.15]), 0.3, epsilon=0.05)
+    assert report.forget_sequences == 2 and report.updated_p_S_upper == 1.0
+    assert math.isnan(report.suppression_ratio_upper) and 0 < report.suppression_ratio < 1
+    assert all(math.isnan(x) for x in (*report.base_p_S_bootstrap_95, *report.updated_p_S_bootstrap_95))
+    assert "fewer than the 8 a bound needs" in report.verdict_line() and "--eval_fraction" in report.verdict_line()
+    assert "95% upper n/a" in report.summary()
+    enough, *_ = _report(np.full(8, 0.2), 0.3, epsilon=0.05)
+    assert "a bound needs" not in enough.verdict_line() and math.isfinite(enough.suppression_ratio_upper)

@@ -25,6 +25,7 @@ import numpy as np
 
 from etu_hf.artifacts.files import MARKDOWN_FILE, REPORT_FILE, write_json
 from etu_hf.ops.bounds import (
+    MIN_SEQUENCES,
     bootstrap_ratio_interval,
     paired_ratio_upper,
     pinsker_slack,
@@ -62,7 +63,7 @@ DEFINITIONS = {
     "over n = min(positions, wilson_max_n) independent positions; positions within a sequence are correlated, so "
     "this undercovers: reported for comparison only, never used for a verdict",
     "*_bootstrap_95": "95% percentile bootstrap interval of the mean mass, resampling whole sequences "
-    "(accounts for the within-sequence correlation)",
+    "(accounts for the within-sequence correlation); none with fewer than 8 sequences",
     "base_p_S_lower": "sequence-level LOWER confidence bound of base_p_S: 1 - the upper bound (same method, "
     "nominal one-sided 98.75%, stated 95%) of the mean mass on the complement of V_S; 0.0 with fewer than 8 "
     "sequences. At or below epsilon it makes the verdict 'vacuous'",
@@ -256,7 +257,13 @@ class AuditReport:
             )
         else:
             head = f"{head}: NOT reached (point estimate {self.updated_p_S:.4f})"
-        return f"{head}; {self.forget_positions} positions in {self.forget_sequences} held-out sequences"
+        tail = f"; {self.forget_positions} positions in {self.forget_sequences} held-out sequences"
+        if self.forget_sequences < MIN_SEQUENCES:
+            tail += (
+                f" (fewer than the {MIN_SEQUENCES} a bound needs: hold out more forget documents, --eval_fraction, or "
+                "audit more held-out forget text)"
+            )
+        return head + tail
 
     def to_markdown(self) -> str:
         lines = [
@@ -353,8 +360,12 @@ def build_report(
         per_model[f"{name}_p_S"] = m.mean
         per_model[f"{name}_p_S_upper"] = bounds[name].upper
         per_model[f"{name}_p_S_token_wilson_upper"] = wilson_upper(m.mean, n_wilson)
-        per_model[f"{name}_p_S_bootstrap_95"] = bootstrap_ratio_interval(
-            m.sequence_sums, m.sequence_counts, opts.bootstrap_samples, opts.seed
+        # below MIN_SEQUENCES resampling says nothing (2 sequences: 3 distinct resamples), as for the bounds
+        scored = int((np.asarray(m.sequence_counts) > 0).sum())
+        per_model[f"{name}_p_S_bootstrap_95"] = (
+            bootstrap_ratio_interval(m.sequence_sums, m.sequence_counts, opts.bootstrap_samples, opts.seed)
+            if scored >= MIN_SEQUENCES
+            else (math.nan, math.nan)
         )
         per_model[f"share_above_epsilon_{name}"] = m.share_above(eps)
     perplexity = {
