@@ -154,6 +154,8 @@ def test_lagging_model_meets_the_bound_within_six_updates_without_oscillating(fr
             logit_model += fraction * (logit_target - logit_model)
         heldout = 1.0 / (1.0 + np.exp(-(logit_model + gap)))
         state, rec = controller_step(state, s, _measure(heldout), (0.0, 100.0))
+        state.history.append(rec)  # as the callback does: the stall test reads the history
+        assert rec["decision"] != "stalled", (rec, offsets)  # a lagging model still follows the offset
         offsets.append(state.offset)
         uppers.append(rec["heldout_upper"])
     first = next(i for i, u in enumerate(uppers) if u <= eps)
@@ -195,8 +197,8 @@ def test_global_mode_controller_raises_lambda_until_the_bound_is_met(model, toke
     # the closed form leaves the held-out mass far above epsilon (Jensen gap), so the controller raises
     assert hist[0]["heldout_upper"] > 0.05 and hist[0]["decision"] == "raise"
     assert hist[-1]["lam"] > lam0 + 1.0
-    for rec in hist:  # the rule, as documented: raise exactly while the upper bound is above epsilon
-        assert (rec["heldout_upper"] > 0.05) == (rec["decision"] == "raise")
+    for rec in hist:  # the rule, as documented: raise (or hold, stalled) exactly while the upper bound is above epsilon
+        assert (rec["heldout_upper"] > 0.05) == (rec["decision"] in ("raise", "stalled"))
         assert rec["heldout_upper"] >= rec["heldout_mass"]
     assert hist[-1]["heldout_mass"] < hist[0]["heldout_mass"]
     assert all(h["positions"] == hist[0]["positions"] > 0 for h in hist)  # always the same held-out slice
@@ -344,6 +346,8 @@ def test_heldout_slice_is_never_trained_on(model, tokenizer, corpora, make_args)
         ("lambda_max", 0.0),
         ("lambda_max", -3.0),
         ("lambda_max", float("inf")),
+        ("lambda_min_response", -0.1),
+        ("lambda_min_response", float("nan")),
         ("heldout_batches", 0),
         ("heldout_max_share", 0.0),
         ("heldout_max_share", 1.5),
@@ -521,3 +525,97 @@ def test_stop_when_certified_stops_after_n_certified_updates_in_a_row():
     assert cb.certified_streak() == 2
     with pytest.raises(ValueError, match="stop_when_certified"):
         AdaptiveLambdaCallback(stop_when_certified=-1)
+
+
+# ------------------------------------------------------------------------------------- the stall
+def _run_saturating(settings, updates=10, cap=1.0, base=0.2):
+    """A model whose held-out logit follows the offset only up to ``cap`` nats (a generalisation gap the tighter
+    target cannot close): m(o) = sigmoid(logit(base) - min(o, cap)), 0.084 > epsilon for base 0.2, cap 1."""
+    state, records = ControllerState(), []
+    for _ in range(updates):
+        m = _sigmoid(_logit(base) - min(state.offset, cap))
+        state, rec = controller_step(state, settings, HeldoutMeasurement(mass=m, upper=m), (0.0, 12.0))
+        state.history.append(rec)
+        records.append(rec)
+    return records
+
+
+def test_the_controller_stops_raising_when_the_heldout_mass_stops_following():
+    """Raises 0 -> 1.81 -> 2.62 -> 3.42 (by hand: e = logit(0.2) - logit(0.05) = 1.558, then logit(0.084) -
+    logit(0.05) = 0.558, each plus the half band 0.25); at the fourth update the last two updates added 1.62 nats
+    and the held-out logit fell by 0 (the cap was reached at offset 1), so it stalls there, and holds."""
+    records = _run_saturating(ControllerSettings(epsilon=0.05, use_upper=False))
+    decisions = [r["decision"] for r in records]
+    assert decisions[:3] == ["raise"] * 3 and set(decisions[3:]) == {"stalled"}, decisions
+    first = _logit(0.2) - _logit(0.05) + 0.25
+    assert records[0]["offset"] == pytest.approx(first)
+    assert records[1]["offset"] == pytest.approx(first + _logit(_sigmoid(_logit(0.2) - 1.0)) - _logit(0.05) + 0.25)
+    # the third update: 2.62 nats added since the first measurement (0.2), the logit fell by exactly 1
+    assert records[2]["offset_response"] == pytest.approx(1.0 / records[1]["offset"])
+    assert records[3]["offset_response"] == pytest.approx(0.0, abs=1e-9)
+    assert {r["offset"] for r in records[3:]} == {records[2]["offset"]}
+    # lambda_min_response = 0: raise while the bound is above epsilon, up to the ceiling
+    records = _run_saturating(ControllerSettings(epsilon=0.05, use_upper=False, min_response=0.0), updates=14)
+    assert {r["decision"] for r in records} == {"raise"} and records[-1]["offset"] == 12.0
+
+
+def test_a_stalled_controller_raises_again_when_the_heldout_mass_falls():
+    """While stalled it compares with the mass of the update that stalled: a fall of lambda_min_response logits
+    (the model was lagging) resumes raising; a smaller one keeps it holding."""
+    s = ControllerSettings(epsilon=0.05, use_upper=False, min_response=0.1)
+    history = [
+        {"heldout_mass": 0.09, "offset_before": 1.0, "decision": "raise"},
+        {"heldout_mass": 0.08, "offset_before": 2.0, "decision": "stalled"},
+        {"heldout_mass": 0.0795, "offset_before": 2.0, "decision": "stalled"},
+    ]
+    state = ControllerState(offset=2.0, history=history)
+    still = _sigmoid(_logit(0.08) - 0.09)
+    _, rec = controller_step(state, s, HeldoutMeasurement(mass=still, upper=still), (0.0, 12.0))
+    assert rec["decision"] == "stalled" and rec["offset"] == 2.0
+    fell = _sigmoid(_logit(0.08) - 0.11)
+    _, rec = controller_step(state, s, HeldoutMeasurement(mass=fell, upper=fell), (0.0, 12.0))
+    assert rec["decision"] == "raise" and rec["offset"] > 2.0
+    # certified while stalled: the usual hold, the stall does not matter below epsilon
+    _, rec = controller_step(state, s, HeldoutMeasurement(mass=0.04, upper=0.04), (0.0, 12.0))
+    assert rec["decision"] == "hold"
+    # less than 0.5 nats added over the window: too little to judge, raise
+    small = ControllerState(offset=1.3, history=[{"heldout_mass": 0.09, "offset_before": 1.0, "decision": "raise"}] * 2)
+    _, rec = controller_step(small, s, HeldoutMeasurement(mass=0.09, upper=0.09), (0.0, 12.0))
+    assert rec["decision"] == "raise"
+    with pytest.raises(ValueError, match=r"lambda_min_response \(min_response\)"):
+        ControllerSettings(min_response=-0.1)
+
+
+def test_the_callback_warns_once_when_the_controller_stalls(tmp_path, caplog):
+    from etu_hf import ETUTrainingArguments
+    from etu_hf.training.tilt_state import TiltState
+
+    class Bound:
+        def __init__(self, upper):
+            self.upper, self.sequences = upper, 16
+
+        def to_dict(self):
+            return {"upper": self.upper, "sequences": self.sequences}
+
+    class Stats:
+        def __init__(self, mass):
+            self.mean_mass, self.delta, self.mean_target_mass, self.n_positions = mass, 0.1, mass, 1000
+            self.clamped_share, self.mean_lambda = 0.0, 1.0
+
+        def upper_bound(self, seed=0):
+            return Bound(self.mean_mass)
+
+    args = ETUTrainingArguments(output_dir=str(tmp_path), use_upper_for_lambda=False)
+    tilt = TiltState(args, None)
+
+    class SaturatingProbe:
+        def measure(self):
+            return Stats(_sigmoid(_logit(0.2) - min(tilt.offset, 1.0)))
+
+    cb = AdaptiveLambdaCallback()
+    cb.bind(args, SaturatingProbe(), tilt)
+    with caplog.at_level(logging.WARNING, logger="etu_hf.training.controller"):
+        records = [cb.update(step) for step in (5, 10, 15, 20, 25, 30)]
+    assert [r["decision"] for r in records] == ["raise"] * 3 + ["stalled"] * 3
+    assert caplog.text.count("no longer follows the offset") == 1 and "--lambda_min_response" in caplog.text
+    assert tilt.offset == records[2]["offset"]

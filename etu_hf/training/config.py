@@ -152,6 +152,12 @@ class ETUTrainingArguments(SecretFreeArguments, TrainingArguments):
             Decide on the sequence-level upper bound `U` of the held-out mass (the guarantee) instead of
             its point estimate. With fewer than 8 held-out sequences `U` is 1.0 and the point estimate
             decides (a warning says so).
+        lambda_min_response (`float`, *optional*, defaults to `0.1`):
+            The controller stops raising the offset when the held-out mass no longer follows it: when two
+            updates added at least 0.5 nats of offset and the held-out logit fell by less than this much per
+            nat added. It holds until the held-out mass falls again (a lagging model) and warns. The gap left
+            is generalisation, which a tighter target on the training contexts does not close and which costs
+            neighbouring knowledge. 0: raise while the bound is above `epsilon`.
         stop_when_certified (`int`, *optional*, defaults to `0`):
             Stop training once this many consecutive controller updates found the held-out upper bound
             at most `epsilon` (0: train the whole budget). Fewer steps, less drift on retain text.
@@ -342,6 +348,13 @@ class ETUTrainingArguments(SecretFreeArguments, TrainingArguments):
     lambda_step_max: float = field(default=2.0, metadata={"help": "Largest change of the offset per update."})
     use_upper_for_lambda: bool = field(
         default=True, metadata={"help": "Decide on the sequence-level upper bound of the held-out mass."}
+    )
+    lambda_min_response: float = field(
+        default=0.1,
+        metadata={
+            "help": "Stop raising the offset when the held-out logit falls by less than this per nat of offset "
+            "added over two updates (0: never stop)."
+        },
     )
     stop_when_certified: int = field(
         default=0,

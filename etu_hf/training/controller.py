@@ -70,7 +70,7 @@ class AdaptiveLambdaCallback(TrainerCallback):
     ``ETUTrainer`` adds one automatically when ``adaptive_lambda=True`` (the default) and binds any
     instance passed in ``callbacks=`` or ``add_callback``. Keyword arguments override the matching
     ``ETUTrainingArguments`` fields (``lambda_update_freq``, ``lambda_eta``, ``lambda_band``,
-    ``lambda_step_max``, ``use_upper_for_lambda``, ``stop_when_certified``).
+    ``lambda_step_max``, ``use_upper_for_lambda``, ``stop_when_certified``, ``lambda_min_response``).
 
     Bound (:meth:`bind`) to a probe of the held-out slice and to the run's
     :class:`~etu_hf.training.tilt_state.TiltState`, the only place the offset is kept: every update
@@ -91,6 +91,7 @@ class AdaptiveLambdaCallback(TrainerCallback):
         step_max: float | None = None,
         use_upper: bool | None = None,
         stop_when_certified: int | None = None,
+        min_response: float | None = None,
     ):
         self.overrides = {
             "update_freq": update_freq,
@@ -99,6 +100,7 @@ class AdaptiveLambdaCallback(TrainerCallback):
             "step_max": step_max,
             "use_upper": use_upper,
             "stop_when_certified": stop_when_certified,
+            "min_response": min_response,
         }
         ControllerSettings(**{k: v for k, v in self.overrides.items() if v is not None})  # fail now on a bad value
         self.settings: ControllerSettings | None = None
@@ -309,6 +311,19 @@ class AdaptiveLambdaCallback(TrainerCallback):
                 "Raise --lambda_max (now %s).",
                 100 * stats.clamped_share,
                 lambda_max,
+            )
+        previous = self.history[-2]["decision"] if len(self.history) > 1 else None
+        if record["decision"] == "stalled" and previous != "stalled":  # the stall begins
+            logger.warning(
+                "the held-out mass no longer follows the offset (%.3f logits fallen per nat added over the last two "
+                "updates, under --lambda_min_response %g): the controller holds the offset at %.3f instead of "
+                "tightening every forget context's target further, which would not reach held-out text and would "
+                "cost neighbouring knowledge. It raises again if the held-out mass falls while it holds. The gap "
+                "left is generalisation: more (or more varied) forget text, more steps, or --lambda_min_response 0 "
+                "to raise regardless.",
+                record["offset_response"] if record["offset_response"] is not None else math.nan,
+                self.settings.min_response,
+                record["offset"],
             )
         if record["offset_at_bound"] and record["decision"] == "raise":
             logger.warning(

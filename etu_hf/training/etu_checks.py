@@ -101,6 +101,8 @@ def check_etu_arguments(args: Any) -> None:
         fail("lambda_band", "must be finite and > 0 (logit units), e.g. 0.5")
     if not (math.isfinite(args.lambda_step_max) and args.lambda_step_max > 0):
         fail("lambda_step_max", "must be finite and > 0, e.g. 2.0")
+    if not (math.isfinite(args.lambda_min_response) and args.lambda_min_response >= 0):
+        fail("lambda_min_response", "must be finite and >= 0 (0: the controller never stalls), e.g. 0.1")
     if args.wilson_max_n < 1:
         fail("wilson_max_n", "must be >= 1")
     if args.stop_when_certified < 0:
