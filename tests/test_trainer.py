@@ -553,3 +553,25 @@ def test_loss_chunk_size_zero_trains_with_the_controller(model, tokenizer, corpo
     trainer.train()
     assert trainer.lambda_controller.history[0]["positions"] > 0
     assert 0 < trainer.base_p_s < 1
+
+
+def test_a_run_of_few_optimiser_steps_is_warned_about(model, tokenizer, corpora, make_args, caplog):
+    """Fewer than FEW_STEPS optimiser steps: one warning that names the steps and the flags to change."""
+    from etu_hf.training.trainer import FEW_STEPS
+
+    def run(steps):
+        caplog.clear()
+        trainer = ETUTrainer(
+            model=model,
+            args=make_args(max_steps=steps, adaptive_lambda=False),
+            train_dataset=corpora["forget"],
+            processing_class=tokenizer,
+            peft_config=LoraConfig(r=4, target_modules="all-linear"),
+        )
+        with caplog.at_level("WARNING", logger="etu_hf.training.trainer"):
+            trainer.train()
+        return caplog.text
+
+    text = run(2)
+    assert "this run trains 2 optimiser steps" in text and "--max_steps 40" in text
+    assert "optimiser steps." not in run(FEW_STEPS)
