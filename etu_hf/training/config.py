@@ -156,8 +156,8 @@ class ETUTrainingArguments(SecretFreeArguments, TrainingArguments):
             The controller stops raising the offset when the held-out mass no longer follows it: when two
             updates added at least 0.5 nats of offset and the held-out logit fell by less than this much per
             nat added. It holds until the held-out mass falls again (a lagging model) and warns. The gap left
-            is generalisation, which a tighter target on the training contexts does not close and which costs
-            neighbouring knowledge. 0: raise while the bound is above `epsilon`.
+            is generalisation, which a tighter target on the training contexts does not close; it only moves
+            the model further from the base. 0: raise while the bound is above `epsilon`.
         stop_when_certified (`int`, *optional*, defaults to `0`):
             Stop training once this many consecutive controller updates found the held-out upper bound
             at most `epsilon` (0: train the whole budget). Fewer steps, less drift on retain text.

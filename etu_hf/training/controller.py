@@ -318,9 +318,9 @@ class AdaptiveLambdaCallback(TrainerCallback):
                 "the held-out mass no longer follows the offset (%.3f logits fallen per nat added over the last two "
                 "updates, under --lambda_min_response %g): the controller holds the offset at %.3f instead of "
                 "tightening every forget context's target further, which would not reach held-out text and would "
-                "cost neighbouring knowledge. It raises again if the held-out mass falls while it holds. The gap "
-                "left is generalisation: more (or more varied) forget text, more steps, or --lambda_min_response 0 "
-                "to raise regardless.",
+                "move the model further from the base. It raises again if the held-out mass falls while it holds. "
+                "The gap left is generalisation: more (or more varied) forget text, more steps, or "
+                "--lambda_min_response 0 to raise regardless.",
                 record["offset_response"] if record["offset_response"] is not None else math.nan,
                 self.settings.min_response,
                 record["offset"],
