@@ -361,10 +361,9 @@ def build_report(
         per_model[f"{name}_p_S_upper"] = bounds[name].upper
         per_model[f"{name}_p_S_token_wilson_upper"] = wilson_upper(m.mean, n_wilson)
         # below MIN_SEQUENCES resampling says nothing (2 sequences: 3 distinct resamples), as for the bounds
-        scored = int((np.asarray(m.sequence_counts) > 0).sum())
         per_model[f"{name}_p_S_bootstrap_95"] = (
             bootstrap_ratio_interval(m.sequence_sums, m.sequence_counts, opts.bootstrap_samples, opts.seed)
-            if scored >= MIN_SEQUENCES
+            if bounds[name].sequences >= MIN_SEQUENCES
             else (math.nan, math.nan)
         )
         per_model[f"share_above_epsilon_{name}"] = m.share_above(eps)

@@ -241,23 +241,16 @@ class AdaptiveLambdaCallback(TrainerCallback):
             clamped_share=stats.clamped_share,
         )
         tilt_before = tilt.tilt_spec()
-        settings = self.settings
-        few = settings.use_upper and 0 < bound.sequences < MIN_SEQUENCES  # 0: nothing measured, the rule holds
-        if few:
-            # Below MIN_SEQUENCES the bound is 1.0 whatever the model does: deciding on it would raise the offset at
-            # every update up to lambda_max. This update decides on the point estimate instead (logged, recorded).
-            settings = replace(settings, use_upper=False)
-            if not self._warned_few:
-                self._warned_few = True
-                logger.warning(
-                    "the controller's held-out slice has %d sequences, fewer than the %d its upper bound needs (the "
-                    "bound is 1.0 below that): it decides on the held-out point estimate instead. Give it more "
-                    "held-out forget data (heldout_dataset=, --heldout_batches, --heldout_max_share) for the bound.",
-                    bound.sequences,
-                    MIN_SEQUENCES,
-                )
-        new_state, record = controller_step(self.state, settings, measurement, tilt.offset_bounds())
-        record["too_few_sequences"] = few
+        new_state, record = controller_step(self.state, self.settings, measurement, tilt.offset_bounds())
+        if record["too_few_sequences"] and not self._warned_few:
+            self._warned_few = True
+            logger.warning(
+                "the controller's held-out slice has %d sequences, fewer than the %d its upper bound needs (the "
+                "bound is 1.0 below that): it decides on the held-out point estimate instead. Give it more "
+                "held-out forget data (heldout_dataset=, --heldout_batches, --heldout_max_share) for the bound.",
+                bound.sequences,
+                MIN_SEQUENCES,
+            )
         tilt.set_offset(new_state.offset)
         spec = tilt.tilt_spec()
         per_position = spec.mode == "per_position"

@@ -11,7 +11,7 @@ target. The rule (``s`` is clipped to ``[1e-12, 1 - 1e-12]`` before the logit):
 
     m_k  = mean over held-out positions of pi_theta(S|x)                  (point estimate)
     U_k  = sequence-level upper confidence bound of m_k                    (etu_hf.ops.bounds.sequence_upper_bound)
-    s_k  = U_k if use_upper_for_lambda else m_k    (the callback passes m_k when U_k has < 8 sequences: 1.0)
+    s_k  = U_k if use_upper_for_lambda else m_k    (m_k when U_k comes from 1 to 7 sequences: it is then 1.0)
     e_k  = logit(s_k) - logit(epsilon)                                     (> 0: the bound is not met)
     set  = -lambda_band / 2                                                (aim inside the certified band)
     decision: "raise"  if e_k > 0:
@@ -66,7 +66,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from etu_hf.artifacts.record import DEFAULT_EPSILON
-from etu_hf.ops.bounds import pinsker_slack
+from etu_hf.ops.bounds import MIN_SEQUENCES, pinsker_slack
 from etu_hf.training.config import ETUTrainingArguments
 
 
@@ -178,8 +178,11 @@ def offset_response(state: ControllerState, mass: float) -> tuple[float, float] 
     return state.offset - ref["offset_before"], _logit(ref["heldout_mass"]) - _logit(mass)
 
 
-def _stalled(state: ControllerState, settings: ControllerSettings, mass: float) -> bool:
-    """Whether a raise is futile (module docstring, "stall"): the held-out mass stopped following the offset."""
+def _stalled(
+    state: ControllerState, settings: ControllerSettings, mass: float, response: tuple[float, float] | None
+) -> bool:
+    """Whether a raise is futile (module docstring, "stall"): the held-out mass stopped following the offset.
+    ``response`` is :func:`offset_response` of ``state`` and ``mass``."""
     if settings.min_response <= 0 or not math.isfinite(mass):
         return False
     history = state.history
@@ -188,7 +191,6 @@ def _stalled(state: ControllerState, settings: ControllerSettings, mass: float) 
         while first > 0 and history[first - 1]["decision"] == "stalled":
             first -= 1
         return _logit(history[first]["heldout_mass"]) - _logit(mass) < settings.min_response
-    response = offset_response(state, mass)
     if response is None:
         return False
     added, fall = response
@@ -208,15 +210,20 @@ def controller_step(
     eps = settings.epsilon
     if eps is None:
         raise ValueError("controller_step: settings.epsilon is not resolved yet (epsilon_ratio before p_S is known)")
-    s = measurement.upper if settings.use_upper else measurement.mass
+    # Below MIN_SEQUENCES the bound is 1.0 whatever the model does: deciding on it would raise the offset at every
+    # update up to lambda_max, so such an update decides on the point estimate (0 sequences: nothing measured).
+    few = settings.use_upper and 0 < measurement.sequences < MIN_SEQUENCES
+    on_upper = settings.use_upper and not few
+    s = measurement.upper if on_upper else measurement.mass
     floor, ceiling = offset_bounds
+    response = offset_response(state, measurement.mass)
     if not math.isfinite(s):
         error, decision, step = math.nan, "hold", 0.0  # nothing measured (no held-out position)
     else:
         error = _logit(s) - _logit(eps)
         below = error < -settings.band
         was_below = state.last_error is not None and state.last_error < -settings.band
-        if error > 0 and _stalled(state, settings, measurement.mass):
+        if error > 0 and _stalled(state, settings, measurement.mass, response):
             decision, step = "stalled", 0.0
         elif error > 0:
             decision, step = "raise", min(settings.eta * (error + settings.band / 2), settings.step_max)
@@ -225,12 +232,12 @@ def controller_step(
         else:
             decision, step = "hold", 0.0
     offset = min(max(state.offset + step, floor), ceiling)
-    response = offset_response(state, measurement.mass)
     slack = pinsker_slack(measurement.delta) if math.isfinite(measurement.delta) else math.nan
     record = {
         "heldout_mass": measurement.mass,
         "heldout_upper": measurement.upper,
-        "decided_on": "upper" if settings.use_upper else "point",
+        "decided_on": "upper" if on_upper else "point",
+        "too_few_sequences": few,
         "sequences": measurement.sequences,
         "positions": measurement.positions,
         "delta": measurement.delta,
