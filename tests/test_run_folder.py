@@ -331,11 +331,20 @@ def test_run_record_of_a_folder_without_a_run(tmp_path, monkeypatch):
 
 
 def test_audit_settings_come_from_the_run_and_flags_win(tmp_path):
-    from etu_hf.commands.audit import AuditArguments, resolve_forbidden, resolve_tilt, run_of
+    from etu_hf.commands.audit import (
+        DEFAULT_AUDIT_BLOCK_SIZE,
+        AuditArguments,
+        resolve_block_size,
+        resolve_forbidden,
+        resolve_tilt,
+        run_of,
+    )
 
     run = tmp_path / "run"
     run.mkdir()
-    (run / "args.json").write_text(json.dumps({"epsilon": 0.02, "lambda_mode": "global", "lambda_max": 9.0}))
+    (run / "args.json").write_text(
+        json.dumps({"epsilon": 0.02, "lambda_mode": "global", "lambda_max": 9.0, "block_size": 128})
+    )
     (run / "metrics.json").write_text(json.dumps({"lambda": {"closed_form_global": 2.0, "offset": 0.5}}))
     (run / "V_S.ids.json").write_text("[3]")
     merged = tmp_path / "merged"
@@ -355,5 +364,11 @@ def test_audit_settings_come_from_the_run_and_flags_win(tmp_path):
     tilt = resolve_tilt(args, run_of(args))
     assert (tilt.epsilon, tilt.mode, tilt.lambda_max, tilt.offset) == (0.1, "global", 4.0, 0.5)
     assert resolve_forbidden(args) == str(run / "V_S.ids.json")
+    # the blocks: the run's length (its own audit cut the held-out text so), a flag wins, no run: the default
+    assert resolve_block_size(args, run_of(args)) == 128
+    flagged = AuditArguments(output_dir="unused", adapter=str(run), forget_corpora=["f"], block_size=64)
+    assert resolve_block_size(flagged, run_of(flagged)) == 64
+    bare = AuditArguments(output_dir="unused", adapter=str(merged), forget_corpora=["f"])
+    assert resolve_block_size(bare, run_of(bare)) == DEFAULT_AUDIT_BLOCK_SIZE == 512
     with pytest.raises(ValueError, match="--forbidden: no V_S given"):
         resolve_forbidden(AuditArguments(output_dir="unused", adapter=str(merged), forget_corpora=["f"]))

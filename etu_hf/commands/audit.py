@@ -16,6 +16,9 @@ from etu_hf.artifacts.record import RunRecord
 from etu_hf.evaluation.audit import DEFAULT_AUDIT_MAX_SEQUENCES
 from etu_hf.ops.tilt import DEFAULT_LAMBDA_MAX, TiltSpec, check_lambda_floor
 
+#: ``etu-hf audit``'s block length when neither ``--block_size`` nor the run's args.json gives one.
+DEFAULT_AUDIT_BLOCK_SIZE = 512
+
 
 @dataclass
 class AuditArguments:
@@ -52,8 +55,13 @@ class AuditArguments:
     lambda_max: float | None = field(default=None, metadata={"help": f"Default: the run's, else {DEFAULT_LAMBDA_MAX}."})
     allow_negative_lambda: bool | None = field(default=None, metadata={"help": "Default: the run's, else false."})
     lambda_floor: float | None = field(default=None, metadata={"help": "Floor of lambda. Default: the run's, else 0."})
-    block_size: int = field(
-        default=512, metadata={"help": "Tokens per block of held-out text.", "aliases": ["--max_length"]}
+    block_size: int | None = field(
+        default=None,
+        metadata={
+            "help": f"Tokens per block of held-out text. Default: the run's --block_size (args.json of --adapter), "
+            f"else {DEFAULT_AUDIT_BLOCK_SIZE}.",
+            "aliases": ["--max_length"],
+        },
     )
     batch_size: int = field(default=8, metadata={"help": "Sequences per forward pass."})
     max_sequences: int | None = field(
@@ -91,7 +99,7 @@ class AuditArguments:
             check_lambda_floor(self.lambda_floor, bool(self.allow_negative_lambda))
         if not self.forget_corpora:
             raise ValueError("--forget_corpora: the audit needs held-out forget text (files or hub specs)")
-        if self.batch_size < 1 or self.block_size < 2:
+        if self.batch_size < 1 or (self.block_size is not None and self.block_size < 2):
             raise ValueError("--batch_size must be >= 1 and --block_size >= 2")
         if self.max_sequences is not None and self.max_sequences < 0:
             raise ValueError(f"--max_sequences: must be >= 0 (0: no cap), got {self.max_sequences}")
@@ -118,6 +126,16 @@ def resolve_tilt(args: AuditArguments, run: RunRecord) -> TiltSpec:
         "lambda_floor": args.lambda_floor,
     }
     return dataclasses.replace(run.tilt, **{k: v for k, v in flags.items() if v is not None})
+
+
+def resolve_block_size(args: AuditArguments, run: RunRecord) -> int:
+    """``--block_size`` when given, else the ``block_size`` in the run's args.json (an ``etu-hf unlearn``
+    run audits its held-out text in blocks of that size, so the two audits cut the text alike), else
+    :data:`DEFAULT_AUDIT_BLOCK_SIZE`."""
+    if args.block_size is not None:
+        return args.block_size
+    value = run.args.get("block_size")
+    return int(value) if isinstance(value, int) and value >= 2 else DEFAULT_AUDIT_BLOCK_SIZE
 
 
 def resolve_forbidden(args: AuditArguments) -> str:
@@ -196,7 +214,9 @@ def cmd(argv: Sequence[str]) -> int:
             f"--output_dir {args.output_dir!r} already holds {REPORT_FILE}; nothing was written. Pass "
             "--overwrite_output_dir or choose another --output_dir."
         )
-    tilt = resolve_tilt(args, run_of(args))
+    run = run_of(args)
+    tilt = resolve_tilt(args, run)
+    args = dataclasses.replace(args, block_size=resolve_block_size(args, run))
     forbidden = resolve_forbidden(args)
     model, base, tokenizer, sources = load_models(args)
 
