@@ -62,10 +62,17 @@ def selected_fields(cls: type, which: str = "own") -> list[dataclasses.Field]:
 
 def parser_defaults(cls: type) -> dict[str, Any]:
     """The default of each field as the command line really uses it: ``transformers.HfArgumentParser``'s
-    (it can differ from the dataclass's: a ``str | list`` field with default ``""`` parses to ``None``)."""
+    (it can differ from the dataclass's: a ``str | list`` field with default ``""`` parses to ``None``), with
+    ``etu-hf unlearn``'s own defaults for the training arguments it changes (``UNLEARN_TRAINING_DEFAULTS``)."""
     from transformers import HfArgumentParser
 
+    from etu_hf.training.config import ETUTrainingArguments
+
     parser = HfArgumentParser(cls)
+    if issubclass(cls, ETUTrainingArguments):  # etu-hf unlearn's own defaults for transformers' flags
+        from etu_hf.commands.arguments import UNLEARN_TRAINING_DEFAULTS
+
+        parser.set_defaults(**UNLEARN_TRAINING_DEFAULTS)
     return {f.name: parser.get_default(f.name) for f in dataclasses.fields(cls) if f.init}
 
 

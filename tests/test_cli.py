@@ -105,12 +105,31 @@ def test_short_flag_names_set_the_flags_they_stand_for(tmp_path):
     assert parse_unlearn_args(["--use_pmi_vs", "true", *required])[2].vs_method == "pmi"
     # a short name and its full flag are one option: the one given last wins, and the default stays
     batch = [parse_unlearn_args([*pair, *required])[2].per_device_train_batch_size for pair in (
-        ["--batch_size", "4", "--per_device_train_batch_size", "6"],
-        ["--per_device_train_batch_size", "6", "--batch_size", "4"],
+        ["--batch_size", "5", "--per_device_train_batch_size", "6"],
+        ["--per_device_train_batch_size", "6", "--batch_size", "5"],
         [],
     )]  # fmt: skip
-    assert batch == [6, 4, 8]
-    assert parse_unlearn_args(required)[2].vs_method == "words" and parse_unlearn_args(required)[1].block_size == 512
+    assert batch == [6, 5, 4]  # unset: etu-hf unlearn's 4 blocks, not transformers' 8
+    assert parse_unlearn_args(required)[2].vs_method == "words" and parse_unlearn_args(required)[1].block_size == 128
+
+
+def test_unlearn_defaults_to_small_batches_of_short_blocks_and_help_shows_defaults(tmp_path, capsys):
+    """4 blocks of 128 tokens (BENCHMARKS.md, "The README's command on 40 documents"), for every --method;
+    the flags win; the Python API keeps transformers' defaults; --help prints each flag's default."""
+    from etu_hf import ETUTrainingArguments
+
+    required = ["--forget_corpora", "unused.txt", "--output_dir", str(tmp_path / "o")]
+    for method in ("etu", "npo"):
+        _, data_args, training_args = parse_unlearn_args(["--method", method, *required])
+        assert (data_args.block_size, training_args.per_device_train_batch_size) == (128, 4)
+    _, data_args, training_args = parse_unlearn_args(["--max_length", "512", "--batch_size", "8", *required])
+    assert (data_args.block_size, training_args.per_device_train_batch_size) == (512, 8)
+    assert ETUTrainingArguments(output_dir=str(tmp_path / "p")).per_device_train_batch_size == 8
+    assert main(["unlearn", "--help"]) == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "held-out evaluation and the audit). (default: 128)" in help_text
+    assert "The batch size per device for training. (default: 4)" in help_text
+    assert "With an adapter (--use_lora/--use_dora/--use_qlora): 0.001. (default: 5e-05)" in help_text
 
 
 def test_adapters_default_to_their_own_learning_rate(tmp_path):

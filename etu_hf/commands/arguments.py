@@ -29,6 +29,18 @@ UNLEARNING_METHOD_NAMES = ("etu", "ga", "graddiff", "npo", "simnpo", "undial")
 #: (transformers' default, 5e-5, is a full fine-tuning rate; LoRA needs a larger one).
 ADAPTER_LEARNING_RATE = 1e-3
 
+#: ``etu-hf unlearn``'s batch (``--per_device_train_batch_size``) and block length (``--block_size``) when
+#: not given. transformers' 8 blocks of 512 tokens make a handful of optimiser steps on a forget set of a few
+#: dozen documents (6 on 40 documents about Harry Potter), which cost SmolLM2 a third of its knowledge next to
+#: the topic, and a step that does not fit a 24 GB machine without gradient checkpointing; 4 blocks of 128
+#: tokens make about 30 steps there and kept 0.93x of it (BENCHMARKS.md, "The README's command on 40 documents").
+UNLEARN_BATCH_SIZE = 4
+UNLEARN_BLOCK_SIZE = 128
+
+#: Training-argument defaults of ``etu-hf unlearn`` that differ from transformers' (the flag reference in
+#: docs/cli.md shows these).
+UNLEARN_TRAINING_DEFAULTS: dict[str, Any] = {"per_device_train_batch_size": UNLEARN_BATCH_SIZE}
+
 
 @dataclass
 class ModelArguments:
@@ -126,7 +138,13 @@ class DataArguments:
     )
     retain_broadcast: bool = field(default=False, metadata={"help": "Reuse one retain corpus for every forget corpus."})
     text_column: str = field(default="text", metadata={"help": "Text column of structured files and hub datasets."})
-    block_size: int = field(default=512, metadata={"help": "Tokens per training block.", "aliases": ["--max_length"]})
+    block_size: int = field(
+        default=UNLEARN_BLOCK_SIZE,
+        metadata={
+            "help": "Tokens per block of forget and retain text (training, held-out evaluation and the audit).",
+            "aliases": ["--max_length"],
+        },
+    )
     max_num_batches: int | None = field(default=None, metadata={"help": "Forget batches per epoch per process."})
     eval_fraction: float = field(
         default=0.1,
@@ -214,11 +232,18 @@ def training_arguments_class(method: str) -> type:
     return BaselineTrainingArguments
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` keeps the description's and epilog's line breaks (RawDescription) and shows each flag's
+    default (ArgumentDefaults, what ``HfArgumentParser`` uses by itself)."""
+
+
 def unlearn_parser(
     prog: str = "etu-hf unlearn", description: str | None = None, epilog: str | None = None, method: str = "etu"
 ) -> Any:
     """``HfArgumentParser`` over ``(ModelArguments, DataArguments, <the method's training arguments>)``
-    (:func:`training_arguments_class`), with the short flag names of :func:`add_short_names`."""
+    (:func:`training_arguments_class`), with the short flag names of :func:`add_short_names`, and
+    the defaults of :data:`UNLEARN_TRAINING_DEFAULTS` (``--per_device_train_batch_size``
+    :data:`UNLEARN_BATCH_SIZE` instead of transformers' 8)."""
     from transformers import HfArgumentParser
 
     parser = HfArgumentParser(
@@ -226,8 +251,13 @@ def unlearn_parser(
         prog=prog,
         description=description,
         epilog=epilog,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
+    parser.set_defaults(**UNLEARN_TRAINING_DEFAULTS)
+    for action in parser._actions:  # the adapter rate is set at parse time (parse_unlearn_args): say so
+        if action.dest == "learning_rate":
+            adapter_rate = f"With an adapter (--use_lora/--use_dora/--use_qlora): {ADAPTER_LEARNING_RATE:g}."
+            action.help = f"{action.help} {adapter_rate}"
     return add_short_names(parser)
 
 

@@ -56,9 +56,10 @@ __all__ = ["ETUTrainer", "ScoredCounts", "split_heldout"]
 logger = logging.getLogger(__name__)
 
 
-#: Below this many optimiser steps a run warns: on SmolLM2, 6 steps (the CLI's 3 epochs of a 40-document forget
-#: set) kept 0.64x of the neighbouring knowledge where 40 steps kept 0.82-0.93x for about the same forgetting
-#: (BENCHMARKS.md).
+#: Below this many optimiser steps a run warns: on SmolLM2, 6 steps (3 epochs of a 40-document forget set in 8
+#: blocks of 512 tokens, etu-hf unlearn's shape before it defaulted to 4 blocks of 128) kept 0.64x of the
+#: neighbouring knowledge where 33-40 steps of 4 blocks of 128 tokens kept 0.90-0.93x for about the same
+#: forgetting (BENCHMARKS.md).
 FEW_STEPS = 20
 
 
@@ -74,10 +75,11 @@ class _SetupCallback(TrainerCallback):
         if 0 < state.max_steps < FEW_STEPS:
             logger.warning(
                 "this run trains %d optimiser steps. On SmolLM2, 6 steps on 40 documents (3 epochs of 14 blocks of "
-                "512 tokens at batch 8) kept 0.64x of the base model's knowledge next to the topic, where 40 steps "
-                "of 4 blocks of 128 tokens kept 0.93x for about the same forgetting (BENCHMARKS.md). On a small "
-                "forget set train more steps on smaller batches: max_steps and per_device_train_batch_size "
-                "(etu-hf unlearn: --block_size 128 --per_device_train_batch_size 4 --max_steps 40).",
+                "512 tokens at batch 8) kept 0.64x of the base model's knowledge next to the topic, where 33 steps "
+                "of 4 blocks of 128 tokens kept 0.90x for about the same forgetting (BENCHMARKS.md). On a small "
+                "forget set train more steps on smaller batches and shorter blocks: max_steps (or num_train_epochs) "
+                "and per_device_train_batch_size (etu-hf unlearn: --max_steps 40, --per_device_train_batch_size, "
+                "--block_size; its defaults are 4 blocks of 128 tokens).",
                 state.max_steps,
             )
 
