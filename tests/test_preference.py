@@ -269,6 +269,13 @@ def test_refine_runs_offline_and_writes_an_audited_adapter(trained, tmp_path, me
     _, adapter = trained
     forget, retain = write_demo_corpora(str(tmp_path / "data"))
     out = tmp_path / f"refined-{method}"
+    block = ["--audit_block_size", "64"]
+    if method == "npo":  # an etu-hf unlearn run records its block_size: the final audit then cuts the text alike
+        shutil.copytree(adapter, tmp_path / "run64")
+        adapter = tmp_path / "run64"
+        run_args = json.loads((adapter / "args.json").read_text())
+        (adapter / "args.json").write_text(json.dumps({**run_args, "block_size": 64}))
+        block = []
     code = main(
         [
             "refine",
@@ -293,8 +300,7 @@ def test_refine_runs_offline_and_writes_an_audited_adapter(trained, tmp_path, me
             "true",
             "--save_strategy",
             "no",
-            "--audit_block_size",
-            "64",
+            *block,
         ]
         + (["--bf16", "false"] if method == "dpo" else [])
     )
@@ -305,6 +311,8 @@ def test_refine_runs_offline_and_writes_an_audited_adapter(trained, tmp_path, me
     assert metrics["refine_method"] == method and metrics["steps"] == 3
     report = json.loads((out / "suppression_report.json").read_text())
     assert report["tilt"]["epsilon"] == 0.05 and report["forget_positions"] > 0
+    # 64-token blocks (63 scored positions each) whether given or read from the run
+    assert report["forget_positions"] <= 63 * report["forget_sequences"]
 
 
 def test_refine_bad_input(trained, tmp_path, capsys):
@@ -328,6 +336,8 @@ def test_refine_bad_input(trained, tmp_path, capsys):
     assert "is not an etu-hf output" in capsys.readouterr().err
     assert main(["refine", "--method", "npo", "--adapter", str(adapter), "--beta", "0", *common]) == 2
     assert "beta" in capsys.readouterr().err
+    assert main(["refine", "--method", "npo", "--adapter", str(adapter), "--audit_block_size", "1", *common]) == 2
+    assert "--audit_block_size: must be >= 2 (got 1)" in capsys.readouterr().err
     assert (
         main(["refine", "--method", "dpo", "--bf16", "false", "--adapter", str(adapter), "--chosen", "retain", *common])
         == 2

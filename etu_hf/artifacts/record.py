@@ -80,6 +80,13 @@ class RunRecord:
         return float(value if value is not None else DEFAULT_EPSILON)
 
     @property
+    def block_size(self) -> int | None:
+        """The run's ``block_size`` (args.json of an ``etu-hf unlearn`` run: the length of its training and
+        held-out blocks); ``None`` when args.json does not hold a valid one (an ``ETUTrainer`` run from Python)."""
+        value = self.args.get("block_size")
+        return value if isinstance(value, int) and not isinstance(value, bool) and value >= 2 else None
+
+    @property
     def lambda_record(self) -> dict[str, Any]:
         """The ``"lambda"`` section of metrics.json (mode, closed-form global lambda, controller offset, ...)."""
         return self.metrics.get("lambda") or {}

@@ -13,11 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from etu_hf.artifacts.record import RunRecord
-from etu_hf.evaluation.audit import DEFAULT_AUDIT_MAX_SEQUENCES
+from etu_hf.evaluation.audit import DEFAULT_AUDIT_BLOCK_SIZE, DEFAULT_AUDIT_MAX_SEQUENCES
 from etu_hf.ops.tilt import DEFAULT_LAMBDA_MAX, TiltSpec, check_lambda_floor
-
-#: ``etu-hf audit``'s block length when neither ``--block_size`` nor the run's args.json gives one.
-DEFAULT_AUDIT_BLOCK_SIZE = 512
 
 
 @dataclass
@@ -134,8 +131,7 @@ def resolve_block_size(args: AuditArguments, run: RunRecord) -> int:
     :data:`DEFAULT_AUDIT_BLOCK_SIZE`."""
     if args.block_size is not None:
         return args.block_size
-    value = run.args.get("block_size")
-    return int(value) if isinstance(value, int) and value >= 2 else DEFAULT_AUDIT_BLOCK_SIZE
+    return run.block_size or DEFAULT_AUDIT_BLOCK_SIZE
 
 
 def resolve_forbidden(args: AuditArguments) -> str:

@@ -27,7 +27,7 @@ from typing import Any
 from etu_hf.artifacts.files import ARGS_FILE, FORBIDDEN_SET_FILE, METRICS_FILE, atomic_write, write_json
 from etu_hf.artifacts.record import RunRecord
 from etu_hf.artifacts.run_folder import RunFolder, check_output_dir, resolve_resume_checkpoint
-from etu_hf.evaluation.audit import DEFAULT_AUDIT_MAX_SEQUENCES
+from etu_hf.evaluation.audit import DEFAULT_AUDIT_BLOCK_SIZE, DEFAULT_AUDIT_MAX_SEQUENCES
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,13 @@ class RefineArguments:
     max_completion_words: int = field(default=48, metadata={"help": "Longest completion, in words."})
     eval_fraction: float = field(default=0.1, metadata={"help": "Documents held out for the final audit."})
     text_column: str = field(default="text", metadata={"help": "Text column of structured files and hub datasets."})
-    audit_block_size: int = field(default=512, metadata={"help": "Tokens per block in the final audit."})
+    audit_block_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Tokens per block in the final audit. Default: the ETU run's --block_size (args.json of "
+            "--adapter), else 512."
+        },
+    )
     audit_max_sequences: int | None = field(
         default=DEFAULT_AUDIT_MAX_SEQUENCES,
         metadata={"help": "The final audit measures at most this many held-out blocks (a seeded sample); 0: all."},
@@ -73,6 +79,8 @@ class RefineArguments:
     def __post_init__(self) -> None:
         if not self.forget_corpora:
             raise ValueError("--forget_corpora: refine needs forget text to build preference pairs from")
+        if self.audit_block_size is not None and self.audit_block_size < 2:
+            raise ValueError(f"--audit_block_size: must be >= 2 (got {self.audit_block_size})")
         if self.prompt_words < 1 or self.max_completion_words < 1:
             raise ValueError("--prompt_words and --max_completion_words must be >= 1")
         if self.method == "dpo" and self.chosen == "refusal" and not any(r.strip() for r in self.refusals):
@@ -173,6 +181,7 @@ def run_refine(args: RefineArguments, config: Any) -> Any:
     if getattr(config, "beta", 1.0) <= 0:
         raise ValueError(f"--beta: must be > 0 (got {config.beta})")
     run = check_etu_output(args.adapter)
+    block = args.audit_block_size or run.block_size or DEFAULT_AUDIT_BLOCK_SIZE  # as the run's own audit cut it
     existed = os.path.isdir(config.output_dir)  # the Trainer creates it; a failed run removes it again
     inputs = {"--adapter": args.adapter, "--model_name_or_path": args.model_name_or_path}
     check_output_dir(
@@ -195,7 +204,7 @@ def run_refine(args: RefineArguments, config: Any) -> Any:
     logger.info(
         "refine (%s): %d preference rows from %d forget documents", args.method, len(dataset), len(forget_train)
     )
-    base_model = load_model(base_path, max_length=args.audit_block_size, length_flag="--audit_block_size")
+    base_model = load_model(base_path, max_length=block, length_flag="--audit_block_size")
     if args.method == "dpo":
         trainer = build_dpo_trainer(base_model, args.adapter, config, dataset, tokenizer)
     else:
@@ -225,7 +234,6 @@ def run_refine(args: RefineArguments, config: Any) -> Any:
             )
         # The refined adapter is audited against the tilt the ETU run ended with (its offset included).
         tilt = run.tilt
-        block = args.audit_block_size
         report = audit(
             trainer.model,
             tokenize_and_block(forget_held, tokenizer, block),

@@ -54,6 +54,10 @@ logger = logging.getLogger(__name__)
 #: size of the held-out text. ``max_sequences=None`` (``--audit_max_sequences 0``) measures them all.
 DEFAULT_AUDIT_MAX_SEQUENCES = 1024
 
+#: ``etu-hf audit``'s and ``etu-hf refine``'s block length when neither their flag nor the run's args.json
+#: (``block_size``, :attr:`etu_hf.artifacts.record.RunRecord.block_size`) gives one.
+DEFAULT_AUDIT_BLOCK_SIZE = 512
+
 
 @dataclasses.dataclass
 class AuditOptions:
