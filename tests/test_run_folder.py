@@ -331,6 +331,7 @@ def test_run_record_of_a_folder_without_a_run(tmp_path, monkeypatch):
 
 
 def test_audit_settings_come_from_the_run_and_flags_win(tmp_path):
+    from etu_hf.artifacts.record import RunRecord
     from etu_hf.commands.audit import (
         DEFAULT_AUDIT_BLOCK_SIZE,
         AuditArguments,
@@ -370,5 +371,10 @@ def test_audit_settings_come_from_the_run_and_flags_win(tmp_path):
     assert resolve_block_size(flagged, run_of(flagged)) == 64
     bare = AuditArguments(output_dir="unused", adapter=str(merged), forget_corpora=["f"])
     assert resolve_block_size(bare, run_of(bare)) == DEFAULT_AUDIT_BLOCK_SIZE == 512
+    # a refined run: its own audit's --audit_block_size when given, else the ETU run's block_size it carries
+    refined = RunRecord(folder="", args={"block_size": 128, "refine": {"audit_block_size": 256}})
+    assert refined.block_size == 256
+    assert RunRecord(folder="", args={"block_size": 128, "refine": {"audit_block_size": None}}).block_size == 128
+    assert RunRecord(folder="", args={"block_size": True}).block_size is None  # not a length
     with pytest.raises(ValueError, match="--forbidden: no V_S given"):
         resolve_forbidden(AuditArguments(output_dir="unused", adapter=str(merged), forget_corpora=["f"]))

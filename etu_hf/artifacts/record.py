@@ -81,9 +81,14 @@ class RunRecord:
 
     @property
     def block_size(self) -> int | None:
-        """The run's ``block_size`` (args.json of an ``etu-hf unlearn`` run: the length of its training and
-        held-out blocks); ``None`` when args.json does not hold a valid one (an ``ETUTrainer`` run from Python)."""
-        value = self.args.get("block_size")
+        """The length of the blocks the run's own audit measured: ``refine.audit_block_size`` of an ``etu-hf
+        refine`` run when it was given, else ``block_size`` (an ``etu-hf unlearn`` run's training and held-out
+        blocks; a refined run's args.json carries its ETU run's); ``None`` when args.json holds no valid one
+        (an ``ETUTrainer`` run from Python)."""
+        refine = self.args.get("refine")
+        value = refine.get("audit_block_size") if isinstance(refine, dict) else None
+        if value is None:
+            value = self.args.get("block_size")
         return value if isinstance(value, int) and not isinstance(value, bool) and value >= 2 else None
 
     @property

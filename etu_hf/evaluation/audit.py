@@ -50,8 +50,9 @@ from etu_hf.ops.tilt import TiltSpec, closed_form_lambda
 logger = logging.getLogger(__name__)
 
 #: Default cap on the held-out blocks the audit measures per corpus (about 0.5M positions at 512 tokens
-#: per block): a seeded sample of this many blocks keeps an end-of-run audit in minutes whatever the
-#: size of the held-out text. ``max_sequences=None`` (``--audit_max_sequences 0``) measures them all.
+#: per block, 130k at etu-hf unlearn's 128): a seeded sample of this many blocks keeps an end-of-run audit
+#: in minutes whatever the size of the held-out text. ``max_sequences=None`` (``--audit_max_sequences 0``)
+#: measures them all.
 DEFAULT_AUDIT_MAX_SEQUENCES = 1024
 
 #: ``etu-hf audit``'s and ``etu-hf refine``'s block length when neither their flag nor the run's args.json
@@ -78,7 +79,7 @@ class AuditOptions:
 
     collator: Any = None
     batch_size: int = 8
-    block_size: int = 512
+    block_size: int = DEFAULT_AUDIT_BLOCK_SIZE
     chunk_size: int | None = DEFAULT_CHUNK_SIZE
     wilson_max_n: int = 2048
     bootstrap_samples: int = 1000
