@@ -113,8 +113,8 @@ def test_short_flag_names_set_the_flags_they_stand_for(tmp_path):
     assert parse_unlearn_args(required)[2].vs_method == "words" and parse_unlearn_args(required)[1].block_size == 128
 
 
-def test_unlearn_defaults_to_small_batches_of_short_blocks_and_help_shows_defaults(tmp_path, capsys):
-    """4 blocks of 128 tokens (BENCHMARKS.md, "The README's command on 40 documents"), for every --method;
+def test_unlearn_defaults_to_small_batches_of_short_blocks_and_help_shows_defaults(tmp_path, capsys, monkeypatch):
+    """4 blocks of 128 tokens (BENCHMARKS.md, "The defaults of `etu-hf unlearn`"), for every --method;
     the flags win; the Python API keeps transformers' defaults; --help prints each flag's default."""
     from etu_hf import ETUTrainingArguments
 
@@ -130,6 +130,12 @@ def test_unlearn_defaults_to_small_batches_of_short_blocks_and_help_shows_defaul
     assert "held-out evaluation and the audit). (default: 128)" in help_text
     assert "The batch size per device for training. (default: 4)" in help_text
     assert "With an adapter (--use_lora/--use_dora/--use_qlora): 0.001. (default: 5e-05)" in help_text
+    # the demo's help shows the demo's own settings as the defaults
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "--help"]) == 0
+    demo_help = " ".join(capsys.readouterr().out.split())
+    assert "The batch size per device for training. (default: 8)" in demo_help
+    assert "(default: 0.003)" in demo_help and "(default: 150)" in demo_help
 
 
 def test_adapters_default_to_their_own_learning_rate(tmp_path):

@@ -33,12 +33,13 @@ ADAPTER_LEARNING_RATE = 1e-3
 #: not given. transformers' 8 blocks of 512 tokens make a handful of optimiser steps on a forget set of a few
 #: dozen documents (6 on 40 documents about Harry Potter), which cost SmolLM2 a third of its knowledge next to
 #: the topic, and a step that does not fit a 24 GB machine without gradient checkpointing; 4 blocks of 128
-#: tokens make about 30 steps there and kept 0.93x of it (BENCHMARKS.md, "The README's command on 40 documents").
+#: tokens make 33 steps there and kept 0.90x of it (BENCHMARKS.md, "The defaults of `etu-hf unlearn`").
 UNLEARN_BATCH_SIZE = 4
 UNLEARN_BLOCK_SIZE = 128
 
-#: Training-argument defaults of ``etu-hf unlearn`` that differ from transformers' (the flag reference in
-#: docs/cli.md shows these).
+#: Training-argument defaults of ``etu-hf unlearn`` that differ from ``ETUTrainingArguments``' (the flag reference
+#: in docs/cli.md shows these). The controller keeps its 4 held-out batches: at batch 4 that is 16 sequences, and
+#: 8 batches (32) gave the same verdict and held-out mass on the real-text case (BENCHMARKS.md).
 UNLEARN_TRAINING_DEFAULTS: dict[str, Any] = {"per_device_train_batch_size": UNLEARN_BATCH_SIZE}
 
 

@@ -41,8 +41,13 @@ DEMO_EPILOG = f"demo settings:\n  {' '.join(DEMO_DEFAULTS)}"
 
 
 def demo_parser() -> Any:
-    """The ``etu-hf unlearn`` parser, with the demo's description and settings in its help."""
-    return unlearn_parser("etu-hf demo", description=DEMO_DESCRIPTION, epilog=DEMO_EPILOG)
+    """The ``etu-hf unlearn`` parser, with the demo's description, and its settings (:data:`DEMO_DEFAULTS`) as
+    the defaults ``--help`` shows."""
+    parser = unlearn_parser("etu-hf demo", description=DEMO_DESCRIPTION, epilog=DEMO_EPILOG)
+    settings, _ = parser.parse_known_args(DEMO_DEFAULTS)
+    dests = {parser._option_string_actions[flag].dest for flag in DEMO_DEFAULTS if flag.startswith("--")}
+    parser.set_defaults(**{dest: getattr(settings, dest) for dest in dests})
+    return parser
 
 
 def _free_output_dir(base: str) -> str:
