@@ -330,6 +330,40 @@ def test_run_record_of_a_folder_without_a_run(tmp_path, monkeypatch):
         RunRecord.read(str(tmp_path))
 
 
+def test_a_checkpoint_folder_reads_as_the_run_at_that_step(tmp_path):
+    """A checkpoint-<step> folder has no args.json or metrics.json: the run's args come from the folder above,
+    epsilon and the offset from the checkpoint's own state files (not the run's final offset)."""
+    from etu_hf.artifacts.record import RunRecord
+    from etu_hf.commands.audit import AuditArguments, resolve_block_size, resolve_tilt, run_of
+
+    run = tmp_path / "run"
+    ckpt = run / "checkpoint-5"
+    ckpt.mkdir(parents=True)
+    (run / "args.json").write_text(json.dumps({"epsilon": None, "epsilon_ratio": 0.25, "block_size": 64}))
+    (run / "metrics.json").write_text(
+        json.dumps({"epsilon": 0.04, "lambda": {"closed_form_global": 2.0, "offset": 3.0}})
+    )
+    (ckpt / "etu_trainer_state.json").write_text(json.dumps({"global_step": 5, "epsilon": {"epsilon": 0.04}}))
+    (ckpt / "etu_controller.json").write_text(json.dumps({"offset": 1.25, "history": []}))
+    (ckpt / "V_S.ids.json").write_text("[3]")
+    record = RunRecord.read(str(ckpt))
+    assert record and record.block_size == 64 and record.forbidden_path == str(ckpt / "V_S.ids.json")
+    tilt = record.tilt
+    assert (tilt.epsilon, tilt.offset, tilt.global_lambda) == (0.04, 1.25, 2.0)
+    args = AuditArguments(output_dir="unused", adapter=str(ckpt), forget_corpora=["f"])
+    assert resolve_tilt(args, run_of(args)).offset == 1.25 and resolve_block_size(args, run_of(args)) == 64
+    # a checkpoint of a run still training (no metrics.json above it) and one with no controller state
+    (run / "metrics.json").unlink()
+    (ckpt / "etu_controller.json").unlink()
+    tilt = RunRecord.read(str(ckpt)).tilt
+    assert (tilt.epsilon, tilt.offset, tilt.global_lambda) == (0.04, 0.0, None)
+    # a folder that is not named as a checkpoint reads as before: empty
+    other = tmp_path / "copy"
+    other.mkdir()
+    (other / "etu_controller.json").write_text(json.dumps({"offset": 1.25}))
+    assert not RunRecord.read(str(other))
+
+
 def test_audit_settings_come_from_the_run_and_flags_win(tmp_path):
     from etu_hf.artifacts.record import RunRecord
     from etu_hf.commands.audit import (

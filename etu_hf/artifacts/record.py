@@ -11,10 +11,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from etu_hf.artifacts.files import ARGS_FILE, FORBIDDEN_SET_FILE, METRICS_FILE
+from etu_hf.artifacts.files import (
+    ARGS_FILE,
+    CONTROLLER_STATE_FILE,
+    FORBIDDEN_SET_FILE,
+    METRICS_FILE,
+    RUN_STATE_FILE,
+)
 
 if TYPE_CHECKING:
     from etu_hf.ops.tilt import TiltSpec
@@ -38,6 +45,33 @@ def _read_json(path: str) -> dict[str, Any]:
     return data
 
 
+#: A Trainer checkpoint folder's name (``transformers.trainer_utils.PREFIX_CHECKPOINT_DIR`` + ``-<step>``).
+_CHECKPOINT = re.compile(r"^checkpoint-\d+$")
+
+
+def _checkpoint_record(folder: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(args, metrics)`` of the run at the checkpoint ``folder``: args.json of the run folder above it, and a
+    metrics record holding what the checkpoint itself says (``epsilon``, ``lambda.offset``) and the run's
+    ``lambda.closed_form_global`` when its metrics.json has one. Empty dicts where the files are missing."""
+    run_folder = os.path.dirname(os.path.normpath(folder))
+    args = _read_json(os.path.join(run_folder, ARGS_FILE))
+    state = _read_json(os.path.join(folder, RUN_STATE_FILE))
+    controller = _read_json(os.path.join(folder, CONTROLLER_STATE_FILE))
+    metrics: dict[str, Any] = {}
+    resolved = state.get("epsilon")  # {"epsilon": ..., "epsilon_ratio": ..., "epsilon_base_p_S": ...}
+    if isinstance(resolved, dict) and resolved.get("epsilon") is not None:
+        metrics["epsilon"] = resolved["epsilon"]
+    lam: dict[str, Any] = {}
+    if controller.get("offset") is not None:
+        lam["offset"] = controller["offset"]
+    closed_form = (_read_json(os.path.join(run_folder, METRICS_FILE)).get("lambda") or {}).get("closed_form_global")
+    if closed_form is not None:
+        lam["closed_form_global"] = closed_form
+    if lam:
+        metrics["lambda"] = lam
+    return args, metrics
+
+
 @dataclass(frozen=True)
 class RunRecord:
     """The files of one run folder: ``args`` (args.json), ``metrics`` (metrics.json) and the path of
@@ -52,12 +86,22 @@ class RunRecord:
     @classmethod
     def read(cls, folder: str) -> RunRecord:
         """Read args.json, metrics.json and locate V_S.ids.json in ``folder``; ``ValueError`` naming the
-        file when one exists but is not a JSON object."""
+        file when one exists but is not a JSON object.
+
+        A ``checkpoint-<step>`` folder holds neither file: its record is the run's args.json (in the folder
+        above it) with the tilt the run had at that step, the epsilon of its etu_trainer_state.json and the
+        controller's offset of its etu_controller.json (plus the run's closed-form global lambda, which is fixed
+        at the start of training, when metrics.json above says it).
+        """
         forbidden = os.path.join(folder, FORBIDDEN_SET_FILE)
+        args = _read_json(os.path.join(folder, ARGS_FILE))
+        metrics = _read_json(os.path.join(folder, METRICS_FILE))
+        if not args and not metrics and _CHECKPOINT.match(os.path.basename(os.path.normpath(folder))):
+            args, metrics = _checkpoint_record(folder)
         return cls(
             folder=folder,
-            args=_read_json(os.path.join(folder, ARGS_FILE)),
-            metrics=_read_json(os.path.join(folder, METRICS_FILE)),
+            args=args,
+            metrics=metrics,
             forbidden_path=forbidden if os.path.isfile(forbidden) else None,
         )
 
