@@ -29,6 +29,10 @@ if TYPE_CHECKING:
 #: The target mass of a run whose args.json does not say (``ETUTrainingArguments``' default).
 DEFAULT_EPSILON = 0.05
 
+#: The block length an audit of a run cuts held-out text into when neither a flag nor the run's args.json says
+#: (``etu-hf audit --block_size``, ``etu-hf refine --audit_block_size``, ``AuditOptions.block_size``).
+DEFAULT_AUDIT_BLOCK_SIZE = 512
+
 
 def _read_json(path: str) -> dict[str, Any]:
     if not os.path.isfile(path):
@@ -134,6 +138,11 @@ class RunRecord:
         if value is None:
             value = self.args.get("block_size")
         return value if isinstance(value, int) and not isinstance(value, bool) and value >= 2 else None
+
+    def audit_block_size(self, given: int | None = None) -> int:
+        """The block length to audit this run's held-out text in: ``given`` (a flag) when set, else
+        :attr:`block_size` (as the run's own audit cut it), else :data:`DEFAULT_AUDIT_BLOCK_SIZE`."""
+        return given if given is not None else (self.block_size or DEFAULT_AUDIT_BLOCK_SIZE)
 
     @property
     def lambda_record(self) -> dict[str, Any]:

@@ -12,8 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from etu_hf.artifacts.record import RunRecord
-from etu_hf.evaluation.audit import DEFAULT_AUDIT_BLOCK_SIZE, DEFAULT_AUDIT_MAX_SEQUENCES
+from etu_hf.artifacts.record import DEFAULT_AUDIT_BLOCK_SIZE, RunRecord
+from etu_hf.evaluation.audit import DEFAULT_AUDIT_MAX_SEQUENCES
 from etu_hf.ops.tilt import DEFAULT_LAMBDA_MAX, TiltSpec, check_lambda_floor
 
 
@@ -126,12 +126,9 @@ def resolve_tilt(args: AuditArguments, run: RunRecord) -> TiltSpec:
 
 
 def resolve_block_size(args: AuditArguments, run: RunRecord) -> int:
-    """``--block_size`` when given, else the ``block_size`` in the run's args.json (an ``etu-hf unlearn``
-    run audits its held-out text in blocks of that size, so the two audits cut the text alike), else
-    :data:`DEFAULT_AUDIT_BLOCK_SIZE`."""
-    if args.block_size is not None:
-        return args.block_size
-    return run.block_size or DEFAULT_AUDIT_BLOCK_SIZE
+    """``--block_size`` when given, else the run's (:meth:`RunRecord.audit_block_size`), so that this audit
+    cuts the held-out text as the run's own audit did."""
+    return run.audit_block_size(args.block_size)
 
 
 def resolve_forbidden(args: AuditArguments) -> str:

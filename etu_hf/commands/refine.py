@@ -27,7 +27,7 @@ from typing import Any
 from etu_hf.artifacts.files import ARGS_FILE, FORBIDDEN_SET_FILE, METRICS_FILE, atomic_write, write_json
 from etu_hf.artifacts.record import RunRecord
 from etu_hf.artifacts.run_folder import RunFolder, check_output_dir, resolve_resume_checkpoint
-from etu_hf.evaluation.audit import DEFAULT_AUDIT_BLOCK_SIZE, DEFAULT_AUDIT_MAX_SEQUENCES
+from etu_hf.evaluation.audit import DEFAULT_AUDIT_MAX_SEQUENCES
 
 logger = logging.getLogger(__name__)
 
@@ -181,7 +181,7 @@ def run_refine(args: RefineArguments, config: Any) -> Any:
     if getattr(config, "beta", 1.0) <= 0:
         raise ValueError(f"--beta: must be > 0 (got {config.beta})")
     run = check_etu_output(args.adapter)
-    block = args.audit_block_size or run.block_size or DEFAULT_AUDIT_BLOCK_SIZE  # as the run's own audit cut it
+    block = run.audit_block_size(args.audit_block_size)  # as the run's own audit cut it
     existed = os.path.isdir(config.output_dir)  # the Trainer creates it; a failed run removes it again
     inputs = {"--adapter": args.adapter, "--model_name_or_path": args.model_name_or_path}
     check_output_dir(

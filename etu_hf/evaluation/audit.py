@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from etu_hf.artifacts.files import ACTIVATIONS_FILE, HISTOGRAM_FILE, REPORT_FILE
+from etu_hf.artifacts.record import DEFAULT_AUDIT_BLOCK_SIZE
 from etu_hf.data.blocks import iter_batches, tokenize_and_block
 from etu_hf.evaluation.activations import activation_statistics
 from etu_hf.evaluation.measures import (
@@ -54,10 +55,6 @@ logger = logging.getLogger(__name__)
 #: in minutes whatever the size of the held-out text. ``max_sequences=None`` (``--audit_max_sequences 0``)
 #: measures them all.
 DEFAULT_AUDIT_MAX_SEQUENCES = 1024
-
-#: ``etu-hf audit``'s and ``etu-hf refine``'s block length when neither their flag nor the run's args.json
-#: (``block_size``, :attr:`etu_hf.artifacts.record.RunRecord.block_size`) gives one.
-DEFAULT_AUDIT_BLOCK_SIZE = 512
 
 
 @dataclasses.dataclass
