@@ -269,6 +269,19 @@ def test_env_reports_versions_hardware_and_suggestions(capsys):
     assert data["versions"]["matplotlib"]
 
 
+def test_env_suggests_the_measured_rank_whatever_the_memory():
+    """A big device used to get r=64; on the real-model benchmark r=64 forgot no more than 16 and cost
+    general knowledge, so the suggestion is the measured rank with or without memory to spare."""
+    from etu_hf.commands.env import SUGGESTED_LORA_R, suggest
+
+    assert SUGGESTED_LORA_R == 16
+    big = {"gpu_memory_gb": [80.0], "ram_gb": 128.0, "bf16": True, "device": "cuda"}
+    small = {"gpu_memory_gb": [], "ram_gb": 8.0, "bf16": False, "device": "cpu"}
+    for hw in (big, small):
+        for params in (None, 135_000_000, 7_000_000_000):
+            assert suggest(hw, params)["lora_r"] == SUGGESTED_LORA_R
+
+
 def test_auto_find_batch_size(tokenizer, corpora, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(DEMO_MODEL_DIR)
     trainer = lora_trainer(
