@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from etu_hf.commands.env import SUGGESTED_LORA_R
 from etu_hf.evaluation.audit import DEFAULT_AUDIT_MAX_SEQUENCES
 
 #: ``etu-hf unlearn --method`` values: ETU and the baselines of docs/baselines.md (the keys of
@@ -66,7 +67,7 @@ class ModelArguments:
     )
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the hub."})
     use_lora: bool = field(default=False, metadata={"help": "Train a LoRA adapter (PEFT) instead of all weights."})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_r: int = field(default=SUGGESTED_LORA_R, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling alpha."})
     lora_dropout: float = field(default=0.1, metadata={"help": "LoRA dropout."})
     lora_target_modules: str = field(

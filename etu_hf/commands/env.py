@@ -82,9 +82,10 @@ def model_parameters(model_name_or_path: str) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-#: The LoRA rank ``etu-hf env`` suggests whatever the memory: on SmolLM2's knowledge benchmark r=4 forgot
-#: less than r=16 and r=64 forgot the same while losing 8% of the general knowledge (BENCHMARKS.md,
-#: "Learning rate, adapter layers, rank and seed").
+#: The measured LoRA rank: ``etu-hf env`` suggests it whatever the memory, and it is the default of
+#: ``etu-hf unlearn --lora_r`` and ``etu-hf compare --lora_r``. On SmolLM2's knowledge benchmark r=4 forgot less
+#: than r=16 and r=64 forgot the same while losing 8% of the general knowledge (BENCHMARKS.md, "Learning rate,
+#: adapter layers, rank and seed"). Kept here because this module imports nothing heavy.
 SUGGESTED_LORA_R = 16
 
 
@@ -118,7 +119,7 @@ def suggest(hw: dict[str, Any], params: int | None) -> dict[str, Any]:
         )
     spare = headroom - (nf4_weights if out["use_qlora"] else bf16_weights)
     out["per_device_train_batch_size"] = max(1, min(16, int(spare / max(params * 0.25, 1))))
-    out["lora_r"] = SUGGESTED_LORA_R  # measured, not a memory rule: r=64 forgot no more and cost general knowledge
+    out["lora_r"] = SUGGESTED_LORA_R
     out["gradient_checkpointing"] = out["per_device_train_batch_size"] < 4
     out["bf16"] = bool(hw["bf16"]) and hw["device"] == "cuda"
     out["frozen_on_cpu_if_full_finetune"] = 2 * bf16_weights > headroom

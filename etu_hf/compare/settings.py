@@ -8,6 +8,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from etu_hf.commands.env import SUGGESTED_LORA_R
+
 #: ETU variants: ETU's arguments each sets. ``etu`` runs the package's defaults and every variant but ``etu-pmi``
 #: builds its own V_S from the same forget and retain data; ``etu-pmi`` uses the comparison's shared piece-level
 #: V_S (the one the V_S mass column measures every method on; ETU's default before issue 20).
@@ -159,7 +161,7 @@ class CompareArguments:
     pmi_min_count: int = field(
         default=3, metadata={"help": "V_S (shared by all runs): minimum forget count of a PMI token."}
     )
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank (all runs)."})
+    lora_r: int = field(default=SUGGESTED_LORA_R, metadata={"help": "LoRA rank (all runs)."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (all runs)."})
     lora_target_modules: str = field(default="all-linear,lm_head", metadata={"help": "LoRA targets (all runs)."})
     relearn_steps: int = field(default=0, metadata={"help": "Steps of the relearning attack (0: none)."})
