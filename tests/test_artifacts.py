@@ -389,7 +389,8 @@ def test_compare_json_and_eval_json_keys(tmp_path):
     result = _json(out / "COMPARE.json")
     for key in documented_keys("COMPARE.json"):
         lookup(result, key)
-    assert list(result) == ["settings", "models", "benchmark", "vs_size", "references", "runs", "goals"]
+    assert list(result) == ["settings", "models", "benchmark", "vs_size", "references", "runs", "over_seeds", "goals"]
+    assert result["over_seeds"] == []  # one seed
     evals = {"reference": out / "reference", "target": out / "target"}
     evals.update({r["run_dir"]: out / r["run_dir"] for r in result["runs"]})
     for folder in evals.values():
@@ -403,6 +404,10 @@ def test_compare_json_and_eval_json_keys(tmp_path):
     assert result["references"]["retain"] == _json(out / "reference" / "EVAL.json")["aggregates"]
     assert result["references"]["target"] == _json(out / "target" / "EVAL.json")["aggregates"]
     assert [(r["method"], r["label"]) for r in result["runs"]] == [("etu", "eps=0.05"), ("npo", "lr=0.001")]
+    assert [(r["setting"], r["seed"], r["hyperparameters"]["seed"]) for r in result["runs"]] == [
+        ("eps=0.05", 0, 0),
+        ("lr=0.001", 0, 0),
+    ]
     assert result["settings"]["grid"] == [["etu", "eps=0.05"], ["npo", "lr=0.001"]]
     points = []
     for r in result["runs"]:

@@ -7,7 +7,8 @@ import pytest
 
 from etu_hf.compare.pareto import dominates, pareto_front, plot_pareto
 from etu_hf.compare.report import goal_checks, markdown_table
-from etu_hf.compare.settings import CompareArguments
+from etu_hf.compare.seeds import over_seeds, seeds_table
+from etu_hf.compare.settings import CompareArguments, setting_of
 
 
 def test_pareto_front_by_hand():
@@ -80,6 +81,10 @@ def test_goal_checks_and_table(tmp_path):
         ({"etu_args": "continuation_skip_top_k=many"}, "continuation_skip_top_k takes a value of type int"),
         ({"etu_args": "forbid_continuations=maybe"}, "forbid_continuations takes true or false"),
         ({"etu_args": "epsilon=0.1"}, "epsilon is set by compare for every run"),
+        ({"seeds": "0,x"}, "--seeds: cannot read"),
+        ({"seeds": "1,1"}, "--seeds: seeds must be distinct"),
+        ({"seeds": "0,-1"}, "--seeds: seeds must be distinct integers >= 0"),
+        ({"seeds": "0,1", "seed": 3}, "either --seed N"),
     ],
 )
 def test_bad_settings(flags, match, tmp_path):
@@ -92,7 +97,36 @@ def test_grid():
     assert [(m, lab) for m, lab, _ in cfg.grid()] == [("etu", "eps=0.1"), ("etu", "eps=0.01"), ("ga", "lr=0.0001")]
     cfg = CompareArguments(output_dir="x", methods="etu-cont,npo", etu_epsilons="0.05", learning_rates="1e-3")
     assert [(m, lab) for m, lab, _ in cfg.grid()] == [("etu-cont", "eps=0.05"), ("npo", "lr=0.001")]
-    assert cfg.grid()[0][2] == {"epsilon": 0.05, "learning_rate": 1e-3}
+    assert cfg.grid()[0][2] == {"epsilon": 0.05, "learning_rate": 1e-3, "seed": 0}
+    cfg = CompareArguments(output_dir="x", methods="etu,npo", etu_epsilons="0.05", learning_rates="1e-3", seeds="2,0")
+    assert [(m, lab, h["seed"]) for m, lab, h in cfg.grid()] == [
+        ("etu", "eps=0.05 seed=2", 2),
+        ("etu", "eps=0.05 seed=0", 0),
+        ("npo", "lr=0.001 seed=2", 2),
+        ("npo", "lr=0.001 seed=0", 0),
+    ]
+    assert [setting_of(lab) for _, lab, _ in cfg.grid()] == ["eps=0.05", "eps=0.05", "lr=0.001", "lr=0.001"]
+    assert CompareArguments(output_dir="x", seed=5).grid()[0][2]["seed"] == 5  # one seed: labels as before
+    assert setting_of("eps=0.05") == "eps=0.05"
+
+
+def test_over_seeds_by_hand():
+    runs = [
+        {"method": "etu", "setting": "eps=0.05", "seed": 0, "eval": {"a": 0.2, "b": 1.0}},
+        {"method": "etu", "setting": "eps=0.05", "seed": 1, "eval": {"a": 0.5, "b": None}},
+        {"method": "etu", "setting": "eps=0.05", "seed": 2, "eval": {"a": 0.8, "b": float("nan")}},
+        {"method": "npo", "setting": "lr=0.001", "seed": 0, "eval": {"a": 0.1}},
+    ]
+    groups = over_seeds(runs, ["a", "b", "c"])
+    assert len(groups) == 1  # npo ran one seed: nothing to summarise
+    g = groups[0]
+    assert (g["method"], g["setting"], g["seeds"]) == ("etu", "eps=0.05", [0, 1, 2])
+    assert g["mean"]["a"] == pytest.approx(0.5) and (g["min"]["a"], g["max"]["a"]) == (0.2, 0.8)
+    assert g["mean"]["b"] == 1.0 and g["min"]["b"] == g["max"]["b"] == 1.0  # the one finite value
+    assert "c" not in g["mean"]
+    table = seeds_table(groups, (("a", "A"), ("c", "C")), lambda v: f"{v:.2f}")
+    assert table.splitlines()[2] == "| etu | eps=0.05 | 0,1,2 | 0.50 (0.20-0.80) | n/a |"
+    assert seeds_table([], (("a", "A"),), str) == ""
 
 
 def test_etu_args_are_typed_like_the_training_arguments():

@@ -206,9 +206,10 @@ def test_eval_and_compare_end_to_end(bench_dir, tmp_path, capsys):
         "--output_dir",
         str(out),
     ]
-    assert main(argv) == 0
+    assert main([*argv, "--seeds", "0,1"]) == 0
     result = json.load(open(out / "COMPARE.json"))
-    assert result["kind"] == "knowledge" and [r["method"] for r in result["runs"]] == ["etu", "npo"]
+    assert result["kind"] == "knowledge" and [r["method"] for r in result["runs"]] == ["etu"] * 2 + ["npo"] * 2
+    assert [r["label"] for r in result["runs"]][:2] == ["eps=0.1 seed=0", "eps=0.1 seed=1"]
     base = result["references"]["base"]
     assert base["forgetting"] == pytest.approx(1 - base["forget_answer_prob"])
     for r in result["runs"]:
@@ -216,7 +217,25 @@ def test_eval_and_compare_end_to_end(bench_dir, tmp_path, capsys):
         assert ev["aggregates"]["forget_answer_prob"] == pytest.approx(r["eval"]["forget_answer_prob"])
         goals = result["goals"]["runs"][f"{r['method']} {r['label']}"]
         assert goals["retain_ppl_ratio"] == pytest.approx(r["eval"]["retain_ppl"] / base["retain_ppl"])
-    assert (out / "pareto.png").stat().st_size > 0 and "| (base model) |" in (out / "COMPARE.md").read_text()
+    assert result["runs"][1]["run_dir"] == os.path.join("runs", "etu_eps0.1_seed1")
+    # over seeds: each setting's mean, recomputed from its two runs, and its goal checks on that mean
+    for g, pair in zip(result["over_seeds"], (result["runs"][:2], result["runs"][2:]), strict=True):
+        assert g["seeds"] == [0, 1] and g["setting"] == pair[0]["setting"]
+        values = [r["eval"]["neighbour_answer_prob"] for r in pair]
+        assert g["mean"]["neighbour_answer_prob"] == pytest.approx(sum(values) / 2)
+        assert (g["min"]["neighbour_answer_prob"], g["max"]["neighbour_answer_prob"]) == (min(values), max(values))
+        checks = result["goals"]["over_seeds"][f"{g['method']} {g['setting']}"]
+        assert checks["neighbour_ratio"] == pytest.approx(sum(values) / 2 / base["neighbour_answer_prob"])
+    md = (out / "COMPARE.md").read_text()
+    assert (out / "pareto.png").stat().st_size > 0 and "| (base model) |" in md and "seeds 0,1;" in md
+    assert "| etu | eps=0.1 | 0,1 |" in md
+    # the second seed's run is the run a comparison at that one seed gives: runs do not leak into each other
+    one = tmp_path / "cmp_seed1"
+    argv_one = [*argv[: argv.index("--output_dir")], "--output_dir", str(one), "--seed", "1", "--methods", "etu"]
+    assert main(argv_one) == 0
+    alone = json.load(open(one / "COMPARE.json"))["runs"][0]["eval"]
+    for key in ("forget_answer_prob", "neighbour_answer_prob", "retain_ppl"):
+        assert alone[key] == pytest.approx(result["runs"][1]["eval"][key], rel=1e-6)
     capsys.readouterr()
     run = out / result["runs"][0]["run_dir"]
     assert (

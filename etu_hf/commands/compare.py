@@ -18,7 +18,7 @@ def cmd(argv: Sequence[str]) -> int:
 
     from etu_hf.artifacts.run_folder import check_writable
     from etu_hf.commands.cli import setup_logging
-    from etu_hf.compare.report import markdown_table
+    from etu_hf.compare.report import COLUMNS, markdown_table, table_cell
     from etu_hf.compare.runner import run_compare
     from etu_hf.compare.settings import CompareArguments
 
@@ -39,11 +39,13 @@ def cmd(argv: Sequence[str]) -> int:
         )
     result = run_compare(args)
     print()
-    if result.get("kind") == "knowledge":
-        from etu_hf.compare.knowledge import knowledge_table
+    from etu_hf.compare.seeds import seeds_text
 
-        print(knowledge_table(result))
+    if result.get("kind") == "knowledge":
+        from etu_hf.compare import knowledge
+
+        print(knowledge.knowledge_table(result) + seeds_text(result, knowledge.COLUMNS, knowledge.table_cell))
     else:
-        print(markdown_table(result))
+        print(markdown_table(result) + seeds_text(result, COLUMNS, table_cell))
     print(f"\nwritten: {os.path.abspath(os.path.join(args.output_dir, 'COMPARE.md'))} (and COMPARE.json, pareto.png)")
     return 0

@@ -26,6 +26,7 @@ from typing import Any
 
 from etu_hf.compare.pareto import pareto_front, plot_pareto
 from etu_hf.compare.report import etu_args_text
+from etu_hf.compare.seeds import over_seeds, seeds_label, seeds_text
 from etu_hf.compare.settings import CompareArguments
 
 logger = logging.getLogger(__name__)
@@ -142,7 +143,7 @@ def run_knowledge_compare(cfg: CompareArguments) -> dict[str, Any]:
             ),
         )
         if cfg.relearn_steps > 0:
-            attack = relearn(model, inputs, cfg, run_dir)
+            attack = relearn(model, inputs, cfg, run_dir, row["seed"])
             ev2 = _evaluate(model, inputs, cfg, f"{method} {label} relearned")
             ev2.save(os.path.join(run_dir, "EVAL_relearned.json"))
             row["relearned"] = {"attack": attack, "eval": ev2.aggregates}
@@ -161,45 +162,56 @@ def run_knowledge_compare(cfg: CompareArguments) -> dict[str, Any]:
         "base_generations": base.generations,
         "runs": runs,
     }
+    result["over_seeds"] = over_seeds(runs, [k for k, _ in COLUMNS] + [X_AXIS, Y_AXIS])
     result["goals"] = knowledge_goals(result)
     write_knowledge_outputs(result, cfg.output_dir)
     return result
 
 
+def _checks(ev: dict[str, Any], base: dict[str, Any], npo_best: float | None) -> dict[str, Any]:
+    """The checks of the module docstring for one evaluation ``ev`` (a run's, or a setting's mean over seeds)."""
+
+    def ratio(key: str) -> float | None:
+        v, b = ev.get(key), base.get(key)
+        return None if v is None or not b else v / b
+
+    f = ev.get("forget_answer_prob")
+    checks: dict[str, Any] = {
+        "forget_ratio": ratio("forget_answer_prob"),
+        "neighbour_ratio": ratio("neighbour_answer_prob"),
+        "utility_ratio": ratio("utility_answer_prob"),
+        "retain_ppl_ratio": ratio("retain_ppl"),
+    }
+    checks["forget_at_most_npo"] = None if f is None or npo_best is None else f <= npo_best
+    checks["forget_at_most_quarter_base"] = None if checks["forget_ratio"] is None else checks["forget_ratio"] <= 0.25
+    for g in ("neighbour", "utility"):
+        v = checks[f"{g}_ratio"]
+        checks[f"{g}_kept_95"] = None if v is None else v >= 0.95
+    v = checks["retain_ppl_ratio"]
+    checks["retain_ppl_ratio_ok"] = None if v is None else v <= 1.10
+    return checks
+
+
 def knowledge_goals(result: dict[str, Any]) -> dict[str, Any]:
-    """Per run: the checks of the module docstring (``None`` where a number is missing)."""
+    """Per run: the checks of the module docstring (``None`` where a number is missing), against NPO's best run.
+    With several seeds (``over_seeds`` in the result), ``over_seeds`` holds the same checks on each setting's
+    mean over its seeds, against NPO's best mean (``npo_best_mean_forget_answer_prob``)."""
     base = result["references"]["base"]
     npo = [r["eval"].get("forget_answer_prob") for r in result["runs"] if r["method"] == "npo"]
     npo_best = min((v for v in npo if v is not None), default=None)
     out: dict[str, Any] = {"npo_best_forget_answer_prob": npo_best, "runs": {}}
     for r in result["runs"]:
-        ev = r["eval"]
-
-        def ratio(key: str, ev: dict[str, Any] = ev) -> float | None:
-            v, b = ev.get(key), base.get(key)
-            return None if v is None or not b else v / b
-
-        f = ev.get("forget_answer_prob")
-        checks = {
-            "forget_ratio": ratio("forget_answer_prob"),
-            "neighbour_ratio": ratio("neighbour_answer_prob"),
-            "utility_ratio": ratio("utility_answer_prob"),
-            "retain_ppl_ratio": ratio("retain_ppl"),
-        }
-        checks["forget_at_most_npo"] = None if f is None or npo_best is None else f <= npo_best
-        checks["forget_at_most_quarter_base"] = (
-            None if checks["forget_ratio"] is None else checks["forget_ratio"] <= 0.25
-        )
-        for g in ("neighbour", "utility"):
-            v = checks[f"{g}_ratio"]
-            checks[f"{g}_kept_95"] = None if v is None else v >= 0.95
-        v = checks["retain_ppl_ratio"]
-        checks["retain_ppl_ratio_ok"] = None if v is None else v <= 1.10
-        out["runs"][f"{r['method']} {r['label']}"] = checks
+        out["runs"][f"{r['method']} {r['label']}"] = _checks(r["eval"], base, npo_best)
+    groups = result.get("over_seeds") or []
+    if groups:
+        npo_means = [g["mean"].get("forget_answer_prob") for g in groups if g["method"] == "npo"]
+        npo_mean_best = min((v for v in npo_means if v is not None), default=None)
+        out["npo_best_mean_forget_answer_prob"] = npo_mean_best
+        out["over_seeds"] = {f"{g['method']} {g['setting']}": _checks(g["mean"], base, npo_mean_best) for g in groups}
     return out
 
 
-def _cell(v: Any) -> str:
+def table_cell(v: Any) -> str:
     if not isinstance(v, (int, float)):
         return "n/a"
     return f"{v:.3g}" if abs(v) >= 1e4 else f"{v:.3f}"  # a destroyed model's perplexity spans many digits
@@ -210,9 +222,14 @@ def knowledge_table(result: dict[str, Any]) -> str:
     head = ["method", "setting", *[h for _, h in COLUMNS], "front"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     base = result["references"]["base"]
-    lines.append("| (base model) | | " + " | ".join(_cell(base.get(k)) for k, _ in COLUMNS) + " | |")
+    lines.append("| (base model) | | " + " | ".join(table_cell(base.get(k)) for k, _ in COLUMNS) + " | |")
     for r in result["runs"]:
-        cells = [r["method"], r["label"], *[_cell(r["eval"].get(k)) for k, _ in COLUMNS], "*" if r["pareto"] else ""]
+        cells = [
+            r["method"],
+            r["label"],
+            *[table_cell(r["eval"].get(k)) for k, _ in COLUMNS],
+            "*" if r["pareto"] else "",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -242,11 +259,13 @@ def write_knowledge_outputs(result: dict[str, Any], output_dir: str) -> dict[str
         f"Targets {', '.join(result['benchmark']['targets'])}"
         f"; model {result['models']['base']}; every run: LoRA r={s['lora_r']} on {s['lora_target_modules']}, "
         f"{s['max_steps']} steps of {s['per_device_train_batch_size']} blocks of {s['block_size']} forget tokens "
-        f"(+ as many retain), retain term {s['retain_loss_type']} x {s['retain_weight']} (not for ga); ETU at epsilon "
+        f"(+ as many retain), retain term {s['retain_loss_type']} x {s['retain_weight']} (not for ga), "
+        f"{seeds_label(s)}; ETU at epsilon "
         f"in {{{s['etu_epsilons']}}}, lr {s['etu_learning_rate']:g}{etu_args_text(s)}; "
         f"baselines at lr in {{{s['learning_rates']}}}; "
         f"V_S {result['vs_size']} tokens.\n\n"
         + knowledge_table(result)
+        + seeds_text(result, COLUMNS, table_cell)
         + "\n\nGoal checks:\n\n```json\n"
         + json.dumps(result["goals"], indent=2)
         + "\n```\n\nGreedy answers (base, then each run):\n\n"

@@ -21,6 +21,7 @@ import os
 from typing import Any
 
 from etu_hf.compare.pareto import plot_pareto
+from etu_hf.compare.seeds import seeds_label, seeds_text
 
 #: Columns of the markdown table: (aggregate key, header).
 COLUMNS: tuple[tuple[str, str], ...] = (
@@ -88,7 +89,7 @@ def goal_checks(result: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _cell(v: Any) -> str:
+def table_cell(v: Any) -> str:
     v = _num(v)
     if v is None:
         return "n/a"
@@ -103,18 +104,18 @@ def markdown_table(result: dict[str, Any]) -> str:
         head += ["forget prob after relearn", "forget quality after relearn"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, agg in result["references"].items():
-        cells = [f"({name} model)", "", *[_cell(agg.get(k)) for k, _ in COLUMNS], ""]
+        cells = [f"({name} model)", "", *[table_cell(agg.get(k)) for k, _ in COLUMNS], ""]
         lines.append("| " + " | ".join(cells + ([""] * 2 if relearn else [])) + " |")
     for r in result["runs"]:
         cells = [
             r["method"],
             r["label"],
-            *[_cell(r["eval"].get(k)) for k, _ in COLUMNS],
+            *[table_cell(r["eval"].get(k)) for k, _ in COLUMNS],
             "*" if r.get("pareto") else "",
         ]
         if relearn:
             ev = (r.get("relearned") or {}).get("eval", {})
-            cells += [_cell(ev.get("forget_prob")), _cell(ev.get("forget_quality"))]
+            cells += [table_cell(ev.get("forget_prob")), table_cell(ev.get("forget_quality"))]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -130,8 +131,8 @@ def settings_text(result: dict[str, Any]) -> str:
         f"Benchmark {result['benchmark']['name']}; target {result['models']['target']}, retain model "
         f"{result['models']['retain']}; every run: LoRA r={s['lora_r']} alpha={s['lora_alpha']} on "
         f"{s['lora_target_modules']}, {s['max_steps']} steps of {s['per_device_train_batch_size']} forget questions, "
-        f"constant learning rate, retain term {s['retain_loss_type']} x {s['retain_weight']} (not for ga), seed "
-        f"{s['seed']}; ETU without the adaptive controller at epsilon in {{{s['etu_epsilons']}}}, lr "
+        f"constant learning rate, retain term {s['retain_loss_type']} x {s['retain_weight']} (not for ga), "
+        f"{seeds_label(s)}; ETU without the adaptive controller at epsilon in {{{s['etu_epsilons']}}}, lr "
         f"{s['etu_learning_rate']:g}{etu_args_text(s)}; "
         f"baselines at lr in {{{s['learning_rates']}}}; V_S: {result['vs_size']} tokens."
         + (
@@ -158,7 +159,8 @@ def write_outputs(result: dict[str, Any], output_dir: str) -> dict[str, str]:
     ]
     refs = [{"label": name, **agg} for name, agg in result["references"].items()]
     plot_pareto(rows, paths["png"], references=refs, title="forget quality vs model utility (front: dashed)")
-    text = "# Unlearning comparison\n\n" + settings_text(result) + "\n\n" + markdown_table(result) + "\n\n"
+    text = "# Unlearning comparison\n\n" + settings_text(result) + "\n\n" + markdown_table(result)
+    text += seeds_text(result, COLUMNS, table_cell) + "\n\n"
     text += "Goal checks:\n\n```json\n" + json.dumps(result["goals"], indent=2) + "\n```\n"
     with open(paths["md"], "w", encoding="utf-8") as f:
         f.write(text)

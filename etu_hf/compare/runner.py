@@ -20,7 +20,7 @@ from dataclasses import asdict
 from typing import Any
 
 from etu_hf.compare.pareto import pareto_front
-from etu_hf.compare.settings import CompareArguments
+from etu_hf.compare.settings import CompareArguments, setting_of
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +93,8 @@ def collator(tokenizer: Any) -> Any:
 def train_run(
     method: str, hyper: dict[str, float], cfg: CompareArguments, inputs: CompareInputs, run_dir: str, forbidden_set: Any
 ) -> Any:
-    """Train one method from the target model; returns the trainer (its model holds the adapter)."""
+    """Train one method from the target model; returns the trainer (its model holds the adapter). The seed (LoRA
+    init, data order) is ``hyper["seed"]``, else ``cfg.seed``."""
     from etu_hf.compare.settings import ETU_VARIANTS
     from etu_hf.training.baselines import BaselineTrainingArguments, trainer_class
     from etu_hf.training.config import ETUTrainingArguments
@@ -111,8 +112,8 @@ def train_run(
         save_strategy="no",
         report_to="none",
         disable_tqdm=True,
-        seed=cfg.seed,
-        data_seed=cfg.seed,
+        seed=seed_of(hyper, cfg),
+        data_seed=seed_of(hyper, cfg),
         retain_weight=0.0 if method == "ga" else cfg.retain_weight,
         retain_loss_type=cfg.retain_loss_type,
         adaptive_lambda=False,
@@ -140,15 +141,21 @@ def train_run(
     return trainer
 
 
+def seed_of(hyper: dict[str, float], cfg: CompareArguments) -> int:
+    """The seed of a grid run: its ``hyperparameters["seed"]`` (:meth:`CompareArguments.grid`), else ``--seed``."""
+    return int(hyper.get("seed", cfg.seed))
+
+
 def unlearn_and_evaluate(
     run: tuple[str, str, dict[str, float]], cfg: CompareArguments, inputs: Any, forbidden_set: Any, evaluate: Any
 ) -> tuple[Any, Any, dict[str, Any]]:
     """One grid run ``(method, label, hyperparameters)``: train it into ``<output_dir>/runs/<method>_<label>``
-    (:func:`train_run`), save the adapter, evaluate the model with ``evaluate(model)`` and keep its EVAL.json.
-    Returns the model, the evaluation and the row fields every comparison records (method, label,
-    hyperparameters, train_seconds, run_dir relative to the output folder)."""
+    (:func:`train_run`; ``"eps=0.05 seed=1"`` becomes ``eps0.05_seed1``), save the adapter, evaluate the model
+    with ``evaluate(model)`` and keep its EVAL.json. Returns the model, the evaluation and the row fields every
+    comparison records (method, label, setting (the label without its seed), seed, hyperparameters,
+    train_seconds, run_dir relative to the output folder)."""
     method, label, hyper = run
-    run_dir = os.path.join(cfg.output_dir, "runs", f"{method}_{label.replace('=', '')}")
+    run_dir = os.path.join(cfg.output_dir, "runs", f"{method}_{label.replace('=', '').replace(' ', '_')}")
     t0 = time.perf_counter()
     trainer = train_run(method, hyper, cfg, inputs, run_dir, forbidden_set)
     train_s = time.perf_counter() - t0
@@ -158,6 +165,8 @@ def unlearn_and_evaluate(
     row = {
         "method": method,
         "label": label,
+        "setting": setting_of(label),
+        "seed": seed_of(hyper, cfg),
         "hyperparameters": hyper,
         "train_seconds": round(train_s, 2),
         "run_dir": os.path.relpath(run_dir, cfg.output_dir),
@@ -165,14 +174,18 @@ def unlearn_and_evaluate(
     return trainer.model, ev, row
 
 
-def relearn(model: Any, inputs: CompareInputs, cfg: CompareArguments, run_dir: str) -> dict[str, Any]:
+def relearn(
+    model: Any, inputs: CompareInputs, cfg: CompareArguments, run_dir: str, seed: int | None = None
+) -> dict[str, Any]:
     r"""The relearning attack: fine-tune the unlearned model's adapter for ``relearn_steps`` steps with the
-    plain next-token loss (``transformers.Trainer``) on a seeded ``relearn_fraction`` sample of the forget
-    questions, in place. Returns what was done (rows, steps, learning rate)."""
+    plain next-token loss (``transformers.Trainer``) on a ``relearn_fraction`` sample of the forget questions
+    drawn with ``seed`` (default ``cfg.seed``; the run's own seed in a comparison), in place. Returns what was
+    done (rows, steps, learning rate)."""
     from transformers import Trainer, TrainingArguments
 
+    seed = cfg.seed if seed is None else seed
     n = max(1, round(cfg.relearn_fraction * len(inputs.forget)))
-    rows = inputs.forget.shuffle(seed=cfg.seed).select(range(n))
+    rows = inputs.forget.shuffle(seed=seed).select(range(n))
     args = TrainingArguments(
         output_dir=os.path.join(run_dir, "relearn"),
         max_steps=cfg.relearn_steps,
@@ -182,7 +195,7 @@ def relearn(model: Any, inputs: CompareInputs, cfg: CompareArguments, run_dir: s
         save_strategy="no",
         report_to="none",
         disable_tqdm=True,
-        seed=cfg.seed,
+        seed=seed,
         logging_steps=max(1, cfg.relearn_steps),
         dataloader_pin_memory=False,
     )
@@ -226,7 +239,8 @@ def run_compare(cfg: CompareArguments) -> dict[str, Any]:
     """Run the grid, evaluate every run, mark the Pareto front; writes COMPARE.json, COMPARE.md and
     pareto.png into ``cfg.output_dir`` and returns the COMPARE.json content."""
     from etu_hf.benchmark.knowledge import is_knowledge_spec
-    from etu_hf.compare.report import goal_checks, write_outputs
+    from etu_hf.compare.report import COLUMNS, goal_checks, write_outputs
+    from etu_hf.compare.seeds import over_seeds
 
     if is_knowledge_spec(cfg.benchmark):
         from etu_hf.compare.knowledge import run_knowledge_compare
@@ -269,7 +283,7 @@ def run_compare(cfg: CompareArguments) -> dict[str, Any]:
             _fmt(ev.aggregates.get(Y_METRIC)),
         )
         if cfg.relearn_steps > 0:
-            attack = relearn(model, inputs, cfg, run_dir)
+            attack = relearn(model, inputs, cfg, run_dir, row["seed"])
             ev2 = _evaluate(model, inputs, cfg, reference, forbidden_set)
             ev2.save(os.path.join(run_dir, "EVAL_relearned.json"))
             row["relearned"] = {"attack": attack, "eval": ev2.aggregates}
@@ -295,6 +309,7 @@ def run_compare(cfg: CompareArguments) -> dict[str, Any]:
         "references": {"target": target_eval.aggregates, "retain": reference.aggregates},
         "runs": runs,
     }
+    result["over_seeds"] = over_seeds(runs, [k for k, _ in COLUMNS])
     result["goals"] = goal_checks(result)
     write_outputs(result, cfg.output_dir)
     return result

@@ -4,6 +4,7 @@ with ``HfArgumentParser``, a Python user fills it in)."""
 from __future__ import annotations
 
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -105,6 +106,8 @@ class CompareArguments:
         etu_args: further ``ETUTrainingArguments`` of every ETU run (``name=value,...``), applied after the
             variant's own (:data:`ETU_VARIANTS`).
         learning_rates: the baselines' learning rates (each baseline runs once per rate).
+        seed, seeds: the seed of every run, or a comma list of seeds: every setting above then runs once per
+            seed and COMPARE.md adds each setting's mean (min-max) over them (:mod:`etu_hf.compare.seeds`).
 
     > The shared budget
         max_steps, per_device_train_batch_size, lora_*: identical for every run; retain_weight and
@@ -169,6 +172,14 @@ class CompareArguments:
     relearn_learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate of the attack."})
     eval_batch_size: int = field(default=16, metadata={"help": "Batch size of the evaluation."})
     seed: int = field(default=0, metadata={"help": "Seed of every run (LoRA init, data order, attack sample)."})
+    seeds: str = field(
+        default="",
+        metadata={
+            "help": "Comma list of seeds, e.g. 0,1,2: every run of the grid repeats once per seed (labels end in "
+            "'seed=N') and COMPARE.md adds each setting's mean, minimum and maximum over the seeds. Empty: --seed "
+            "alone."
+        },
+    )
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace an existing comparison."})
 
     def __post_init__(self) -> None:
@@ -198,16 +209,35 @@ class CompareArguments:
             raise ValueError(f"--relearn_fraction: must be in (0, 1] (got {self.relearn_fraction})")
         if self.retain_weight < 0:
             raise ValueError(f"--retain_weight: must be >= 0 (got {self.retain_weight})")
+        self.seed_list: list[int] = [self.seed]
+        if self.seeds.strip():
+            if self.seed != 0:
+                raise ValueError("--seeds: give either --seed N (one seed) or --seeds (several), not both")
+            self.seed_list = parse_list(self.seeds, "--seeds", int)
+            if len(set(self.seed_list)) != len(self.seed_list) or min(self.seed_list) < 0:
+                raise ValueError(f"--seeds: seeds must be distinct integers >= 0 (got {self.seeds})")
 
     def grid(self) -> list[tuple[str, str, dict[str, float]]]:
-        """``(method, label, hyperparameters)`` of every run, in order."""
-        runs: list[tuple[str, str, dict[str, float]]] = []
+        """``(method, label, hyperparameters)`` of every run, in order: each setting (an ETU variant at an epsilon,
+        a baseline at a learning rate) once per seed of ``seed_list`` (``hyperparameters["seed"]``); with several
+        seeds the label ends in ``" seed=N"`` (:func:`setting_of` takes it off again)."""
+        settings: list[tuple[str, str, dict[str, float]]] = []
         for method in self.method_list:
             if method in ETU_VARIANTS:
-                runs += [
+                settings += [
                     (method, f"eps={e:g}", {"epsilon": e, "learning_rate": self.etu_learning_rate})
                     for e in self.epsilon_list
                 ]
             else:
-                runs += [(method, f"lr={lr:g}", {"learning_rate": lr}) for lr in self.lr_list]
-        return runs
+                settings += [(method, f"lr={lr:g}", {"learning_rate": lr}) for lr in self.lr_list]
+        several = len(self.seed_list) > 1
+        return [
+            (method, f"{setting} seed={s}" if several else setting, {**hyper, "seed": s})
+            for method, setting, hyper in settings
+            for s in self.seed_list
+        ]
+
+
+def setting_of(label: str) -> str:
+    """A run's label without its ``" seed=N"`` suffix (:meth:`CompareArguments.grid`): the setting it repeats."""
+    return re.sub(r" seed=\d+$", "", label)
