@@ -73,3 +73,37 @@ def test_forbidden_set_counts_every_token_in_every_form():
     assert blocks.shape == (120, 50) and 0 <= blocks.min() and blocks.max() < 500
     counts = np.bincount(blocks.reshape(-1), minlength=500)
     assert counts.max() > 10 * np.median(counts[counts > 0])  # Zipf: a few ids are far more frequent
+
+
+def test_pool_seeds_pools_one_seed_comparisons_and_refuses_mixed_budgets(tmp_path):
+    pool_seeds = load("pool_seeds")
+    base = {"forget_answer_prob": 0.5, "neighbour_answer_prob": 0.4, "utility_answer_prob": 0.5, "retain_ppl": 8.0}
+
+    def compare(name, seed, forget, neighbour, steps=40, etu_args=""):
+        ev = {**base, "forget_answer_prob": forget, "neighbour_answer_prob": neighbour}
+        result = {
+            "kind": "knowledge",
+            "benchmark": {"name": "b", "targets": ["t"]},
+            "models": {"base": "m"},
+            "settings": {"seed": seed, "max_steps": steps, "etu_learning_rate": 1e-3, "etu_args": etu_args},
+            "references": {"base": base},
+            "runs": [{"method": "etu", "label": "eps=0.05", "eval": ev}],
+        }
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(result))
+        return str(path)
+
+    pooled = pool_seeds.pool(
+        [compare("a", 0, 0.2, 0.4), compare("b", 1, 0.3, 0.36), compare("c", 0, 0.1, 0.4, etu_args="x=1")]
+    )
+    (g,) = pooled["over_seeds"]  # the etu_args run is another setting, with one seed
+    assert g["setting"] == "eps=0.05 lr=0.001" and g["seeds"] == [0, 1]
+    assert g["mean"]["forget_answer_prob"] == pytest.approx(0.25)
+    row = pool_seeds.table(pooled).splitlines()[2]
+    assert row.startswith(
+        "| etu | eps=0.05 lr=0.001 | 0,1 | 0.50x (0.40-0.60) | 0.95x (0.90-1.00) | 1.00x (1.00-1.00) |"
+    )
+    with pytest.raises(SystemExit, match="another benchmark, model, base or budget"):
+        pool_seeds.pool([compare("a", 0, 0.2, 0.4), compare("d", 1, 0.2, 0.4, steps=80)])
+    with pytest.raises(SystemExit, match="at seed 0 is in two files"):
+        pool_seeds.pool([compare("a", 0, 0.2, 0.4), compare("e", 0, 0.2, 0.4)])
