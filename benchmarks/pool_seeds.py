@@ -5,7 +5,7 @@ This script reads several COMPARE.json of a knowledge benchmark, checks that the
 model, base model scores (to 1e-4: evaluations made at different times differ in the 6th digit) and budget
 (steps, batch, block size, LoRA, retain term), pools their runs by setting (method and label; for ETU runs also
 ``--etu_learning_rate`` and ``--etu_args``) and prints, per setting with more than one seed, each metric's mean
-(min-max) over the seeds (``etu_hf.compare.seeds.over_seeds``), as ratios to the base model. A run at seed s
+[min, max] over the seeds (``etu_hf.compare.seeds.over_seeds``), as ratios to the base model. A run at seed s
 is the run ``etu-hf compare --seeds ...,s,...`` makes at s (tests/test_knowledge_benchmark.py checks it on the
 demo model), so the table is the one ``--seeds`` would print, up to the last digits.
 
@@ -94,7 +94,7 @@ def pool(paths: list[str]) -> dict:
 
 
 def table(pooled: dict) -> str:
-    """Per pooled setting: seeds, then each ratio column as ``mean (min-max)`` of run / base."""
+    """Per pooled setting: seeds, then each ratio column as ``mean [min, max]`` of run / base."""
     base = pooled["base"]
     head = ["method", "setting", "seeds", *[f"{k} / base" for k in RATIO_COLUMNS]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -102,7 +102,7 @@ def table(pooled: dict) -> str:
         cells = [g["method"], g["setting"], ",".join(str(s) for s in g["seeds"])]
         for k in RATIO_COLUMNS:
             b = base[k]
-            cells.append(f"{g['mean'][k] / b:.2f}x ({g['min'][k] / b:.2f}-{g['max'][k] / b:.2f})")
+            cells.append(f"{g['mean'][k] / b:.2f}x [{g['min'][k] / b:.2f}, {g['max'][k] / b:.2f}]")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -101,7 +101,7 @@ def test_pool_seeds_pools_one_seed_comparisons_and_refuses_mixed_budgets(tmp_pat
     assert g["mean"]["forget_answer_prob"] == pytest.approx(0.25)
     row = pool_seeds.table(pooled).splitlines()[2]
     assert row.startswith(
-        "| etu | eps=0.05 lr=0.001 | 0,1 | 0.50x (0.40-0.60) | 0.95x (0.90-1.00) | 1.00x (1.00-1.00) |"
+        "| etu | eps=0.05 lr=0.001 | 0,1 | 0.50x [0.40, 0.60] | 0.95x [0.90, 1.00] | 1.00x [1.00, 1.00] |"
     )
     with pytest.raises(SystemExit, match="another benchmark, model, base or budget"):
         pool_seeds.pool([compare("a", 0, 0.2, 0.4), compare("d", 1, 0.2, 0.4, steps=80)])

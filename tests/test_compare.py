@@ -125,7 +125,7 @@ def test_over_seeds_by_hand():
     assert g["mean"]["b"] == 1.0 and g["min"]["b"] == g["max"]["b"] == 1.0  # the one finite value
     assert "c" not in g["mean"]
     table = seeds_table(groups, (("a", "A"), ("c", "C")), lambda v: f"{v:.2f}")
-    assert table.splitlines()[2] == "| etu | eps=0.05 | 0,1,2 | 0.50 (0.20-0.80) | n/a |"
+    assert table.splitlines()[2] == "| etu | eps=0.05 | 0,1,2 | 0.50 [0.20, 0.80] | n/a |"
     assert seeds_table([], (("a", "A"),), str) == ""
 
 

@@ -51,7 +51,7 @@ def over_seeds(runs: list[dict[str, Any]], keys: list[str]) -> list[dict[str, An
 
 
 def seeds_table(groups: list[dict[str, Any]], columns: tuple[tuple[str, str], ...], cell: Any) -> str:
-    """A markdown table of :func:`over_seeds`: one row per setting, each cell ``mean (min-max)`` formatted by
+    """A markdown table of :func:`over_seeds`: one row per setting, each cell ``mean [min, max]`` formatted by
     ``cell``; an empty string when there are no groups."""
     if not groups:
         return ""
@@ -61,7 +61,7 @@ def seeds_table(groups: list[dict[str, Any]], columns: tuple[tuple[str, str], ..
         cells = [g["method"], g["setting"], ",".join(str(s) for s in g["seeds"])]
         for key, _ in columns:
             cells.append(
-                f"{cell(g['mean'][key])} ({cell(g['min'][key])}-{cell(g['max'][key])})" if key in g["mean"] else "n/a"
+                f"{cell(g['mean'][key])} [{cell(g['min'][key])}, {cell(g['max'][key])}]" if key in g["mean"] else "n/a"
             )
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -71,7 +71,7 @@ def seeds_text(result: dict[str, Any], columns: tuple[tuple[str, str], ...], cel
     """The COMPARE.md paragraph of a result's ``over_seeds``: a heading line and :func:`seeds_table`, or ``""``
     when the comparison ran one seed."""
     table = seeds_table(result.get("over_seeds") or [], columns, cell)
-    return f"\n\nOver seeds, each setting: mean (min-max) of its runs.\n\n{table}" if table else ""
+    return f"\n\nOver seeds, each setting: mean [min, max] of its runs.\n\n{table}" if table else ""
 
 
 def seeds_label(settings: dict[str, Any]) -> str:

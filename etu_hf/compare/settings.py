@@ -107,7 +107,7 @@ class CompareArguments:
             variant's own (:data:`ETU_VARIANTS`).
         learning_rates: the baselines' learning rates (each baseline runs once per rate).
         seed, seeds: the seed of every run, or a comma list of seeds: every setting above then runs once per
-            seed and COMPARE.md adds each setting's mean (min-max) over them (:mod:`etu_hf.compare.seeds`).
+            seed and COMPARE.md adds each setting's mean [min, max] over them (:mod:`etu_hf.compare.seeds`).
 
     > The shared budget
         max_steps, per_device_train_batch_size, lora_*: identical for every run; retain_weight and
