@@ -16,12 +16,11 @@ Goal checks (:func:`goal_checks`), all computed from the runs' aggregates:
 from __future__ import annotations
 
 import json
-import math
 import os
 from typing import Any
 
 from etu_hf.compare.pareto import plot_pareto
-from etu_hf.compare.seeds import seeds_label, seeds_text
+from etu_hf.compare.seeds import finite_number, seeds_label, seeds_text
 
 #: Columns of the markdown table: (aggregate key, header).
 COLUMNS: tuple[tuple[str, str], ...] = (
@@ -36,10 +35,6 @@ COLUMNS: tuple[tuple[str, str], ...] = (
 )
 
 
-def _num(v: Any) -> float | None:
-    return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
-
-
 def _mean(values: list[float | None]) -> float | None:
     vals = [v for v in values if v is not None]
     return sum(vals) / len(vals) if vals else None
@@ -50,13 +45,13 @@ def goal_checks(result: dict[str, Any]) -> dict[str, Any]:
     runs = result["runs"]
     etu = [r for r in runs if r["method"] == "etu" or r["method"].startswith("etu-")]
     out: dict[str, Any] = {"etu_on_front": any(r.get("pareto") for r in etu) if etu else None}
-    probs = [(_num(r["eval"].get("forget_prob")), _num(r["eval"].get("model_utility"))) for r in etu]
+    probs = [(finite_number(r["eval"].get("forget_prob")), finite_number(r["eval"].get("model_utility"))) for r in etu]
     out["etu_forget_prob_le_0.10_at_utility_ge_0.70"] = (
         any(p is not None and u is not None and p <= 0.10 and u >= 0.70 for p, u in probs) if etu else None
     )
 
     def axes(r: dict[str, Any]) -> tuple[float | None, float | None]:
-        return _num(r["eval"].get("forget_quality")), _num(r["eval"].get("model_utility"))
+        return finite_number(r["eval"].get("forget_quality")), finite_number(r["eval"].get("model_utility"))
 
     dominated: dict[str, list[dict[str, Any]]] = {}
     for method in ("npo", "graddiff"):
@@ -78,8 +73,8 @@ def goal_checks(result: dict[str, Any]) -> dict[str, Any]:
         rows = [r for r in runs if r["method"] == method and r.get("relearned")]
         if not rows:
             continue
-        before = [_num(r["eval"].get("forget_prob")) for r in rows]
-        after = [_num(r["relearned"]["eval"].get("forget_prob")) for r in rows]
+        before = [finite_number(r["eval"].get("forget_prob")) for r in rows]
+        after = [finite_number(r["relearned"]["eval"].get("forget_prob")) for r in rows]
         deltas = [a - b if a is not None and b is not None else None for a, b in zip(after, before, strict=True)]
         relearn[method] = {"mean_comeback": _mean(deltas), "mean_forget_prob_after": _mean(after)}
     out["relearn"] = relearn
@@ -90,7 +85,7 @@ def goal_checks(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def table_cell(v: Any) -> str:
-    v = _num(v)
+    v = finite_number(v)
     if v is None:
         return "n/a"
     return f"{v:.2e}" if v != 0 and abs(v) < 1e-3 else f"{v:.3f}"

@@ -17,8 +17,9 @@ import math
 from typing import Any
 
 
-def _finite(v: Any) -> float | None:
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+def finite_number(v: Any) -> float | None:
+    """``v`` as a float when it is a finite number, else ``None`` (a missing or NaN metric)."""
+    return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
 
 
 def over_seeds(runs: list[dict[str, Any]], keys: list[str]) -> list[dict[str, Any]]:
@@ -41,7 +42,7 @@ def over_seeds(runs: list[dict[str, Any]], keys: list[str]) -> list[dict[str, An
             "max": {},
         }
         for key in keys:
-            vals = [v for v in (_finite(r["eval"].get(key)) for r in rows) if v is not None]
+            vals = [v for v in (finite_number(r["eval"].get(key)) for r in rows) if v is not None]
             if vals:
                 entry["mean"][key] = sum(vals) / len(vals)
                 entry["min"][key] = min(vals)
