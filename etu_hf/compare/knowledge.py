@@ -4,7 +4,8 @@ probes (forget, neighbour, utility) and the held-out retain perplexity
 (:func:`etu_hf.evaluation.knowledge.evaluate_knowledge`).
 
 Training data: the target's forget text and the retain text, each cut into blocks of ``block_size`` tokens
-(every token scored); V_S is built once from them (PMI, ``pmi_min_count``) and shared by every run.
+(every token scored). A shared V_S is built once from them (PMI pieces, ``pmi_min_count``) for ``etu-pmi``; every
+other ETU variant builds its own from the same data (its run folder's ``V_S.ids.json``).
 
 The axes of the Pareto front, both "higher is better":
 
@@ -25,7 +26,7 @@ from dataclasses import asdict
 from typing import Any
 
 from etu_hf.compare.pareto import pareto_front, plot_pareto
-from etu_hf.compare.report import etu_args_text
+from etu_hf.compare.report import etu_args_text, shared_vs_text
 from etu_hf.compare.seeds import over_seeds, seeds_label, seeds_text
 from etu_hf.compare.settings import CompareArguments
 
@@ -109,7 +110,7 @@ def run_knowledge_compare(cfg: CompareArguments) -> dict[str, Any]:
     forbidden_set = build_forbidden(cfg, inputs)
     forbidden_set.save(os.path.join(cfg.output_dir, "V_S.ids.json"))
     logger.info(
-        "targets %s: %d forget blocks, %d retain blocks, V_S %d tokens",
+        "targets %s: %d forget blocks, %d retain blocks, shared V_S (PMI pieces, for etu-pmi) %d tokens",
         inputs.targets,
         len(inputs.forget),
         len(inputs.retain),
@@ -263,7 +264,7 @@ def write_knowledge_outputs(result: dict[str, Any], output_dir: str) -> dict[str
         f"{seeds_label(s)}; ETU at epsilon "
         f"in {{{s['etu_epsilons']}}}, lr {s['etu_learning_rate']:g}{etu_args_text(s)}; "
         f"baselines at lr in {{{s['learning_rates']}}}; "
-        f"V_S {result['vs_size']} tokens.\n\n"
+        f"{shared_vs_text(result)}.\n\n"
         + knowledge_table(result)
         + seeds_text(result, COLUMNS, table_cell)
         + "\n\nGoal checks:\n\n```json\n"

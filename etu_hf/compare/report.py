@@ -120,6 +120,15 @@ def etu_args_text(settings: dict[str, Any]) -> str:
     return f", with {settings['etu_args']}" if settings.get("etu_args") else ""
 
 
+def shared_vs_text(result: dict[str, Any]) -> str:
+    """What the comparison's own V_S is: the shared PMI set that the V_S mass column and ``etu-pmi`` use; every
+    other ETU variant builds its own (its run folder's ``V_S.ids.json``), so its size is not that run's V_S."""
+    return (
+        f"shared V_S (PMI pieces, for `etu-pmi`; the other ETU runs build their own, in their run folders): "
+        f"{result['vs_size']} tokens"
+    )
+
+
 def settings_text(result: dict[str, Any]) -> str:
     s = result["settings"]
     return (
@@ -129,7 +138,7 @@ def settings_text(result: dict[str, Any]) -> str:
         f"constant learning rate, retain term {s['retain_loss_type']} x {s['retain_weight']} (not for ga), "
         f"{seeds_label(s)}; ETU without the adaptive controller at epsilon in {{{s['etu_epsilons']}}}, lr "
         f"{s['etu_learning_rate']:g}{etu_args_text(s)}; "
-        f"baselines at lr in {{{s['learning_rates']}}}; V_S: {result['vs_size']} tokens."
+        f"baselines at lr in {{{s['learning_rates']}}}; {shared_vs_text(result)}."
         + (
             f" Relearning attack: {s['relearn_steps']} steps on {s['relearn_fraction']:.0%} of the forget "
             "questions, lr "

@@ -250,7 +250,9 @@ def run_compare(cfg: CompareArguments) -> dict[str, Any]:
     os.makedirs(cfg.output_dir, exist_ok=True)
     forbidden_set = build_forbidden(cfg, inputs)
     forbidden_set.save(os.path.join(cfg.output_dir, "V_S.ids.json"))
-    logger.info("V_S: %d tokens (PMI of forget vs retain answers)", len(forbidden_set))
+    logger.info(
+        "shared V_S: %d tokens (PMI of forget vs retain answers: etu-pmi and the V_S mass column)", len(forbidden_set)
+    )
 
     ref_path = os.path.join(cfg.output_dir, "reference", "EVAL.json")
     logger.info("evaluating the retain model %s (the reference)", inputs.retain_path)
