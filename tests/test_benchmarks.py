@@ -107,3 +107,14 @@ def test_pool_seeds_pools_one_seed_comparisons_and_refuses_mixed_budgets(tmp_pat
         pool_seeds.pool([compare("a", 0, 0.2, 0.4), compare("d", 1, 0.2, 0.4, steps=80)])
     with pytest.raises(SystemExit, match="at seed 0 is in two files"):
         pool_seeds.pool([compare("a", 0, 0.2, 0.4), compare("e", 0, 0.2, 0.4)])
+
+
+def test_context_suppression_finds_whole_words_and_their_sentences():
+    bench = load("real_model/context_suppression")
+    doc = "Intro text.\nThe band came from Liverpool. In Liverpool they played; the Liverpools left Liverpool"
+    occ = bench.occurrences([doc], ["Liverpool"], context_chars=12)
+    # the second occurrence has one word before it in its sentence, "Liverpools" is another word
+    assert [(full, sentence, word) for full, sentence, word in occ] == [
+        ("nd came from", "The band came from", "Liverpool"),
+        ("erpools left", "In Liverpool they played; the Liverpools left", "Liverpool"),
+    ]
