@@ -121,8 +121,9 @@ def etu_args_text(settings: dict[str, Any]) -> str:
 
 
 def shared_vs_text(result: dict[str, Any]) -> str:
-    """What the comparison's own V_S is: the shared PMI set that the V_S mass column and ``etu-pmi`` use; every
-    other ETU variant builds its own (its run folder's ``V_S.ids.json``), so its size is not that run's V_S."""
+    """What the comparison's own V_S is: the shared PMI set that ``etu-pmi`` trains on (and that the built-in
+    benchmark's V_S mass column measures every run on); every other ETU variant builds its own (its run folder's
+    ``V_S.ids.json``), so this size is not that run's V_S."""
     return (
         f"shared V_S (PMI pieces, for `etu-pmi`; the other ETU runs build their own, in their run folders): "
         f"{result['vs_size']} tokens"
